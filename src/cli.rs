@@ -1,0 +1,209 @@
+//! Command-line interface: arguments, logging set-up, exit codes. The work
+//! itself is done by `server`, `config` and `demo`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::server::Server;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "protobalance",
+    version,
+    about = "Proto Balance: a fast, small TCP load balancer"
+)]
+pub struct Cli {
+    /// Log level or filter (e.g. `debug`, `info,protobalance::access=off`); overrides RUST_LOG.
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Runs the balancer described by a config file until SIGTERM/SIGINT.
+    Run {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// Worker threads (overrides the file's `threads`); 0 = one per CPU.
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+    },
+    /// Validates a config file: exit 0 with a summary, or 1 with the error.
+    Check {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Zero-config forwarding: listen on LISTEN, round-robin over the NODEs.
+    Forward {
+        /// ADDR:PORT (or ADDR:LOW-HIGH) to listen on.
+        listen: String,
+        /// Node addresses, HOST:PORT (or HOST alone: the same port as the client's).
+        #[arg(required = true)]
+        nodes: Vec<String>,
+        /// Worker threads; 0 = one per CPU.
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+    },
+    /// Starts three demo HTTP backends and a balancer in front of them.
+    Demo {
+        /// Where the balancer listens; a busy port falls back to a free one.
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
+        listen: String,
+    },
+}
+
+/// Runs the parsed command line and returns the process exit code.
+pub fn main(cli: Cli) -> ExitCode {
+    init_logging(cli.log_level.as_deref());
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!("{}: {}", config.display(), c.summary());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config, threads } => match Config::load(&config) {
+            Ok(c) => serve(c, threads),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Forward { listen, nodes, threads } => match Config::forward(&listen, &nodes) {
+            Ok(c) => serve(c, threads),
+            Err(e) => {
+                eprintln!("error: {}", e.message);
+                ExitCode::FAILURE
+            }
+        },
+        Command::Demo { listen } => match runtime(0) {
+            Ok(rt) => rt.block_on(crate::demo::run(&listen)),
+            Err(e) => {
+                eprintln!("error: cannot start the runtime: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn init_logging(filter: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match filter {
+        Some(f) => EnvFilter::try_new(f),
+        None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info")),
+    }
+    .unwrap_or_else(|e| {
+        eprintln!("warning: bad log filter ({e}); using \"info\"");
+        EnvFilter::new("info")
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// A multi-threaded runtime with `threads` workers (0: one per CPU).
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = if threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        threads
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+}
+
+/// Runs the balancer until SIGTERM/SIGINT, then shuts down gracefully.
+fn serve(config: Config, threads: Option<usize>) -> ExitCode {
+    raise_fd_limit();
+    let rt = match runtime(threads.unwrap_or(config.threads)) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        let server = match Server::start(&config).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        info!(
+            "protobalance {} running: {}",
+            env!("CARGO_PKG_VERSION"),
+            config.summary()
+        );
+        if let Err(e) = stop_signal().await {
+            warn!("cannot wait for signals ({e}); stopping");
+        }
+        let cut = server.shutdown(config.shutdown_grace).await;
+        info!("stopped ({cut} connection(s) cut at the end of the grace period)");
+        ExitCode::SUCCESS
+    })
+}
+
+/// Waits for SIGTERM or SIGINT (Ctrl-C).
+pub async fn stop_signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await
+}
+
+/// Raises the soft descriptor limit to the hard one: each proxied connection
+/// needs two descriptors.
+fn raise_fd_limit() {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                return;
+            }
+            if lim.rlim_cur < lim.rlim_max {
+                let raised = libc::rlimit {
+                    rlim_cur: lim.rlim_max,
+                    rlim_max: lim.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    lim.rlim_cur = lim.rlim_max;
+                }
+            }
+        }
+        info!(
+            "descriptor limit {} (about {} concurrent proxied connections)",
+            lim.rlim_cur,
+            lim.rlim_cur.saturating_sub(64) / 2
+        );
+    }
+}

@@ -1,0 +1,336 @@
+//! The live model: the immutable [`Snapshot`] of services, clusters and nodes
+//! that the data plane loads per connection, and the per-node [`NodeFigures`]
+//! (atomics) that outlive snapshots so that a reload keeps a node's counters.
+//!
+//! No I/O here: building a snapshot is pure.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::balance::{self, Balancer};
+use crate::config::{AlgorithmKind, ClusterConfig, Config, ForwardMode, ListenSpec, NodeAddress};
+
+/// A node's state, set by an operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NodeState {
+    /// Takes new connections.
+    Green,
+    /// Drains: no new connections, open ones continue.
+    Yellow,
+    /// Offline: open connections are cut, no new ones.
+    Red,
+}
+
+impl NodeState {
+    pub fn parse(s: &str) -> Option<NodeState> {
+        match s {
+            "green" => Some(NodeState::Green),
+            "yellow" => Some(NodeState::Yellow),
+            "red" => Some(NodeState::Red),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NodeState::Green => "green",
+            NodeState::Yellow => "yellow",
+            NodeState::Red => "red",
+        }
+    }
+
+    fn from_u8(v: u8) -> NodeState {
+        match v {
+            0 => NodeState::Green,
+            1 => NodeState::Yellow,
+            _ => NodeState::Red,
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            NodeState::Green => 0,
+            NodeState::Yellow => 1,
+            NodeState::Red => 2,
+        }
+    }
+}
+
+impl fmt::Display for NodeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A node's identity across reloads: same cluster, name and address means the
+/// same node, whose figures carry over.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NodeKey {
+    pub cluster: String,
+    pub name: String,
+    pub address: NodeAddress,
+}
+
+/// Live figures of one node. Relaxed atomics: each figure is independent and
+/// only ever read as an approximate, monotonic-enough value.
+#[derive(Debug)]
+pub struct NodeFigures {
+    active: AtomicU64,
+    total: AtomicU64,
+    /// Client → node.
+    bytes_in: AtomicU64,
+    /// Node → client.
+    bytes_out: AtomicU64,
+    connect_failures: AtomicU64,
+    available: AtomicBool,
+    state: AtomicU8,
+}
+
+impl NodeFigures {
+    pub fn new(state: NodeState) -> NodeFigures {
+        NodeFigures {
+            active: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            available: AtomicBool::new(true),
+            state: AtomicU8::new(state.to_u8()),
+        }
+    }
+
+    pub fn active_connections(&self) -> u64 {
+        self.active.load(Relaxed)
+    }
+    pub fn total_connections(&self) -> u64 {
+        self.total.load(Relaxed)
+    }
+    pub fn bytes_in(&self) -> u64 {
+        self.bytes_in.load(Relaxed)
+    }
+    pub fn bytes_out(&self) -> u64 {
+        self.bytes_out.load(Relaxed)
+    }
+    pub fn connect_failures(&self) -> u64 {
+        self.connect_failures.load(Relaxed)
+    }
+    pub fn is_available(&self) -> bool {
+        self.available.load(Relaxed)
+    }
+    pub fn set_available(&self, available: bool) {
+        self.available.store(available, Relaxed);
+    }
+    pub fn state(&self) -> NodeState {
+        NodeState::from_u8(self.state.load(Relaxed))
+    }
+    pub fn set_state(&self, state: NodeState) {
+        self.state.store(state.to_u8(), Relaxed);
+    }
+    /// Whether the node may take a new connection: green and available.
+    pub fn is_eligible(&self) -> bool {
+        self.is_available() && self.state() == NodeState::Green
+    }
+
+    pub fn add_bytes_in(&self, n: u64) {
+        self.bytes_in.fetch_add(n, Relaxed);
+    }
+    pub fn add_bytes_out(&self, n: u64) {
+        self.bytes_out.fetch_add(n, Relaxed);
+    }
+    pub fn count_connect_failure(&self) {
+        self.connect_failures.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a connection as open until the returned guard drops.
+    pub fn open_connection(self: &Arc<Self>) -> ActiveGuard {
+        self.total.fetch_add(1, Relaxed);
+        self.active.fetch_add(1, Relaxed);
+        ActiveGuard(self.clone())
+    }
+}
+
+/// Decrements a node's active connections when dropped.
+pub struct ActiveGuard(Arc<NodeFigures>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Per-service figures.
+#[derive(Debug, Default)]
+pub struct ServiceFigures {
+    accepted: AtomicU64,
+    active: AtomicU64,
+    /// Clients closed because no node could take them.
+    no_node: AtomicU64,
+}
+
+impl ServiceFigures {
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Relaxed)
+    }
+    pub fn active_connections(&self) -> u64 {
+        self.active.load(Relaxed)
+    }
+    pub fn refused_no_node(&self) -> u64 {
+        self.no_node.load(Relaxed)
+    }
+    pub fn count_no_node(&self) {
+        self.no_node.fetch_add(1, Relaxed);
+    }
+    /// Counts an accepted client as open until the guard drops.
+    pub fn accept(self: &Arc<Self>) -> ServiceGuard {
+        self.accepted.fetch_add(1, Relaxed);
+        self.active.fetch_add(1, Relaxed);
+        ServiceGuard(self.clone())
+    }
+}
+
+pub struct ServiceGuard(Arc<ServiceFigures>);
+
+impl Drop for ServiceGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Relaxed);
+    }
+}
+
+/// One node as the data plane sees it.
+#[derive(Debug)]
+pub struct Node {
+    pub name: String,
+    pub address: NodeAddress,
+    pub address_text: String,
+    pub weight: u32,
+    /// Index of the fall-over node in the cluster's `nodes`.
+    pub fallover: Option<usize>,
+    pub figures: Arc<NodeFigures>,
+}
+
+impl Node {
+    pub fn is_eligible(&self) -> bool {
+        self.figures.is_eligible()
+    }
+}
+
+pub struct Cluster {
+    pub name: String,
+    pub algorithm: AlgorithmKind,
+    pub balancer: Box<dyn Balancer>,
+    pub affinity: bool,
+    pub affinity_ttl: Duration,
+    pub connect_timeout: Duration,
+    pub retry_interval: Duration,
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The algorithm's choice for `client` among eligible nodes.
+    pub fn pick(&self, client: IpAddr) -> Option<usize> {
+        self.balancer.pick(client, &self.nodes)
+    }
+}
+
+pub struct Service {
+    pub name: String,
+    pub listen: Vec<ListenSpec>,
+    pub cluster: String,
+    pub figures: Arc<ServiceFigures>,
+}
+
+/// Everything the data plane needs, immutable once built; replaced whole on reload.
+pub struct Snapshot {
+    pub forwarding: ForwardMode,
+    pub services: HashMap<String, Service>,
+    pub clusters: HashMap<String, Arc<Cluster>>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot from a validated config, reusing the figures of
+    /// `previous` for nodes and services that stay.
+    pub fn build(config: &Config, previous: Option<&Snapshot>) -> Snapshot {
+        let clusters = config
+            .clusters
+            .iter()
+            .map(|c| (c.name.clone(), Arc::new(build_cluster(c, previous))))
+            .collect();
+        let services = config
+            .services
+            .iter()
+            .map(|s| {
+                let figures = previous
+                    .and_then(|p| p.services.get(&s.name))
+                    .map(|old| old.figures.clone())
+                    .unwrap_or_default();
+                let service = Service {
+                    name: s.name.clone(),
+                    listen: s.listen.clone(),
+                    cluster: s.cluster.clone(),
+                    figures,
+                };
+                (s.name.clone(), service)
+            })
+            .collect();
+        Snapshot {
+            forwarding: config.forwarding,
+            services,
+            clusters,
+        }
+    }
+
+    /// The cluster serving `service` now.
+    pub fn cluster_of(&self, service: &str) -> Option<(&Service, &Arc<Cluster>)> {
+        let s = self.services.get(service)?;
+        Some((s, self.clusters.get(&s.cluster)?))
+    }
+
+    fn node_figures(&self, key: &NodeKey) -> Option<Arc<NodeFigures>> {
+        let cluster = self.clusters.get(&key.cluster)?;
+        let node = cluster.node(&key.name)?;
+        (node.address == key.address).then(|| node.figures.clone())
+    }
+}
+
+fn build_cluster(c: &ClusterConfig, previous: Option<&Snapshot>) -> Cluster {
+    let nodes = c
+        .nodes
+        .iter()
+        .map(|n| {
+            let key = NodeKey {
+                cluster: c.name.clone(),
+                name: n.name.clone(),
+                address: n.address,
+            };
+            let figures = previous
+                .and_then(|p| p.node_figures(&key))
+                .unwrap_or_else(|| Arc::new(NodeFigures::new(n.state)));
+            Node {
+                name: n.name.clone(),
+                address: n.address,
+                address_text: n.address_text.clone(),
+                weight: n.weight,
+                fallover: n.fallover,
+                figures,
+            }
+        })
+        .collect();
+    Cluster {
+        name: c.name.clone(),
+        algorithm: c.algorithm,
+        balancer: balance::build(c),
+        affinity: c.affinity,
+        affinity_ttl: c.affinity_ttl,
+        connect_timeout: c.connect_timeout,
+        retry_interval: c.retry_interval,
+        nodes,
+    }
+}

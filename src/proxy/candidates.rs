@@ -1,0 +1,131 @@
+//! The order in which a connection tries nodes. Fall-over is "take the next
+//! candidate":
+//!
+//! 1. the algorithm's pick (only eligible nodes are picked);
+//! 2. the pick's fall-over chain, in chain order;
+//! 3. every other node of the cluster, in config order, starting after the pick.
+//!
+//! Nodes that are not eligible (not green, or unavailable) when their turn
+//! comes are skipped, but a skipped node's fall-over node still follows it in
+//! the chain. Each node is offered at most once. The iterator allocates nothing.
+
+use crate::model::Node;
+
+pub struct Candidates<'a> {
+    nodes: &'a [Node],
+    first: Option<usize>,
+    /// Where we are: the first pick, walking its chain, or sweeping the rest.
+    next: Step,
+}
+
+#[derive(Clone, Copy)]
+enum Step {
+    First,
+    Chain(Option<usize>),
+    /// Offset (1..len) from the first pick, in config order.
+    Rest(usize),
+    Done,
+}
+
+impl<'a> Candidates<'a> {
+    /// Candidates starting from `first`, the algorithm's pick (`None`: no node is eligible).
+    pub fn new(nodes: &'a [Node], first: Option<usize>) -> Self {
+        Candidates {
+            nodes,
+            first,
+            next: if first.is_some() { Step::First } else { Step::Done },
+        }
+    }
+
+    fn in_first_chain(&self, index: usize) -> bool {
+        let mut at = self.first;
+        let mut steps = 0;
+        while let Some(i) = at {
+            if i == index {
+                return true;
+            }
+            // Config validation rejects loops; the bound keeps a bug from hanging us.
+            steps += 1;
+            if steps > self.nodes.len() {
+                return false;
+            }
+            at = self.nodes[i].fallover;
+        }
+        false
+    }
+}
+
+impl Iterator for Candidates<'_> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        let first = self.first?;
+        loop {
+            match self.next {
+                Step::First => {
+                    self.next = Step::Chain(self.nodes[first].fallover);
+                    if self.nodes[first].is_eligible() {
+                        return Some(first);
+                    }
+                }
+                Step::Chain(Some(i)) => {
+                    let after = self.nodes[i].fallover;
+                    // A chain that comes back to the first pick is a loop: stop it.
+                    self.next = if after == Some(first) {
+                        Step::Rest(1)
+                    } else {
+                        Step::Chain(after)
+                    };
+                    if self.nodes[i].is_eligible() {
+                        return Some(i);
+                    }
+                }
+                Step::Chain(None) => self.next = Step::Rest(1),
+                Step::Rest(offset) if offset < self.nodes.len() => {
+                    self.next = Step::Rest(offset + 1);
+                    let i = (first + offset) % self.nodes.len();
+                    if self.nodes[i].is_eligible() && !self.in_first_chain(i) {
+                        return Some(i);
+                    }
+                }
+                Step::Rest(_) | Step::Done => {
+                    self.next = Step::Done;
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::testing::nodes;
+    use crate::model::NodeState;
+
+    #[test]
+    fn pick_then_chain_then_the_rest() {
+        let mut ns = nodes(&[1, 1, 1, 1, 1]);
+        ns[1].fallover = Some(3);
+        ns[3].fallover = Some(0);
+        let order: Vec<usize> = Candidates::new(&ns, Some(1)).collect();
+        assert_eq!(order, vec![1, 3, 0, 2, 4]);
+    }
+
+    #[test]
+    fn skips_ineligible_but_follows_their_chain() {
+        let mut ns = nodes(&[1, 1, 1, 1]);
+        ns[0].fallover = Some(1);
+        ns[1].fallover = Some(2);
+        ns[1].figures.set_state(NodeState::Yellow);
+        ns[3].figures.set_available(false);
+        let order: Vec<usize> = Candidates::new(&ns, Some(0)).collect();
+        assert_eq!(order, vec![0, 2]);
+    }
+
+    #[test]
+    fn nothing_without_a_pick() {
+        let ns = nodes(&[1, 1]);
+        assert_eq!(Candidates::new(&ns, None).count(), 0);
+    }
+}

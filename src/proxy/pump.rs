@@ -1,0 +1,303 @@
+//! The pump: moves bytes both ways between a client and a node until both
+//! directions are done, honouring half-close and propagating resets.
+//!
+//! Each direction is one loop over a [`Channel`]: *fill* it from the source
+//! socket, *drain* it into the destination, repeat. A channel is a kernel pipe
+//! used with splice(2) (Linux: the bytes never enter user space) or a user-space
+//! buffer (the portable copy path). Channels come from a per-thread pool and are
+//! held only while data is in flight: an idle connection holds none, so ten
+//! thousand idle connections cost no pipes and no buffers.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::Shutdown;
+
+use socket2::SockRef;
+use tokio::net::TcpStream;
+
+use crate::config::ForwardMode;
+
+/// Whose fault a failure was; it decides what the log says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Node,
+    /// Ours: the balancer could not get a resource (a pipe, a buffer).
+    Balancer,
+}
+
+impl Side {
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Node => "node",
+            Side::Balancer => "balancer",
+        }
+    }
+}
+
+/// A failed direction: which socket failed and how.
+#[derive(Debug)]
+pub struct PumpError {
+    pub side: Side,
+    pub error: io::Error,
+}
+
+/// Live byte counters a pump reports to as data flows.
+pub trait Counter: Sync {
+    fn bytes_in(&self, n: u64);
+    fn bytes_out(&self, n: u64);
+}
+
+/// Pumps both ways until each side has sent EOF (a clean end), or until one
+/// socket fails: then the other is reset too (SO_LINGER 0 on close), so a
+/// reset on one side closes the other.
+///
+/// Neither socket is closed here; the caller drops them.
+pub async fn pump(
+    client: &TcpStream,
+    node: &TcpStream,
+    mode: ForwardMode,
+    counter: &dyn Counter,
+) -> Result<(), PumpError> {
+    let result = match mode {
+        #[cfg(target_os = "linux")]
+        ForwardMode::Splice => both_ways::<splice::Pipe>(client, node, counter).await,
+        _ => both_ways::<Buffer>(client, node, counter).await,
+    };
+    if let Err(e) = &result {
+        // Abort the healthy side as well: a close with linger 0 sends RST.
+        let others: &[&TcpStream] = match e.side {
+            Side::Client => &[node],
+            Side::Node => &[client],
+            Side::Balancer => &[client, node],
+        };
+        for other in others {
+            let _ = SockRef::from(*other).set_linger(Some(std::time::Duration::ZERO));
+        }
+    }
+    result
+}
+
+async fn both_ways<C: Channel>(client: &TcpStream, node: &TcpStream, counter: &dyn Counter) -> Result<(), PumpError> {
+    let upstream = one_way::<C>(client, node, Side::Client, Side::Node, |n| counter.bytes_in(n));
+    let downstream = one_way::<C>(node, client, Side::Node, Side::Client, |n| counter.bytes_out(n));
+    tokio::try_join!(upstream, downstream).map(|_| ())
+}
+
+/// Copies `src` into `dst` until EOF on `src`, then shuts down `dst`'s write
+/// side (half-close). `count` hears of every chunk as it is written.
+async fn one_way<C: Channel>(
+    src: &TcpStream,
+    dst: &TcpStream,
+    src_side: Side,
+    dst_side: Side,
+    count: impl Fn(u64),
+) -> Result<(), PumpError> {
+    let on = |side| move |error| PumpError { side, error };
+    // Held while data keeps coming; handed back as soon as the source runs dry.
+    let mut channel: Option<C> = None;
+    loop {
+        src.readable().await.map_err(on(src_side))?;
+        let ch = match &mut channel {
+            Some(ch) => ch,
+            None => channel.insert(C::take().map_err(on(Side::Balancer))?),
+        };
+        let filled = match ch.fill(src) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Some(ch) = channel.take() {
+                    ch.give_back();
+                }
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(on(src_side)(e)),
+        };
+        let mut left = filled;
+        while left > 0 {
+            match ch.drain(dst, left) {
+                Ok(0) => return Err(on(dst_side)(io::ErrorKind::WriteZero.into())),
+                Ok(n) => left -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await.map_err(on(dst_side))?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(on(dst_side)(e)),
+            }
+        }
+        count(filled as u64);
+    }
+    if let Some(ch) = channel.take() {
+        ch.give_back();
+    }
+    match SockRef::from(dst).shutdown(Shutdown::Write) {
+        Ok(()) => Ok(()),
+        // The other side already closed completely: nothing left to tell it.
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        Err(e) => Err(on(dst_side)(e)),
+    }
+}
+
+/// Somewhere bytes wait between being read and being written. `fill` and
+/// `drain` never block: they return `WouldBlock` and clear the socket's
+/// readiness, so the loop can await it.
+trait Channel: Sized {
+    /// A channel from this thread's pool, or a new one.
+    fn take() -> io::Result<Self>;
+    /// Returns an empty channel to this thread's pool.
+    fn give_back(self);
+    /// Reads what `src` has, up to the channel's capacity; 0 means EOF.
+    fn fill(&mut self, src: &TcpStream) -> io::Result<usize>;
+    /// Writes up to `len` waiting bytes into `dst`.
+    fn drain(&mut self, dst: &TcpStream, len: usize) -> io::Result<usize>;
+}
+
+/// Idle channels kept per thread; more are closed on return.
+const POOL_LIMIT: usize = 32;
+
+/// The portable copy path: a user-space buffer.
+struct Buffer {
+    bytes: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+const BUFFER_SIZE: usize = 64 * 1024;
+
+thread_local! {
+    static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Channel for Buffer {
+    fn take() -> io::Result<Self> {
+        let bytes = BUFFERS
+            .with_borrow_mut(|pool| pool.pop())
+            .unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
+        Ok(Buffer {
+            bytes,
+            start: 0,
+            end: 0,
+        })
+    }
+
+    fn give_back(self) {
+        BUFFERS.with_borrow_mut(|pool| {
+            if pool.len() < POOL_LIMIT {
+                pool.push(self.bytes);
+            }
+        });
+    }
+
+    fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
+        let n = src.try_read(&mut self.bytes)?;
+        (self.start, self.end) = (0, n);
+        Ok(n)
+    }
+
+    fn drain(&mut self, dst: &TcpStream, len: usize) -> io::Result<usize> {
+        debug_assert_eq!(len, self.end - self.start);
+        let n = dst.try_write(&self.bytes[self.start..self.end])?;
+        self.start += n;
+        Ok(n)
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod splice {
+    use std::cell::RefCell;
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use tokio::io::Interest;
+    use tokio::net::TcpStream;
+
+    use super::{Channel, POOL_LIMIT};
+
+    /// Pipe capacity asked for. A large pipe moves more per splice call (fewer
+    /// wake-ups per megabyte); when the user's pipe page budget
+    /// (`/proc/sys/fs/pipe-user-pages-soft`) is spent the kernel refuses the
+    /// resize and the pipe keeps its default size, which still works.
+    const PIPE_SIZE: i32 = 1024 * 1024;
+
+    /// A pipe pair used as an in-kernel buffer.
+    pub struct Pipe {
+        read: OwnedFd,
+        write: OwnedFd,
+        capacity: usize,
+    }
+
+    thread_local! {
+        static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    }
+
+    impl Pipe {
+        fn new() -> io::Result<Pipe> {
+            let mut fds = [0i32; 2];
+            // SAFETY: pipe2 writes two descriptors into the array on success.
+            if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: both descriptors were just created and are owned by nobody else.
+            let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+            // SAFETY: fcntl on a valid descriptor; failure leaves the default size.
+            let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+            let capacity = if size > 0 {
+                size as usize
+            } else {
+                // SAFETY: as above; F_GETPIPE_SZ only reads.
+                let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+                size.max(4096) as usize
+            };
+            Ok(Pipe { read, write, capacity })
+        }
+    }
+
+    fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
+        // SAFETY: plain descriptors, null offsets (sockets and pipes have none).
+        let n = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    impl Channel for Pipe {
+        fn take() -> io::Result<Self> {
+            match PIPES.with_borrow_mut(|pool| pool.pop()) {
+                Some(pipe) => Ok(pipe),
+                None => Pipe::new(),
+            }
+        }
+
+        fn give_back(self) {
+            PIPES.with_borrow_mut(|pool| {
+                if pool.len() < POOL_LIMIT {
+                    pool.push(self);
+                }
+            });
+        }
+
+        fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
+            // Called only on an empty pipe, so EAGAIN can only mean "no data yet".
+            src.try_io(Interest::READABLE, || {
+                splice(src.as_raw_fd(), self.write.as_raw_fd(), self.capacity)
+            })
+        }
+
+        fn drain(&mut self, dst: &TcpStream, len: usize) -> io::Result<usize> {
+            dst.try_io(Interest::WRITABLE, || {
+                splice(self.read.as_raw_fd(), dst.as_raw_fd(), len)
+            })
+        }
+    }
+}
