@@ -5,10 +5,12 @@
 //! `model` holds the live snapshot and figures, `balance` chooses nodes,
 //! `proxy` moves bytes, `server` runs it all, `cli` and `demo` face the user.
 
+pub mod affinity;
 pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod health;
 pub mod model;
 pub mod proxy;
 pub mod server;

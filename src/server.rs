@@ -12,8 +12,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
+use crate::affinity::{self, Affinity};
 use crate::config::Config;
-use crate::model::Snapshot;
+use crate::health;
+use crate::model::{NodeState, Snapshot};
 use crate::proxy::{self, DataPlane};
 
 /// A listening socket of a service.
@@ -33,20 +35,42 @@ pub enum StartError {
     },
 }
 
+/// Why a node's state could not be set.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeStateError {
+    #[error("no cluster is named \"{0}\"")]
+    UnknownCluster(String),
+    #[error("cluster \"{cluster}\" has no node named \"{node}\"")]
+    UnknownNode { cluster: String, node: String },
+}
+
 pub struct Server {
     plane: Arc<DataPlane>,
     listeners: Vec<Listener>,
     accept_loops: TaskTracker,
+    /// The health prober and the affinity flusher, stopped after the connections.
+    background: TaskTracker,
+    stop_background: CancellationToken,
 }
 
 impl Server {
     /// Binds every listener of `config` and starts accepting. Fails, having
     /// started nothing, if any address cannot be bound.
     pub async fn start(config: &Config) -> Result<Server, StartError> {
+        let affinity = {
+            let (dir, config) = (config.state_dir.clone(), config.clone());
+            tokio::task::spawn_blocking(move || Affinity::open(&dir, &config, affinity::MAX_PINS_PER_CLUSTER))
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::error!("opening the affinity store failed ({e}); keeping pins in memory only");
+                    Affinity::in_memory()
+                })
+        };
         let plane = Arc::new(DataPlane {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
             cut_all: CancellationToken::new(),
             connections: TaskTracker::new(),
+            affinity: Arc::new(affinity),
         });
         let mut bound = Vec::new();
         for service in &config.services {
@@ -73,10 +97,16 @@ impl Server {
             ));
             listeners.push(Listener { service, addr, stop });
         }
+        let background = TaskTracker::new();
+        let stop_background = CancellationToken::new();
+        background.spawn(health::probe::run(plane.clone(), stop_background.clone()));
+        background.spawn(affinity::run_flusher(plane.affinity.clone(), stop_background.clone()));
         Ok(Server {
             plane,
             listeners,
             accept_loops,
+            background,
+            stop_background,
         })
     }
 
@@ -100,6 +130,30 @@ impl Server {
         self.plane.connections.len()
     }
 
+    /// Sets a node's state now (as `state` in the config does at start):
+    /// yellow takes no new connections, red also cuts the open ones at once.
+    /// Returns the previous state.
+    pub fn set_node_state(&self, cluster: &str, node: &str, state: NodeState) -> Result<NodeState, NodeStateError> {
+        let snapshot = self.plane.snapshot.load();
+        let c = snapshot
+            .clusters
+            .get(cluster)
+            .ok_or_else(|| NodeStateError::UnknownCluster(cluster.to_string()))?;
+        let n = c.node(node).ok_or_else(|| NodeStateError::UnknownNode {
+            cluster: cluster.to_string(),
+            node: node.to_string(),
+        })?;
+        let previous = n.figures.state();
+        n.figures.set_state(state);
+        info!(cluster, node, "state {previous} -> {state}");
+        Ok(previous)
+    }
+
+    /// The client pins of every cluster.
+    pub fn affinity(&self) -> &Affinity {
+        &self.plane.affinity
+    }
+
     /// Stops accepting, lets open connections finish for up to `grace`, then
     /// cuts the rest. Returns how many were cut.
     pub async fn shutdown(self, grace: Duration) -> usize {
@@ -113,13 +167,18 @@ impl Server {
             info!("stopped accepting; waiting up to {grace:?} for {open} open connection(s)");
         }
         self.plane.connections.close();
-        if tokio::time::timeout(grace, self.plane.connections.wait()).await.is_ok() {
-            return 0;
-        }
-        let cut = self.plane.connections.len();
-        info!("grace period over: cutting {cut} connection(s)");
-        self.plane.cut_all.cancel();
-        self.plane.connections.wait().await;
+        let cut = if tokio::time::timeout(grace, self.plane.connections.wait()).await.is_ok() {
+            0
+        } else {
+            let cut = self.plane.connections.len();
+            info!("grace period over: cutting {cut} connection(s)");
+            self.plane.cut_all.cancel();
+            self.plane.connections.wait().await;
+            cut
+        };
+        self.stop_background.cancel();
+        self.background.close();
+        self.background.wait().await;
         cut
     }
 }

@@ -3,6 +3,7 @@
 //! bytes. One tokio task per connection on a fixed pool of worker threads.
 
 mod candidates;
+mod connect;
 mod pump;
 
 use std::io;
@@ -18,9 +19,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 pub use candidates::Candidates;
+pub use connect::HELD_BYTES;
 pub use pump::{PumpError, Side};
 
-use crate::model::{NodeFigures, Snapshot};
+use crate::affinity::Affinity;
+use crate::model::{Cluster, NodeFigures, NodeState, Snapshot};
 
 /// Where the access log goes: `RUST_LOG=protobalance::access=info`.
 pub const ACCESS_LOG: &str = "protobalance::access";
@@ -31,6 +34,8 @@ pub struct DataPlane {
     /// Cancelled when the shutdown grace period ends: open connections are cut.
     pub cut_all: CancellationToken,
     pub connections: TaskTracker,
+    /// Client pins of every cluster; outlives snapshots.
+    pub affinity: Arc<Affinity>,
 }
 
 /// Binds a listening socket with the options a server wants.
@@ -114,26 +119,29 @@ async fn serve_client(client: TcpStream, peer: SocketAddr, local: SocketAddr, se
     let _in_service = service_figures.accept();
     let _ = client.set_nodelay(true);
 
-    let mut connected = None;
-    for i in Candidates::new(&cluster.nodes, cluster.pick(peer.ip())) {
-        let node = &cluster.nodes[i];
-        let target = node.address.target(local.port());
-        match connect(target, cluster.connect_timeout).await {
-            Ok(stream) => {
-                connected = Some((i, stream));
-                break;
-            }
-            Err(e) => {
-                node.figures.count_connect_failure();
-                warn!(service, cluster = %cluster.name, node = %node.name, "connect to {target} failed: {e}; trying the next node");
-            }
-        }
-    }
-    let Some((i, upstream)) = connected else {
-        service_figures.count_no_node();
-        warn!(service, cluster = %cluster.name, "no node could take client {peer}; closing it");
-        return;
+    let pinned = pinned_node(&plane.affinity, &cluster, peer);
+    let first = pinned.or_else(|| cluster.pick(peer.ip()));
+    let outcome = tokio::select! {
+        outcome = connect::connect_client(&client, &cluster, first, local.port()) => outcome,
+        _ = plane.cut_all.cancelled() => return,
     };
+    let (i, upstream, forwarded) = match outcome {
+        connect::Outcome::Connected { node, stream, forwarded } => (node, stream, forwarded),
+        connect::Outcome::NoNode => {
+            service_figures.count_no_node();
+            warn!(service, cluster = %cluster.name, "no node could take client {peer}; closing it");
+            return;
+        }
+        connect::Outcome::ClientGone(e) => {
+            debug!(service, cluster = %cluster.name, "client {peer} went away while connecting: {e}");
+            return;
+        }
+    };
+    // A pin stays on its node while the client is served by the node's fall-over chain.
+    let pin_to = &cluster.nodes[pinned.unwrap_or(i)].name;
+    if cluster.affinity {
+        plane.affinity.pin(&cluster.name, peer.ip(), pin_to);
+    }
     let node = &cluster.nodes[i];
     let _in_node = node.figures.open_connection();
 
@@ -142,10 +150,15 @@ async fn serve_client(client: TcpStream, peer: SocketAddr, local: SocketAddr, se
         bytes_in: AtomicU64::new(0),
         bytes_out: AtomicU64::new(0),
     };
+    pump::Counter::bytes_in(&bytes, forwarded);
     let result = tokio::select! {
         r = pump::pump(&client, &upstream, forwarding, &bytes) => r,
         _ = plane.cut_all.cancelled() => Err(PumpError { side: Side::Balancer, error: io::Error::other("cut at shutdown") }),
+        _ = node.figures.red() => Err(abort_both(&client, &upstream, "cut: the node turned red")),
     };
+    if cluster.affinity {
+        plane.affinity.pin(&cluster.name, peer.ip(), pin_to);
+    }
     info!(
         target: ACCESS_LOG,
         "{peer} service={service} cluster={} node={} in={} out={} ms={} end=\"{}\"",
@@ -158,11 +171,28 @@ async fn serve_client(client: TcpStream, peer: SocketAddr, local: SocketAddr, se
     );
 }
 
-/// Connects to a node within `timeout`, with TCP_NODELAY set.
-async fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(target))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
+/// The node `peer` is pinned to, if the cluster keeps affinity and the pin
+/// still holds: a pin to a red node or to a node no longer configured moves
+/// for good (the caller pins the client anew).
+fn pinned_node(affinity: &Affinity, cluster: &Cluster, peer: SocketAddr) -> Option<usize> {
+    if !cluster.affinity {
+        return None;
+    }
+    let node = affinity.pinned(&cluster.name, peer.ip(), cluster.affinity_ttl)?;
+    cluster
+        .nodes
+        .iter()
+        .position(|n| *n.name == *node && n.figures.state() != NodeState::Red)
+}
+
+/// Makes dropping `client` and `node` reset both connections (SO_LINGER 0),
+/// for a cut that must not wait for buffered data.
+fn abort_both(client: &TcpStream, node: &TcpStream, why: &str) -> PumpError {
+    for s in [client, node] {
+        let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+    }
+    PumpError {
+        side: Side::Balancer,
+        error: io::Error::other(why.to_string()),
+    }
 }

@@ -1,0 +1,198 @@
+//! Connecting a client to a node, with fall-over: try the candidates in order
+//! until one **takes** the client.
+//!
+//! A node fails, is marked unavailable, and the next candidate is tried, when:
+//! - the TCP connect fails (refused, unreachable, reset) or does not complete
+//!   within the cluster's `connect_timeout`; or
+//! - it is **on probation** and closes (FIN) or resets (RST) the connection.
+//!
+//! A connected node is on probation until it has sent its first byte to the
+//! client. While on probation, the client's first bytes (up to
+//! [`HELD_BYTES`]) are forwarded to the node *and kept*, so that a node that
+//! fails can be replaced by the next candidate, which gets the same bytes,
+//! byte for byte. Probation also ends (the node is kept, whatever it does
+//! next) when:
+//! - the client sends more than [`HELD_BYTES`] before the node answers: those
+//!   bytes could no longer be replayed;
+//! - the client has finished sending (half-close) and then the node closes
+//!   without a word: a node may legitimately read a request and hang up.
+//!
+//! Server-speaks-first protocols (SMTP, IMAP, POP3, FTP): the greeting is the
+//! node's first byte, so a node that greets has taken the client; if it later
+//! closes, that is its answer and no fall-over happens. A node that accepts and
+//! closes before greeting fails over like any other.
+//!
+//! The happy path costs a peek at the node's socket and, when the client
+//! speaks first, one buffer of [`HELD_BYTES`] for the first bytes; the pump
+//! takes over as soon as the node answers.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use super::Candidates;
+use crate::health::probe;
+use crate::model::Cluster;
+
+/// Most client bytes kept for replay while a node is on probation.
+pub const HELD_BYTES: usize = 16 * 1024;
+
+/// How a connection attempt ended.
+pub enum Outcome {
+    /// `stream` to `cluster.nodes[node]` has taken the client; `forwarded`
+    /// client bytes were already written to it.
+    Connected {
+        node: usize,
+        stream: TcpStream,
+        forwarded: u64,
+    },
+    /// Every candidate failed (or there was none).
+    NoNode,
+    /// The client failed or went away while we were connecting.
+    ClientGone(io::Error),
+}
+
+/// The client's first bytes, kept until a node takes the client.
+#[derive(Default)]
+struct FirstBytes {
+    /// Allocated on the client's first byte; `len` of it is filled.
+    buf: Vec<u8>,
+    len: usize,
+    /// The client has half-closed (sent EOF).
+    client_done: bool,
+}
+
+impl FirstBytes {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+    fn is_full(&self) -> bool {
+        self.len == HELD_BYTES
+    }
+}
+
+/// Who ended a probation that did not keep the node.
+enum Fault {
+    Node(io::Error),
+    Client(io::Error),
+}
+
+/// What the client did while a node was on probation.
+enum ClientEvent {
+    Read(usize),
+    /// More bytes than we keep: probation ends.
+    More,
+    Eof,
+}
+
+/// Connects `client` (who reached us on `local_port`) to the first candidate,
+/// starting with `first`, that takes it. Failed nodes are marked unavailable.
+pub async fn connect_client(client: &TcpStream, cluster: &Cluster, first: Option<usize>, local_port: u16) -> Outcome {
+    let mut held = FirstBytes::default();
+    for i in Candidates::new(&cluster.nodes, first) {
+        let node = &cluster.nodes[i];
+        let target = node.address.target(local_port);
+        let stream = match connect(target, cluster.connect_timeout).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                node.figures.count_connect_failure();
+                probe::mark_unavailable(cluster, node, format_args!("connect to {target} failed: {e}"));
+                continue;
+            }
+        };
+        match probation(client, &stream, &mut held).await {
+            Ok(()) => {
+                return Outcome::Connected {
+                    node: i,
+                    stream,
+                    forwarded: held.len as u64,
+                };
+            }
+            Err(Fault::Node(e)) => {
+                node.figures.count_connect_failure();
+                probe::mark_unavailable(cluster, node, format_args!("{target} ended the connection before answering: {e}"));
+            }
+            Err(Fault::Client(e)) => return Outcome::ClientGone(e),
+        }
+    }
+    Outcome::NoNode
+}
+
+/// Connects to a node within `timeout`, with TCP_NODELAY set.
+async fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(target))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Replays the held bytes to `node`, then forwards the client's first bytes
+/// until the node answers (`Ok`) or fails (`Err(Fault::Node)`).
+async fn probation(client: &TcpStream, node: &TcpStream, held: &mut FirstBytes) -> Result<(), Fault> {
+    write_all(node, held.bytes()).await.map_err(Fault::Node)?;
+    let mut peeked = [0u8; 1];
+    loop {
+        tokio::select! {
+            answer = node.peek(&mut peeked) => {
+                return match answer {
+                    Ok(0) if held.client_done => Ok(()),
+                    Ok(0) => Err(Fault::Node(io::Error::new(io::ErrorKind::UnexpectedEof, "closed"))),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(Fault::Node(e)),
+                };
+            }
+            event = client_event(client, held), if !held.client_done => {
+                match event.map_err(Fault::Client)? {
+                    ClientEvent::Read(n) => {
+                        let start = held.len - n;
+                        write_all(node, &held.buf[start..held.len]).await.map_err(Fault::Node)?;
+                    }
+                    ClientEvent::More => return Ok(()),
+                    ClientEvent::Eof => held.client_done = true,
+                }
+            }
+        }
+    }
+}
+
+/// Waits for the client's next bytes and keeps them in `held` (cancel-safe:
+/// bytes are only taken from the socket when the read completes).
+async fn client_event(client: &TcpStream, held: &mut FirstBytes) -> io::Result<ClientEvent> {
+    if held.is_full() {
+        let mut peeked = [0u8; 1];
+        return Ok(match client.peek(&mut peeked).await? {
+            0 => ClientEvent::Eof,
+            _ => ClientEvent::More,
+        });
+    }
+    if held.buf.is_empty() {
+        held.buf = vec![0; HELD_BYTES];
+    }
+    loop {
+        client.readable().await?;
+        match client.try_read(&mut held.buf[held.len..]) {
+            Ok(0) => return Ok(ClientEvent::Eof),
+            Ok(n) => {
+                held.len += n;
+                return Ok(ClientEvent::Read(n));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
