@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
+use crate::model::NodeState;
 
 /// The store's file name inside `state_dir`.
 pub const STORE_FILE: &str = "affinity.redb";
@@ -74,8 +75,10 @@ pub struct Affinity {
     store: Mutex<Option<Arc<Database>>>,
 }
 
-/// A pin as written to or read from the store; `None` node: deleted.
+/// A pin to write to the store (cluster, client, pin); `None`: delete it.
 type Change = (String, IpAddr, Option<(Arc<str>, u64)>);
+/// A pin read from the store: cluster, client, pin.
+type StoredPin = (String, IpAddr, Pin);
 
 impl Affinity {
     /// Pins kept in memory only.
@@ -147,7 +150,9 @@ impl Affinity {
             for (cluster_name, ip, pin) in entries {
                 let honoured = config.cluster(&cluster_name).is_some_and(|c| {
                     c.affinity
-                        && c.nodes.iter().any(|n| *n.name == *pin.node)
+                        && c.nodes
+                            .iter()
+                            .any(|n| *n.name == *pin.node && n.state != NodeState::Red)
                         && !expired(pin.last_seen_ms, c.affinity_ttl, now)
                 });
                 let table = clusters.entry(cluster_name).or_insert_with(ClusterPins::new);
@@ -218,6 +223,37 @@ impl Affinity {
             }
         }
         table.dirty.insert(client);
+    }
+
+    /// Marks `client` as seen now, if it has a pin in `cluster`.
+    pub fn touch(&self, cluster: &str, client: IpAddr) {
+        let mut clusters = self.lock();
+        if let Some(table) = clusters.get_mut(cluster)
+            && let Some(pin) = table.pins.get_mut(&client)
+        {
+            pin.last_seen_ms = now_ms();
+            table.dirty.insert(client);
+        }
+    }
+
+    /// Drops every pin to `node` in `cluster` (the node turned red): its
+    /// clients are pinned anew on their next connection. Returns how many.
+    pub fn forget_node(&self, cluster: &str, node: &str) -> usize {
+        let mut clusters = self.lock();
+        let Some(table) = clusters.get_mut(cluster) else {
+            return 0;
+        };
+        let gone: Vec<IpAddr> = table
+            .pins
+            .iter()
+            .filter(|(_, pin)| *pin.node == *node)
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in &gone {
+            table.pins.pop(ip);
+            table.dirty.insert(*ip);
+        }
+        gone.len()
     }
 
     /// How many pins `cluster` holds now (expired ones not yet noticed included).
@@ -333,7 +369,7 @@ fn ip_from_octets(bytes: &[u8]) -> Option<IpAddr> {
 
 /// Opens or creates the store at `path` and reads every pin in it. A panic
 /// inside the store library on a damaged file counts as unreadable too.
-fn open_and_read(path: &Path) -> Result<(Database, Vec<(String, IpAddr, Pin)>), String> {
+fn open_and_read(path: &Path) -> Result<(Database, Vec<StoredPin>), String> {
     panic::catch_unwind(AssertUnwindSafe(|| -> Result<_, redb::Error> {
         let db = Database::create(path)?;
         // Make sure the table exists, so that reading a fresh file works.
@@ -470,6 +506,17 @@ mod tests {
     }
 
     #[test]
+    fn forgetting_a_node_drops_its_pins_only() {
+        let store = Affinity::in_memory();
+        store.pin("c", ip(1), "a");
+        store.pin("c", ip(2), "b");
+        store.pin("c", ip(3), "a");
+        assert_eq!(store.forget_node("c", "a"), 2);
+        assert!(store.pinned("c", ip(1), DAY).is_none());
+        assert_eq!(store.pinned("c", ip(2), DAY).as_deref(), Some("b"));
+    }
+
+    #[test]
     fn expired_pins_are_forgotten() {
         let store = Affinity::in_memory();
         store.pin("c", ip(1), "a");
@@ -483,7 +530,11 @@ mod tests {
     #[test]
     fn a_corrupt_file_is_moved_aside_and_replaced() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(STORE_FILE), b"this is not a redb file at all, not even close").unwrap();
+        std::fs::write(
+            dir.path().join(STORE_FILE),
+            b"this is not a redb file at all, not even close",
+        )
+        .unwrap();
         let store = Affinity::open(dir.path(), &config("1d"), 100);
         assert!(store.is_persistent(), "a fresh store replaces the corrupt one");
         assert!(dir.path().join("affinity.redb.corrupt").exists());

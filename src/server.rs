@@ -145,7 +145,16 @@ impl Server {
         })?;
         let previous = n.figures.state();
         n.figures.set_state(state);
-        info!(cluster, node, "state {previous} -> {state}");
+        if state == NodeState::Red {
+            // Red moves pins for good: the clients of a red node are pinned anew.
+            let moved = self.plane.affinity.forget_node(cluster, node);
+            info!(
+                cluster,
+                node, "state {previous} -> {state}; {moved} client pin(s) dropped"
+            );
+        } else {
+            info!(cluster, node, "state {previous} -> {state}");
+        }
         Ok(previous)
     }
 

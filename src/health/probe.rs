@@ -78,8 +78,12 @@ pub async fn run(plane: Arc<DataPlane>, stop: CancellationToken) {
                         Ok(Ok(_)) => {
                             mark_available(&cluster, node, format_args!("probe connected to {target}"));
                         }
-                        Ok(Err(e)) => tracing::debug!(cluster = %cluster.name, node = %node.name, "probe of {target}: {e}"),
-                        Err(_) => tracing::debug!(cluster = %cluster.name, node = %node.name, "probe of {target}: no answer"),
+                        Ok(Err(e)) => {
+                            tracing::debug!(cluster = %cluster.name, node = %node.name, "probe of {target}: {e}")
+                        }
+                        Err(_) => {
+                            tracing::debug!(cluster = %cluster.name, node = %node.name, "probe of {target}: no answer")
+                        }
                     }
                     figures_id(&node.figures)
                 });

@@ -112,7 +112,11 @@ pub async fn connect_client(client: &TcpStream, cluster: &Cluster, first: Option
             }
             Err(Fault::Node(e)) => {
                 node.figures.count_connect_failure();
-                probe::mark_unavailable(cluster, node, format_args!("{target} ended the connection before answering: {e}"));
+                probe::mark_unavailable(
+                    cluster,
+                    node,
+                    format_args!("{target} ended the connection before answering: {e}"),
+                );
             }
             Err(Fault::Client(e)) => return Outcome::ClientGone(e),
         }

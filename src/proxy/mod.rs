@@ -126,7 +126,11 @@ async fn serve_client(client: TcpStream, peer: SocketAddr, local: SocketAddr, se
         _ = plane.cut_all.cancelled() => return,
     };
     let (i, upstream, forwarded) = match outcome {
-        connect::Outcome::Connected { node, stream, forwarded } => (node, stream, forwarded),
+        connect::Outcome::Connected {
+            node,
+            stream,
+            forwarded,
+        } => (node, stream, forwarded),
         connect::Outcome::NoNode => {
             service_figures.count_no_node();
             warn!(service, cluster = %cluster.name, "no node could take client {peer}; closing it");
@@ -137,9 +141,9 @@ async fn serve_client(client: TcpStream, peer: SocketAddr, local: SocketAddr, se
             return;
         }
     };
-    // A pin stays on its node while the client is served by the node's fall-over chain.
-    let pin_to = &cluster.nodes[pinned.unwrap_or(i)].name;
     if cluster.affinity {
+        // A pin stays on its node while the client is served by the node's fall-over chain.
+        let pin_to = &cluster.nodes[pinned.unwrap_or(i)].name;
         plane.affinity.pin(&cluster.name, peer.ip(), pin_to);
     }
     let node = &cluster.nodes[i];
@@ -157,7 +161,7 @@ async fn serve_client(client: TcpStream, peer: SocketAddr, local: SocketAddr, se
         _ = node.figures.red() => Err(abort_both(&client, &upstream, "cut: the node turned red")),
     };
     if cluster.affinity {
-        plane.affinity.pin(&cluster.name, peer.ip(), pin_to);
+        plane.affinity.touch(&cluster.name, peer.ip());
     }
     info!(
         target: ACCESS_LOG,
@@ -172,8 +176,9 @@ async fn serve_client(client: TcpStream, peer: SocketAddr, local: SocketAddr, se
 }
 
 /// The node `peer` is pinned to, if the cluster keeps affinity and the pin
-/// still holds: a pin to a red node or to a node no longer configured moves
-/// for good (the caller pins the client anew).
+/// still holds. A pin to a node no longer configured, or to a red one (pins
+/// are dropped when a node turns red; this catches a race with that), moves
+/// for good: the caller pins the client anew.
 fn pinned_node(affinity: &Affinity, cluster: &Cluster, peer: SocketAddr) -> Option<usize> {
     if !cluster.affinity {
         return None;
