@@ -30,6 +30,8 @@ enum Behaviour {
     Echo,
     /// Accepts and closes at once, reading nothing.
     CloseAtOnce,
+    /// Reads the client's first bytes and closes without a word.
+    ReadAndClose,
     /// Greets "220 NAME\r\n" first, then echoes.
     Greet,
     /// Greets "220 NAME\r\n" and closes.
@@ -99,6 +101,10 @@ async fn answer(stream: &mut TcpStream, name: &str, behaviour: Behaviour) -> std
     let mut buf = vec![0u8; 64 * 1024];
     match behaviour {
         Behaviour::CloseAtOnce => return Ok(()),
+        Behaviour::ReadAndClose => {
+            stream.read(&mut buf).await?;
+            return Ok(());
+        }
         Behaviour::GreetAndClose => {
             stream.write_all(format!("220 {name}\r\n").as_bytes()).await?;
             return Ok(());
@@ -324,6 +330,39 @@ async fn a_node_that_closes_at_once_gets_the_client_bytes_replayed_to_the_next()
     let fa = figures(&server, "a");
     assert!(!fa.is_available(), "a node that closes before answering is unavailable");
     assert_eq!(figures(&server, "b").bytes_in(), payload.len() as u64);
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_node_that_reads_and_hangs_up_without_a_word_falls_over() {
+    let a = Backend::start("a", Behaviour::ReadAndClose).await;
+    let b = Backend::start("b", Behaviour::Echo).await;
+    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
+    let (server, addr) = start(&cfg).await;
+    assert_eq!(who(addr).await, "b");
+    assert!(!figures(&server, "a").is_available());
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_node_that_hangs_up_after_the_client_finished_sending_is_kept() {
+    // The client sends its request and half-closes: the node's silent close is
+    // its answer (fire-and-forget), not a failure; nothing is sent twice.
+    let a = Backend::start("a", Behaviour::ReadAndClose).await;
+    let b = Backend::start("b", Behaviour::Echo).await;
+    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
+    let (server, addr) = start(&cfg).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"log line\n").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.is_empty(), "no answer, no fall-over: {answer:?}");
+    assert!(figures(&server, "a").is_available());
+    assert_eq!(figures(&server, "b").total_connections(), 0);
     server.shutdown(Duration::from_secs(5)).await;
 }
 

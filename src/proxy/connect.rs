@@ -140,14 +140,9 @@ async fn probation(client: &TcpStream, node: &TcpStream, held: &mut FirstBytes) 
     let mut peeked = [0u8; 1];
     loop {
         tokio::select! {
-            answer = node.peek(&mut peeked) => {
-                return match answer {
-                    Ok(0) if held.client_done => Ok(()),
-                    Ok(0) => Err(Fault::Node(io::Error::new(io::ErrorKind::UnexpectedEof, "closed"))),
-                    Ok(_) => Ok(()),
-                    Err(e) => Err(Fault::Node(e)),
-                };
-            }
+            // The client first: a half-close that already arrived must be seen
+            // before the node's close is judged.
+            biased;
             event = client_event(client, held), if !held.client_done => {
                 match event.map_err(Fault::Client)? {
                     ClientEvent::Read(n) => {
@@ -157,6 +152,14 @@ async fn probation(client: &TcpStream, node: &TcpStream, held: &mut FirstBytes) 
                     ClientEvent::More => return Ok(()),
                     ClientEvent::Eof => held.client_done = true,
                 }
+            }
+            answer = node.peek(&mut peeked) => {
+                return match answer {
+                    Ok(0) if held.client_done => Ok(()),
+                    Ok(0) => Err(Fault::Node(io::Error::new(io::ErrorKind::UnexpectedEof, "closed"))),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(Fault::Node(e)),
+                };
             }
         }
     }
