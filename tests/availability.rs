@@ -102,7 +102,7 @@ async fn answer(stream: &mut TcpStream, name: &str, behaviour: Behaviour) -> std
     match behaviour {
         Behaviour::CloseAtOnce => return Ok(()),
         Behaviour::ReadAndClose => {
-            stream.read(&mut buf).await?;
+            let _first_bytes = stream.read(&mut buf).await?;
             return Ok(());
         }
         Behaviour::GreetAndClose => {
@@ -577,6 +577,23 @@ async fn red_cuts_open_connections_at_once_and_takes_no_new_ones() {
     }
     assert!(server.set_node_state("c", "nope", NodeState::Red).is_err());
     assert!(server.set_node_state("nope", "a", NodeState::Red).is_err());
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_node_that_turns_red_before_answering_hands_the_client_to_the_next() {
+    let a = Backend::start("a", Behaviour::Echo).await;
+    let b = Backend::start("b", Behaviour::Echo).await;
+    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
+    let (server, addr) = start(&cfg).await;
+    // Connected to a, which waits for the client's first bytes: on probation.
+    let stream = TcpStream::connect(addr).await.unwrap();
+    eventually("a has the connection", || a.open_connections() == 1).await;
+    server.set_node_state("c", "a", NodeState::Red).unwrap();
+    eventually("a's connection is closed", || a.open_connections() == 0).await;
+    let (name, echo) = exchange(stream, b"ping\n").await;
+    assert_eq!((name.as_str(), echo.as_slice()), ("b", &b"ping\n"[..]));
+    assert!(figures(&server, "a").is_available(), "red is not a failure");
     server.shutdown(Duration::from_secs(5)).await;
 }
 

@@ -17,6 +17,9 @@
 //! - the client has finished sending (half-close) and then the node closes
 //!   without a word: a node may legitimately read a request and hang up.
 //!
+//! A node that turns red while on probation is left (not marked unavailable)
+//! and the held bytes go to the next candidate.
+//!
 //! Server-speaks-first protocols (SMTP, IMAP, POP3, FTP): the greeting is the
 //! node's first byte, so a node that greets has taken the client; if it later
 //! closes, that is its answer and no fall-over happens. A node that accepts and
@@ -34,7 +37,7 @@ use tokio::net::TcpStream;
 
 use super::Candidates;
 use crate::health::probe;
-use crate::model::Cluster;
+use crate::model::{Cluster, NodeFigures};
 
 /// Most client bytes kept for replay while a node is on probation.
 pub const HELD_BYTES: usize = 16 * 1024;
@@ -76,6 +79,8 @@ impl FirstBytes {
 /// Who ended a probation that did not keep the node.
 enum Fault {
     Node(io::Error),
+    /// The node turned red: it takes the client no more, but is not unavailable.
+    Red,
     Client(io::Error),
 }
 
@@ -102,7 +107,7 @@ pub async fn connect_client(client: &TcpStream, cluster: &Cluster, first: Option
                 continue;
             }
         };
-        match probation(client, &stream, &mut held).await {
+        match probation(client, &stream, &node.figures, &mut held).await {
             Ok(()) => {
                 return Outcome::Connected {
                     node: i,
@@ -118,6 +123,7 @@ pub async fn connect_client(client: &TcpStream, cluster: &Cluster, first: Option
                     format_args!("{target} ended the connection before answering: {e}"),
                 );
             }
+            Err(Fault::Red) => {}
             Err(Fault::Client(e)) => return Outcome::ClientGone(e),
         }
     }
@@ -135,7 +141,12 @@ async fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream>
 
 /// Replays the held bytes to `node`, then forwards the client's first bytes
 /// until the node answers (`Ok`) or fails (`Err(Fault::Node)`).
-async fn probation(client: &TcpStream, node: &TcpStream, held: &mut FirstBytes) -> Result<(), Fault> {
+async fn probation(
+    client: &TcpStream,
+    node: &TcpStream,
+    figures: &NodeFigures,
+    held: &mut FirstBytes,
+) -> Result<(), Fault> {
     write_all(node, held.bytes()).await.map_err(Fault::Node)?;
     let mut peeked = [0u8; 1];
     loop {
@@ -161,6 +172,7 @@ async fn probation(client: &TcpStream, node: &TcpStream, held: &mut FirstBytes) 
                     Err(e) => Err(Fault::Node(e)),
                 };
             }
+            _ = figures.red() => return Err(Fault::Red),
         }
     }
 }
