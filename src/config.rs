@@ -503,7 +503,7 @@ impl RawConfig {
 
         let mut services = Vec::new();
         let mut service_names = HashSet::new();
-        let mut all_listen: Vec<(ListenSpec, &str, Range<usize>)> = Vec::new();
+        let mut all_listen: Vec<(ListenSpec, &str)> = Vec::new();
         for raw in &self.service {
             let name = raw.name.get_ref();
             let what = format!("service \"{name}\": ");
@@ -520,15 +520,15 @@ impl RawConfig {
             let mut listen = Vec::new();
             for entry in raw.listen.get_ref() {
                 let spec = parse_listen(entry.get_ref()).map_err(|why| ctx.bad(&what, "listen", entry, why))?;
-                if let Some((_, other, _)) = all_listen.iter().find(|(l, _, _)| l.overlaps(&spec)) {
+                if let Some((other_spec, other)) = all_listen.iter().find(|(l, _)| l.overlaps(&spec)) {
                     let owner = if *other == name.as_str() {
-                        "another entry of this service".to_string()
+                        "this service".to_string()
                     } else {
                         format!("service \"{other}\"")
                     };
-                    return Err(ctx.bad(&what, "listen", entry, format!("overlaps an address of {owner}")));
+                    return Err(ctx.bad(&what, "listen", entry, format!("overlaps {other_spec} of {owner}")));
                 }
-                all_listen.push((spec, name, entry.span()));
+                all_listen.push((spec, name));
                 listen.push(spec);
             }
             services.push(ServiceConfig {
