@@ -49,6 +49,8 @@ pub struct Config {
 /// How bytes are moved between client and node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ForwardMode {
+    /// Copy for small chunks, splice for bulk (Linux); elsewhere the same as `Copy`.
+    Auto,
     /// splice(2) through a pipe, in the kernel (Linux); elsewhere the same as `Copy`.
     Splice,
     /// A portable read/write loop through a user-space buffer.
@@ -482,11 +484,12 @@ impl RawConfig {
             Some(d) => ctx.duration(top, "shutdown_grace", d)?,
         };
         let forwarding = match &self.forwarding {
-            None => ForwardMode::Splice,
+            None => ForwardMode::Auto,
             Some(f) => match f.get_ref().as_str() {
+                "auto" => ForwardMode::Auto,
                 "splice" => ForwardMode::Splice,
                 "copy" => ForwardMode::Copy,
-                _ => return Err(ctx.bad(top, "forwarding", f, "expected \"splice\" or \"copy\"")),
+                _ => return Err(ctx.bad(top, "forwarding", f, "expected \"auto\", \"splice\" or \"copy\"")),
             },
         };
         let admin = validate_admin(ctx, self.admin)?;

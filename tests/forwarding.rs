@@ -89,8 +89,10 @@ async fn ten_mb_each_way(forwarding: &str) {
 
 fn forwarding_mode(name: &str) -> protobalance::config::ForwardMode {
     match name {
+        "auto" => protobalance::config::ForwardMode::Auto,
         "splice" => protobalance::config::ForwardMode::Splice,
-        _ => protobalance::config::ForwardMode::Copy,
+        "copy" => protobalance::config::ForwardMode::Copy,
+        other => panic!("no forwarding mode {other}"),
     }
 }
 
@@ -102,6 +104,13 @@ async fn ten_mb_each_way_byte_exact_with_splice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_mb_each_way_byte_exact_with_copy() {
     ten_mb_each_way("copy").await;
+}
+
+/// `auto` starts each direction on the copy path and moves to splice once
+/// chunks grow: 10 MB crosses both paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_mb_each_way_byte_exact_with_auto() {
+    ten_mb_each_way("auto").await;
 }
 
 #[test]
@@ -183,6 +192,11 @@ async fn node_half_close(forwarding: &str) {
 #[tokio::test]
 async fn client_half_close_propagates_splice() {
     client_half_close("splice").await;
+}
+
+#[tokio::test]
+async fn client_half_close_propagates_auto() {
+    client_half_close("auto").await;
 }
 
 #[tokio::test]
@@ -270,6 +284,11 @@ async fn client_reset_propagates_copy() {
 #[tokio::test]
 async fn node_reset_propagates_splice() {
     node_reset_reaches_client("splice").await;
+}
+
+#[tokio::test]
+async fn node_reset_propagates_auto() {
+    node_reset_reaches_client("auto").await;
 }
 
 #[tokio::test]
