@@ -38,6 +38,9 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one
+    // setsockopt per listener instead of one per client.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     TcpListener::from_std(socket.into())
@@ -46,6 +49,9 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// Accepts clients of `service` on `listener` until `stop` is cancelled.
 pub async fn accept_loop(listener: TcpListener, service: Arc<str>, plane: Arc<DataPlane>, stop: CancellationToken) {
     let local = listener.local_addr().ok();
+    // Each listener has one port: the port clients reached us on, which a node
+    // address without a port forwards to.
+    let local_port = local.map_or(0, |a| a.port());
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -53,13 +59,12 @@ pub async fn accept_loop(listener: TcpListener, service: Arc<str>, plane: Arc<Da
         };
         match accepted {
             Ok((client, peer)) => {
-                let local = client
-                    .local_addr()
-                    .unwrap_or_else(|_| local.expect("listener has an address"));
+                #[cfg(not(target_os = "linux"))]
+                let _ = client.set_nodelay(true);
                 let plane2 = plane.clone();
                 let service = service.clone();
                 plane.connections.spawn(async move {
-                    serve_client(client, peer, local, &service, &plane2).await;
+                    serve_client(client, peer, local_port, &service, &plane2).await;
                 });
             }
             Err(e) => {
@@ -101,7 +106,7 @@ impl pump::Counter for ConnectionBytes<'_> {
 }
 
 /// One client, from the choice of node to the access log line.
-async fn serve_client(client: TcpStream, peer: SocketAddr, local: SocketAddr, service: &str, plane: &DataPlane) {
+async fn serve_client(client: TcpStream, peer: SocketAddr, local_port: u16, service: &str, plane: &DataPlane) {
     let started = Instant::now();
     let (service_figures, cluster, forwarding) = {
         let snapshot = plane.snapshot.load();
@@ -112,12 +117,11 @@ async fn serve_client(client: TcpStream, peer: SocketAddr, local: SocketAddr, se
         (s.figures.clone(), c.clone(), snapshot.forwarding)
     };
     let _in_service = service_figures.accept();
-    let _ = client.set_nodelay(true);
 
     let mut connected = None;
     for i in Candidates::new(&cluster.nodes, cluster.pick(peer.ip())) {
         let node = &cluster.nodes[i];
-        let target = node.address.target(local.port());
+        let target = node.address.target(local_port);
         match connect(target, cluster.connect_timeout).await {
             Ok(stream) => {
                 connected = Some((i, stream));
@@ -165,4 +169,18 @@ async fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream>
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))??;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_clients_inherit_tcp_nodelay_from_the_listener() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
 }
