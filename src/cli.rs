@@ -61,7 +61,8 @@ pub enum Command {
 
 /// Runs the parsed command line and returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
-    init_logging(cli.log_level.as_deref());
+    // Held to the end: dropping it flushes the log lines still queued.
+    let _log_writer = init_logging(cli.log_level.as_deref());
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
@@ -97,7 +98,9 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
-fn init_logging(filter: Option<&str>) {
+/// Logs to stderr through a background writer thread, so a connection task
+/// never waits on a write(2) of its access-log line.
+fn init_logging(filter: Option<&str>) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let filter = match filter {
         Some(f) => EnvFilter::try_new(f),
@@ -107,11 +110,15 @@ fn init_logging(filter: Option<&str>) {
         eprintln!("warning: bad log filter ({e}); using \"info\"");
         EnvFilter::new("info")
     });
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+    guard
 }
 
 /// A multi-threaded runtime with `threads` workers (0: one per CPU).

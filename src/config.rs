@@ -49,6 +49,8 @@ pub struct Config {
 /// How bytes are moved between client and node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ForwardMode {
+    /// Copy for small chunks, splice for bulk (Linux); elsewhere the same as `Copy`.
+    Auto,
     /// splice(2) through a pipe, in the kernel (Linux); elsewhere the same as `Copy`.
     Splice,
     /// A portable read/write loop through a user-space buffer.
@@ -482,11 +484,12 @@ impl RawConfig {
             Some(d) => ctx.duration(top, "shutdown_grace", d)?,
         };
         let forwarding = match &self.forwarding {
-            None => ForwardMode::Splice,
+            None => ForwardMode::Auto,
             Some(f) => match f.get_ref().as_str() {
+                "auto" => ForwardMode::Auto,
                 "splice" => ForwardMode::Splice,
                 "copy" => ForwardMode::Copy,
-                _ => return Err(ctx.bad(top, "forwarding", f, "expected \"splice\" or \"copy\"")),
+                _ => return Err(ctx.bad(top, "forwarding", f, "expected \"auto\", \"splice\" or \"copy\"")),
             },
         };
         let admin = validate_admin(ctx, self.admin)?;
@@ -503,7 +506,7 @@ impl RawConfig {
 
         let mut services = Vec::new();
         let mut service_names = HashSet::new();
-        let mut all_listen: Vec<(ListenSpec, &str, Range<usize>)> = Vec::new();
+        let mut all_listen: Vec<(ListenSpec, &str)> = Vec::new();
         for raw in &self.service {
             let name = raw.name.get_ref();
             let what = format!("service \"{name}\": ");
@@ -520,15 +523,15 @@ impl RawConfig {
             let mut listen = Vec::new();
             for entry in raw.listen.get_ref() {
                 let spec = parse_listen(entry.get_ref()).map_err(|why| ctx.bad(&what, "listen", entry, why))?;
-                if let Some((_, other, _)) = all_listen.iter().find(|(l, _, _)| l.overlaps(&spec)) {
+                if let Some((other_spec, other)) = all_listen.iter().find(|(l, _)| l.overlaps(&spec)) {
                     let owner = if *other == name.as_str() {
-                        "another entry of this service".to_string()
+                        "this service".to_string()
                     } else {
                         format!("service \"{other}\"")
                     };
-                    return Err(ctx.bad(&what, "listen", entry, format!("overlaps an address of {owner}")));
+                    return Err(ctx.bad(&what, "listen", entry, format!("overlaps {other_spec} of {owner}")));
                 }
-                all_listen.push((spec, name, entry.span()));
+                all_listen.push((spec, name));
                 listen.push(spec);
             }
             services.push(ServiceConfig {

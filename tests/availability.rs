@@ -32,6 +32,10 @@ enum Behaviour {
     CloseAtOnce,
     /// Reads the client's first bytes and closes without a word.
     ReadAndClose,
+    /// Resets the connection (RST) as soon as the client's bytes arrive, unread.
+    ResetOnData,
+    /// Reads until the client's EOF, then answers "NAME got N bytes".
+    AnswerAfterEof,
     /// Greets "220 NAME\r\n" first, then echoes.
     Greet,
     /// Greets "220 NAME\r\n" and closes.
@@ -101,6 +105,19 @@ async fn answer(stream: &mut TcpStream, name: &str, behaviour: Behaviour) -> std
     let mut buf = vec![0u8; 64 * 1024];
     match behaviour {
         Behaviour::CloseAtOnce => return Ok(()),
+        Behaviour::ResetOnData => {
+            stream.readable().await?;
+            socket2::SockRef::from(&*stream).set_linger(Some(Duration::ZERO))?;
+            return Ok(());
+        }
+        Behaviour::AnswerAfterEof => {
+            let mut got = Vec::new();
+            stream.read_to_end(&mut got).await?;
+            stream
+                .write_all(format!("{name} got {} bytes", got.len()).as_bytes())
+                .await?;
+            return Ok(());
+        }
         Behaviour::ReadAndClose => {
             let _first_bytes = stream.read(&mut buf).await?;
             return Ok(());
@@ -330,6 +347,27 @@ async fn a_node_that_closes_at_once_gets_the_client_bytes_replayed_to_the_next()
     let fa = figures(&server, "a");
     assert!(!fa.is_available(), "a node that closes before answering is unavailable");
     assert_eq!(figures(&server, "b").bytes_in(), payload.len() as u64);
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_half_closed_client_is_replayed_with_its_eof() {
+    // The client sends and half-closes at once; a resets on seeing the bytes;
+    // b gets the same bytes and the EOF, and answers after the EOF.
+    let a = Backend::start("a", Behaviour::ResetOnData).await;
+    let b = Backend::start("b", Behaviour::AnswerAfterEof).await;
+    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
+    let (server, addr) = start(&cfg).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"hello").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer, "b got 5 bytes");
+    assert!(!figures(&server, "a").is_available());
     server.shutdown(Duration::from_secs(5)).await;
 }
 

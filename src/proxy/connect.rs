@@ -139,7 +139,7 @@ async fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream>
     Ok(stream)
 }
 
-/// Replays the held bytes to `node`, then forwards the client's first bytes
+/// Replays the held bytes (and the client's half-close) to `node`, then forwards the client's first bytes
 /// until the node answers (`Ok`) or fails (`Err(Fault::Node)`).
 async fn probation(
     client: &TcpStream,
@@ -147,7 +147,13 @@ async fn probation(
     figures: &NodeFigures,
     held: &mut FirstBytes,
 ) -> Result<(), Fault> {
-    write_all(node, held.bytes()).await.map_err(Fault::Node)?;
+    if !held.bytes().is_empty() {
+        ensure_open(node).map_err(Fault::Node)?;
+        write_all(node, held.bytes()).await.map_err(Fault::Node)?;
+    }
+    if held.client_done {
+        half_close(node).map_err(Fault::Node)?;
+    }
     let mut peeked = [0u8; 1];
     loop {
         tokio::select! {
@@ -158,10 +164,15 @@ async fn probation(
                 match event.map_err(Fault::Client)? {
                     ClientEvent::Read(n) => {
                         let start = held.len - n;
+                        ensure_open(node).map_err(Fault::Node)?;
                         write_all(node, &held.buf[start..held.len]).await.map_err(Fault::Node)?;
                     }
                     ClientEvent::More => return Ok(()),
-                    ClientEvent::Eof => held.client_done = true,
+                    ClientEvent::Eof => {
+                        // The node may answer only after the client's EOF: pass it on.
+                        held.client_done = true;
+                        half_close(node).map_err(Fault::Node)?;
+                    }
                 }
             }
             answer = node.peek(&mut peeked) => {
@@ -202,6 +213,26 @@ async fn client_event(client: &TcpStream, held: &mut FirstBytes) -> io::Result<C
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Fails if `node` has already closed or reset the connection: then it
+/// closed before these bytes were sent to it, and they go to the next node.
+fn ensure_open(node: &TcpStream) -> io::Result<()> {
+    let mut peeked = [std::mem::MaybeUninit::uninit(); 1];
+    // The socket is non-blocking: this returns at once.
+    match socket2::SockRef::from(node).peek(&mut peeked) {
+        Ok(0) => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "closed before any byte was sent to it",
+        )),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn half_close(stream: &TcpStream) -> io::Result<()> {
+    socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write)
 }
 
 async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {

@@ -43,6 +43,9 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one
+    // setsockopt per listener instead of one per client.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     TcpListener::from_std(socket.into())
@@ -51,6 +54,9 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// Accepts clients of `service` on `listener` until `stop` is cancelled.
 pub async fn accept_loop(listener: TcpListener, service: Arc<str>, plane: Arc<DataPlane>, stop: CancellationToken) {
     let local = listener.local_addr().ok();
+    // Each listener has one port: the port clients reached us on, which a node
+    // address without a port forwards to.
+    let local_port = local.map_or(0, |a| a.port());
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -58,13 +64,12 @@ pub async fn accept_loop(listener: TcpListener, service: Arc<str>, plane: Arc<Da
         };
         match accepted {
             Ok((client, peer)) => {
-                let local = client
-                    .local_addr()
-                    .unwrap_or_else(|_| local.expect("listener has an address"));
+                #[cfg(not(target_os = "linux"))]
+                let _ = client.set_nodelay(true);
                 let plane2 = plane.clone();
                 let service = service.clone();
                 plane.connections.spawn(async move {
-                    serve_client(client, peer, local, &service, &plane2).await;
+                    serve_client(client, peer, local_port, &service, &plane2).await;
                 });
             }
             Err(e) => {
@@ -106,7 +111,7 @@ impl pump::Counter for ConnectionBytes<'_> {
 }
 
 /// One client, from the choice of node to the access log line.
-async fn serve_client(client: TcpStream, peer: SocketAddr, local: SocketAddr, service: &str, plane: &DataPlane) {
+async fn serve_client(client: TcpStream, peer: SocketAddr, local_port: u16, service: &str, plane: &DataPlane) {
     let started = Instant::now();
     let (service_figures, cluster, forwarding) = {
         let snapshot = plane.snapshot.load();
@@ -117,12 +122,11 @@ async fn serve_client(client: TcpStream, peer: SocketAddr, local: SocketAddr, se
         (s.figures.clone(), c.clone(), snapshot.forwarding)
     };
     let _in_service = service_figures.accept();
-    let _ = client.set_nodelay(true);
 
     let pinned = pinned_node(&plane.affinity, &cluster, peer);
     let first = pinned.or_else(|| cluster.pick(peer.ip()));
     let outcome = tokio::select! {
-        outcome = connect::connect_client(&client, &cluster, first, local.port()) => outcome,
+        outcome = connect::connect_client(&client, &cluster, first, local_port) => outcome,
         _ = plane.cut_all.cancelled() => return,
     };
     let (i, upstream, forwarded) = match outcome {
@@ -199,5 +203,19 @@ fn abort_both(client: &TcpStream, node: &TcpStream, why: &str) -> PumpError {
     PumpError {
         side: Side::Balancer,
         error: io::Error::other(why.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_clients_inherit_tcp_nodelay_from_the_listener() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 }

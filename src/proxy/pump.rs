@@ -63,6 +63,8 @@ pub async fn pump(
     let result = match mode {
         #[cfg(target_os = "linux")]
         ForwardMode::Splice => both_ways::<splice::Pipe>(client, node, counter).await,
+        #[cfg(target_os = "linux")]
+        ForwardMode::Auto => both_ways::<Auto>(client, node, counter).await,
         _ => both_ways::<Buffer>(client, node, counter).await,
     };
     if let Err(e) = &result {
@@ -97,11 +99,13 @@ async fn one_way<C: Channel>(
     let on = |side| move |error| PumpError { side, error };
     // Held while data keeps coming; handed back as soon as the source runs dry.
     let mut channel: Option<C> = None;
+    // Whether the last chunk looked like bulk transfer (see `Auto`).
+    let mut bulk = false;
     loop {
         src.readable().await.map_err(on(src_side))?;
         let ch = match &mut channel {
             Some(ch) => ch,
-            None => channel.insert(C::take().map_err(on(Side::Balancer))?),
+            None => channel.insert(C::take(bulk).map_err(on(Side::Balancer))?),
         };
         let filled = match ch.fill(src) {
             Ok(0) => break,
@@ -126,6 +130,18 @@ async fn one_way<C: Channel>(
             }
         }
         count(filled as u64);
+        let looks_bulk = if bulk {
+            filled > SMALL_CHUNK
+        } else {
+            filled >= BULK_CHUNK
+        };
+        if looks_bulk != bulk {
+            bulk = looks_bulk;
+            // The channel is empty: the next chunk takes the kind that suits it.
+            if let Some(ch) = channel.take() {
+                ch.give_back();
+            }
+        }
     }
     if let Some(ch) = channel.take() {
         ch.give_back();
@@ -142,8 +158,9 @@ async fn one_way<C: Channel>(
 /// `drain` never block: they return `WouldBlock` and clear the socket's
 /// readiness, so the loop can await it.
 trait Channel: Sized {
-    /// A channel from this thread's pool, or a new one.
-    fn take() -> io::Result<Self>;
+    /// A channel from this thread's pool, or a new one; `bulk` says whether
+    /// the last chunk of this direction was large.
+    fn take(bulk: bool) -> io::Result<Self>;
     /// Returns an empty channel to this thread's pool.
     fn give_back(self);
     /// Reads what `src` has, up to the channel's capacity; 0 means EOF.
@@ -164,12 +181,59 @@ struct Buffer {
 
 const BUFFER_SIZE: usize = 64 * 1024;
 
+/// A chunk at least this large switches a direction from copy to splice.
+const BULK_CHUNK: usize = 32 * 1024;
+/// A chunk no larger than this switches it back to copy.
+const SMALL_CHUNK: usize = 8 * 1024;
+
+/// `forwarding = "auto"`: small chunks (requests, responses, chatter) go
+/// through a buffer, where two plain syscalls are cheapest; once a direction
+/// moves big chunks it switches to splice, where the bytes stay in the kernel.
+/// HAProxy's `splice-auto` follows the same idea.
+#[cfg(target_os = "linux")]
+enum Auto {
+    Copy(Buffer),
+    Splice(splice::Pipe),
+}
+
+#[cfg(target_os = "linux")]
+impl Channel for Auto {
+    fn take(bulk: bool) -> io::Result<Self> {
+        Ok(if bulk {
+            Auto::Splice(splice::Pipe::take(bulk)?)
+        } else {
+            Auto::Copy(Buffer::take(bulk)?)
+        })
+    }
+
+    fn give_back(self) {
+        match self {
+            Auto::Copy(b) => b.give_back(),
+            Auto::Splice(p) => p.give_back(),
+        }
+    }
+
+    fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
+        match self {
+            Auto::Copy(b) => b.fill(src),
+            Auto::Splice(p) => p.fill(src),
+        }
+    }
+
+    fn drain(&mut self, dst: &TcpStream, len: usize) -> io::Result<usize> {
+        match self {
+            Auto::Copy(b) => b.drain(dst, len),
+            Auto::Splice(p) => p.drain(dst, len),
+        }
+    }
+}
+
 thread_local! {
     static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Channel for Buffer {
-    fn take() -> io::Result<Self> {
+    fn take(_bulk: bool) -> io::Result<Self> {
         let bytes = BUFFERS
             .with_borrow_mut(|pool| pool.pop())
             .unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
@@ -272,7 +336,7 @@ mod splice {
     }
 
     impl Channel for Pipe {
-        fn take() -> io::Result<Self> {
+        fn take(_bulk: bool) -> io::Result<Self> {
             match PIPES.with_borrow_mut(|pool| pool.pop()) {
                 Some(pipe) => Ok(pipe),
                 None => Pipe::new(),
