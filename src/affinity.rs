@@ -16,9 +16,10 @@
 //! - Persistence: `state_dir/affinity.redb`, a redb file. Changed pins are
 //!   marked dirty and written in one transaction per [`FLUSH_INTERVAL`] by a
 //!   background task (and once more at shutdown), never on a connection's path.
-//!   An unreadable file is logged, moved aside to `affinity.redb.corrupt` and
-//!   replaced by an empty one; if even that fails, pins are kept in memory only.
-//!   The balancer never refuses to start because of this file.
+//!   A damaged file is logged, moved aside to `affinity.redb.corrupt` and
+//!   replaced by an empty one. A file that cannot be used for another reason
+//!   (held by another process, no permission) is left alone and pins are kept
+//!   in memory only. The balancer never refuses to start because of this file.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -115,10 +116,18 @@ impl Affinity {
         let path = state_dir.join(STORE_FILE);
         let loaded = match open_and_read(&path) {
             Ok(loaded) => Some(loaded),
-            Err(e) => {
+            Err(StoreError::Unusable(e)) => {
+                // Not the file's fault (another process holds it, no permission...): leave it be.
+                error!(
+                    "cannot open affinity store {}: {e}; client affinity will not survive a restart",
+                    path.display()
+                );
+                None
+            }
+            Err(StoreError::Damaged(e)) => {
                 let aside = PathBuf::from(format!("{}.corrupt", path.display()));
                 error!(
-                    "affinity store {} is unreadable ({e}); moving it to {} and starting an empty one",
+                    "affinity store {} is damaged ({e}); moving it to {} and starting an empty one",
                     path.display(),
                     aside.display()
                 );
@@ -129,7 +138,7 @@ impl Affinity {
                 }
                 match open_and_read(&path) {
                     Ok(loaded) => Some(loaded),
-                    Err(e) => {
+                    Err(StoreError::Damaged(e) | StoreError::Unusable(e)) => {
                         error!(
                             "cannot create a fresh affinity store at {}: {e}; client affinity will not survive a restart",
                             path.display()
@@ -367,9 +376,40 @@ fn ip_from_octets(bytes: &[u8]) -> Option<IpAddr> {
     }
 }
 
+/// Why the store could not be opened.
+enum StoreError {
+    /// The file's contents are unreadable: it is moved aside and replaced.
+    Damaged(String),
+    /// The file may be fine but cannot be used now (held by another process,
+    /// no permission, disk error): it is left alone.
+    Unusable(String),
+}
+
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> StoreError {
+        use std::io::ErrorKind::{InvalidData, UnexpectedEof};
+        let damaged = match &e {
+            redb::Error::Corrupted(_)
+            | redb::Error::UpgradeRequired(_)
+            | redb::Error::RepairAborted
+            | redb::Error::ValueTooLarge(_)
+            | redb::Error::TableTypeMismatch { .. }
+            | redb::Error::TypeDefinitionChanged { .. }
+            | redb::Error::TableIsMultimap(_) => true,
+            redb::Error::Io(io) => matches!(io.kind(), InvalidData | UnexpectedEof),
+            _ => false,
+        };
+        if damaged {
+            StoreError::Damaged(e.to_string())
+        } else {
+            StoreError::Unusable(e.to_string())
+        }
+    }
+}
+
 /// Opens or creates the store at `path` and reads every pin in it. A panic
-/// inside the store library on a damaged file counts as unreadable too.
-fn open_and_read(path: &Path) -> Result<(Database, Vec<StoredPin>), String> {
+/// inside the store library on a damaged file counts as damage too.
+fn open_and_read(path: &Path) -> Result<(Database, Vec<StoredPin>), StoreError> {
     panic::catch_unwind(AssertUnwindSafe(|| -> Result<_, redb::Error> {
         let db = Database::create(path)?;
         // Make sure the table exists, so that reading a fresh file works.
@@ -395,8 +435,8 @@ fn open_and_read(path: &Path) -> Result<(Database, Vec<StoredPin>), String> {
         drop(txn);
         Ok((db, entries))
     }))
-    .map_err(|_| "the store library panicked while reading it".to_string())?
-    .map_err(|e| e.to_string())
+    .map_err(|_| StoreError::Damaged("the store library panicked while reading it".to_string()))?
+    .map_err(StoreError::from)
 }
 
 fn write(db: &Database, changes: &[Change]) -> Result<(), redb::Error> {
@@ -542,6 +582,42 @@ mod tests {
         store.close();
         let store = Affinity::open(dir.path(), &config("1d"), 100);
         assert_eq!(store.pinned("c", ip(1), DAY).as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn a_truncated_file_is_damaged_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Affinity::open(dir.path(), &config("1d"), 100);
+        store.pin("c", ip(1), "b");
+        store.close();
+        drop(store);
+        let path = dir.path().join(STORE_FILE);
+        let len = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len / 3)
+            .unwrap();
+        let store = Affinity::open(dir.path(), &config("1d"), 100);
+        assert!(store.is_persistent());
+        assert!(dir.path().join("affinity.redb.corrupt").exists(), "moved aside");
+    }
+
+    #[test]
+    fn a_store_held_by_another_owner_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Affinity::open(dir.path(), &config("1d"), 100);
+        first.pin("c", ip(1), "b");
+        let second = Affinity::open(dir.path(), &config("1d"), 100);
+        assert!(!second.is_persistent(), "the second owner keeps pins in memory");
+        assert!(
+            !dir.path().join("affinity.redb.corrupt").exists(),
+            "the file was not moved"
+        );
+        first.close();
+        let again = Affinity::open(dir.path(), &config("1d"), 100);
+        assert_eq!(again.pinned("c", ip(1), DAY).as_deref(), Some("b"));
     }
 
     #[test]

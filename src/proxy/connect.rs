@@ -139,8 +139,8 @@ async fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream>
     Ok(stream)
 }
 
-/// Replays the held bytes (and the client's half-close) to `node`, then forwards the client's first bytes
-/// until the node answers (`Ok`) or fails (`Err(Fault::Node)`).
+/// Replays the held bytes (and the client's half-close) to `node`, then
+/// forwards the client's first bytes until the node answers (`Ok`) or fails.
 async fn probation(
     client: &TcpStream,
     node: &TcpStream,

@@ -19,7 +19,6 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 pub use candidates::Candidates;
-pub use connect::HELD_BYTES;
 pub use pump::{PumpError, Side};
 
 use crate::affinity::Affinity;
