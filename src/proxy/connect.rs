@@ -60,19 +60,15 @@ pub enum Outcome {
 /// The client's first bytes, kept until a node takes the client.
 #[derive(Default)]
 struct FirstBytes {
-    /// Allocated on the client's first byte; `len` of it is filled.
+    /// Allocated (not zeroed) on the client's first byte, with room for [`HELD_BYTES`].
     buf: Vec<u8>,
-    len: usize,
     /// The client has half-closed (sent EOF).
     client_done: bool,
 }
 
 impl FirstBytes {
-    fn bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
     fn is_full(&self) -> bool {
-        self.len == HELD_BYTES
+        self.buf.len() >= HELD_BYTES
     }
 }
 
@@ -112,7 +108,7 @@ pub async fn connect_client(client: &TcpStream, cluster: &Cluster, first: Option
                 return Outcome::Connected {
                     node: i,
                     stream,
-                    forwarded: held.len as u64,
+                    forwarded: held.buf.len() as u64,
                 };
             }
             Err(Fault::Node(e)) => {
@@ -147,9 +143,9 @@ async fn probation(
     figures: &NodeFigures,
     held: &mut FirstBytes,
 ) -> Result<(), Fault> {
-    if !held.bytes().is_empty() {
+    if !held.buf.is_empty() {
         ensure_open(node).map_err(Fault::Node)?;
-        write_all(node, held.bytes()).await.map_err(Fault::Node)?;
+        write_all(node, &held.buf).await.map_err(Fault::Node)?;
     }
     if held.client_done {
         half_close(node).map_err(Fault::Node)?;
@@ -163,9 +159,9 @@ async fn probation(
             event = client_event(client, held), if !held.client_done => {
                 match event.map_err(Fault::Client)? {
                     ClientEvent::Read(n) => {
-                        let start = held.len - n;
+                        let start = held.buf.len() - n;
                         ensure_open(node).map_err(Fault::Node)?;
-                        write_all(node, &held.buf[start..held.len]).await.map_err(Fault::Node)?;
+                        write_all(node, &held.buf[start..]).await.map_err(Fault::Node)?;
                     }
                     ClientEvent::More => return Ok(()),
                     ClientEvent::Eof => {
@@ -198,17 +194,15 @@ async fn client_event(client: &TcpStream, held: &mut FirstBytes) -> io::Result<C
             _ => ClientEvent::More,
         });
     }
-    if held.buf.is_empty() {
-        held.buf = vec![0; HELD_BYTES];
+    if held.buf.capacity() == 0 {
+        held.buf = Vec::with_capacity(HELD_BYTES);
     }
     loop {
         client.readable().await?;
-        match client.try_read(&mut held.buf[held.len..]) {
+        // Reads into the spare capacity only: never more than HELD_BYTES in all.
+        match client.try_read_buf(&mut held.buf) {
             Ok(0) => return Ok(ClientEvent::Eof),
-            Ok(n) => {
-                held.len += n;
-                return Ok(ClientEvent::Read(n));
-            }
+            Ok(n) => return Ok(ClientEvent::Read(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
