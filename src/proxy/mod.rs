@@ -184,3 +184,41 @@ mod tests {
         assert!(accepted.nodelay().unwrap());
     }
 }
+/// What an idle connection costs is mostly its task: this prints the sizes of
+/// the futures involved. `cargo test --release --lib future_sizes -- --ignored --nocapture`
+#[cfg(test)]
+mod future_sizes {
+    #[test]
+    #[ignore = "a figure to read, not a check: sizes differ between builds"]
+    fn future_sizes() {
+        let plane = super::DataPlane {
+            snapshot: arc_swap::ArcSwap::from_pointee(crate::model::Snapshot {
+                forwarding: crate::config::ForwardMode::Auto,
+                services: Default::default(),
+                clusters: Default::default(),
+            }),
+            cut_all: Default::default(),
+            connections: Default::default(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            struct Nop;
+            impl super::pump::Counter for Nop {
+                fn bytes_in(&self, _: u64) {}
+                fn bytes_out(&self, _: u64) {}
+            }
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let pump = super::pump::pump(&c, &c, crate::config::ForwardMode::Auto, &Nop);
+            println!("pump future: {} bytes", std::mem::size_of_val(&pump));
+            drop(pump);
+            let connect = super::connect("127.0.0.1:1".parse().unwrap(), std::time::Duration::from_secs(1));
+            println!("connect future: {} bytes", std::mem::size_of_val(&connect));
+            let serve = super::serve_client(c, "127.0.0.1:1".parse().unwrap(), 1, "x", &plane);
+            println!("serve_client future: {} bytes", std::mem::size_of_val(&serve));
+        });
+    }
+}
