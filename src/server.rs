@@ -70,6 +70,7 @@ impl Server {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
             cut_all: CancellationToken::new(),
             connections: TaskTracker::new(),
+            open_clients: Default::default(),
             affinity: Arc::new(affinity),
         });
         let mut bound = Vec::new();

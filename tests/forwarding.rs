@@ -374,7 +374,12 @@ async fn refused_node_is_skipped_and_no_node_closes_the_client() {
         "the client is closed when no node can take it"
     );
     let snap = server.snapshot();
-    assert_eq!(snap.services["svc"].figures.refused_no_node(), 1);
+    assert_eq!(
+        snap.services["svc"]
+            .figures
+            .refused(protobalance::model::Refusal::NoNode),
+        1
+    );
     server.shutdown(PATIENCE).await;
 }
 

@@ -53,6 +53,8 @@ pub enum Outcome {
     },
     /// Every candidate failed (or there was none).
     NoNode,
+    /// The balancer ran out of descriptors or memory: no node would do better.
+    Exhausted(io::Error),
     /// The client failed or went away while we were connecting.
     ClientGone(io::Error),
 }
@@ -97,6 +99,7 @@ pub async fn connect_client(client: &TcpStream, cluster: &Cluster, first: Option
         let target = node.address.target(local_port);
         let stream = match connect(target, cluster.connect_timeout).await {
             Ok(stream) => stream,
+            Err(e) if super::is_exhaustion(&e) => return Outcome::Exhausted(e),
             Err(e) => {
                 node.figures.count_connect_failure();
                 probe::mark_unavailable(cluster, node, format_args!("connect to {target} failed: {e}"));
@@ -127,7 +130,7 @@ pub async fn connect_client(client: &TcpStream, cluster: &Cluster, first: Option
 }
 
 /// Connects to a node within `timeout`, with TCP_NODELAY set.
-async fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+pub(super) async fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(target))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))??;
