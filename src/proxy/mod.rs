@@ -174,8 +174,10 @@ async fn serve_client(
 
     let pinned = pinned_node(&plane.affinity, cluster, peer);
     let first = pinned.or_else(|| cluster.pick(peer.ip()));
+    // Boxed: the connect phase's state (probation, timers) is large and short-lived;
+    // inline, every open connection's task would keep room for it.
     let outcome = tokio::select! {
-        outcome = connect::connect_client(&client, cluster, first, local_port) => outcome,
+        outcome = Box::pin(connect::connect_client(&client, cluster, first, local_port)) => outcome,
         _ = plane.cut_all.cancelled() => return,
     };
     let (i, upstream, forwarded) = match outcome {
