@@ -17,6 +17,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::balance::LoadRating;
 use crate::model::NodeState;
 
 /// Default for `connect_timeout` when neither the cluster nor `[defaults]` sets it.
@@ -154,7 +155,8 @@ pub struct ClusterConfig {
     pub algorithm: AlgorithmKind,
     pub affinity: bool,
     pub affinity_ttl: Duration,
-    pub load_rating: Option<String>,
+    /// Compiled when the config loads; least-load evaluates it per node.
+    pub load_rating: Option<LoadRating>,
     pub hash_key: Option<String>,
     pub connect_timeout: Duration,
     pub retry_interval: Duration,
@@ -171,6 +173,8 @@ pub struct NodeConfig {
     /// Index into the cluster's `nodes` of this node's fall-over node.
     pub fallover: Option<usize>,
     pub state: NodeState,
+    /// The node's load agent, polled every `retry_interval` (see `crate::health::agent`).
+    pub agent: Option<SocketAddr>,
 }
 
 /// Where a node is. A host name is resolved once, when the config is loaded.
@@ -427,6 +431,7 @@ struct RawNode {
     weight: Option<Spanned<i64>>,
     fallover: Option<Spanned<String>>,
     state: Option<Spanned<String>>,
+    agent: Option<Spanned<String>>,
 }
 
 /// The text being validated, for turning spans into line numbers.
@@ -655,6 +660,20 @@ fn validate_cluster(ctx: &Ctx<'_>, raw: &RawCluster, defaults: &RawDefaults) -> 
             return Err(ctx.bad(&what, key, span.expect("zero only when written"), "must be above zero"));
         }
     }
+    let load_rating = match &raw.load_rating {
+        None => None,
+        Some(text) => Some(LoadRating::compile(text.get_ref()).map_err(|e| ctx.bad(&what, "load_rating", text, e))?),
+    };
+    if let Some(key) = &raw.hash_key
+        && key.get_ref().is_empty()
+    {
+        return Err(ctx.bad(
+            &what,
+            "hash_key",
+            key,
+            "must not be empty (leave it out for the built-in key)",
+        ));
+    }
     if algorithm == AlgorithmKind::LeastLoad && raw.load_rating.is_none() {
         return Err(ctx.bad(
             &what,
@@ -690,6 +709,14 @@ fn validate_cluster(ctx: &Ctx<'_>, raw: &RawCluster, defaults: &RawDefaults) -> 
             Some(s) => NodeState::parse(s.get_ref())
                 .ok_or_else(|| ctx.bad(&nwhat, "state", s, "expected green, yellow or red"))?,
         };
+        let agent = match &n.agent {
+            None => None,
+            Some(a) => match parse_node_address(a.get_ref()) {
+                Ok(NodeAddress::Socket(addr)) => Some(addr),
+                Ok(NodeAddress::SamePort(_)) => return Err(ctx.bad(&nwhat, "agent", a, "needs a port: HOST:PORT")),
+                Err(why) => return Err(ctx.bad(&nwhat, "agent", a, why)),
+            },
+        };
         nodes.push(NodeConfig {
             name: node_name.clone(),
             address,
@@ -697,6 +724,7 @@ fn validate_cluster(ctx: &Ctx<'_>, raw: &RawCluster, defaults: &RawDefaults) -> 
             weight,
             fallover: None,
             state,
+            agent,
         });
     }
     for (i, n) in raw.node.iter().enumerate() {
@@ -735,7 +763,7 @@ fn validate_cluster(ctx: &Ctx<'_>, raw: &RawCluster, defaults: &RawDefaults) -> 
         algorithm,
         affinity,
         affinity_ttl,
-        load_rating: raw.load_rating.as_ref().map(|s| s.get_ref().clone()),
+        load_rating,
         hash_key: raw.hash_key.as_ref().map(|s| s.get_ref().clone()),
         connect_timeout,
         retry_interval,
