@@ -822,4 +822,49 @@ mod tests {
         assert!(parse_node_address("bad host:80").is_err());
         assert!(parse_node_address("10.0.0.1:99999").is_err());
     }
+
+    fn cluster_with(algorithm: &str, extra: &str, node_extra: &str) -> Result<Config, ConfigError> {
+        Config::parse(
+            &format!(
+                "[[service]]\nname = \"s\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"c\"\n[[cluster]]\nname = \"c\"\nalgorithm = \"{algorithm}\"\n{extra}\n[[cluster.node]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n{node_extra}\n"
+            ),
+            "t.toml",
+        )
+    }
+
+    #[test]
+    fn every_algorithm_is_accepted() {
+        for kind in AlgorithmKind::ALL {
+            let c = cluster_with(kind.name(), "load_rating = \"connections\"", "").unwrap();
+            assert_eq!(c.clusters[0].algorithm, kind);
+        }
+    }
+
+    #[test]
+    fn load_rating_is_compiled_and_a_bad_one_is_reported_where_it_is() {
+        let c = cluster_with("least-load", "load_rating = \"agent_load * 2 + connections\"", "").unwrap();
+        assert_eq!(
+            c.clusters[0].load_rating.as_ref().unwrap().source(),
+            "agent_load * 2 + connections"
+        );
+        let e = cluster_with("least-load", "load_rating = \"connections / wieght\"", "").unwrap_err();
+        assert_eq!(e.line, Some(8));
+        assert!(e.message.contains("load_rating = \"connections / wieght\""), "{e}");
+        assert!(e.message.contains("at column 15: unknown name \"wieght\""), "{e}");
+        let e = cluster_with("least-load", "", "").unwrap_err();
+        assert!(e.message.contains("least-load needs a load_rating"), "{e}");
+        let e = cluster_with("ip-hash", "hash_key = \"\"", "").unwrap_err();
+        assert!(e.message.contains("hash_key"), "{e}");
+    }
+
+    #[test]
+    fn node_agents() {
+        let c = cluster_with("round-robin", "", "agent = \"127.0.0.1:5555\"").unwrap();
+        assert_eq!(c.clusters[0].nodes[0].agent, Some("127.0.0.1:5555".parse().unwrap()));
+        let e = cluster_with("round-robin", "", "agent = \"127.0.0.1\"").unwrap_err();
+        assert!(e.message.contains("agent = \"127.0.0.1\": needs a port"), "{e}");
+        assert_eq!(e.line, Some(12));
+        let e = cluster_with("round-robin", "", "agent = \"no such:1\"").unwrap_err();
+        assert!(e.message.contains("agent"), "{e}");
+    }
 }
