@@ -1,1 +1,63 @@
-fn main() {}
+//! One pick of each algorithm over 3, 30 and 300 eligible nodes with unequal
+//! weights and (synthetic) live figures: `cargo bench --bench pick`.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use protobalance::balance::LoadRating;
+use protobalance::config::{AlgorithmKind, Config};
+use protobalance::model::Snapshot;
+
+fn snapshot(algorithm: AlgorithmKind, nodes: usize) -> Snapshot {
+    let mut text = format!(
+        "state_dir = \"\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[service]]\nname = \"s\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"c\"\n\
+         [[cluster]]\nname = \"c\"\nalgorithm = \"{algorithm}\"\n\
+         load_rating = \"connections / weight + agent_load * 10\"\n"
+    );
+    for i in 0..nodes {
+        text.push_str(&format!(
+            "[[cluster.node]]\nname = \"n{i}\"\naddress = \"127.0.0.1:{}\"\nweight = {}\n",
+            10_000 + i,
+            1 + i % 5
+        ));
+    }
+    let snapshot = Snapshot::build(&Config::parse(&text, "bench").unwrap(), None);
+    for (i, node) in snapshot.clusters["c"].nodes.iter().enumerate() {
+        let x = i as f64;
+        node.figures
+            .set_rates(1.0 + x % 7.0, 1_000.0 * (x % 3.0), 5_000.0 * (x % 4.0));
+        node.figures.set_agent_load(x % 11.0);
+    }
+    snapshot
+}
+
+fn pick(c: &mut Criterion) {
+    let mut group = c.benchmark_group("pick");
+    for algorithm in AlgorithmKind::ALL {
+        for nodes in [3, 30, 300] {
+            let snapshot = snapshot(algorithm, nodes);
+            let cluster = &snapshot.clusters["c"];
+            let mut client = 0u32;
+            group.bench_with_input(BenchmarkId::new(algorithm.name(), nodes), &nodes, |b, _| {
+                b.iter(|| {
+                    client = client.wrapping_add(1);
+                    let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | (client & 0xff_ffff)));
+                    black_box(cluster.pick(black_box(ip)))
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+/// The least-load expression alone, over one node's figures.
+fn load_rating(c: &mut Criterion) {
+    let rating = LoadRating::compile("connections / weight + agent_load * 10").unwrap();
+    let figures = [4.0, 2.0, 0.5, 1500.0, 500.0, 1000.0, 80.0, 3.0];
+    c.bench_function("load_rating/eval", |b| b.iter(|| rating.eval(black_box(&figures))));
+}
+
+criterion_group!(benches, pick, load_rating);
+criterion_main!(benches);

@@ -32,31 +32,34 @@ struct WarmUp {
     tx_rate: f64,
 }
 
-fn figures(node: &Node, warm: WarmUp) -> [f64; 8] {
+/// The value of `var` for `node`.
+fn figure(node: &Node, var: Variable, warm: WarmUp) -> f64 {
     let f = &node.figures;
     let w = f64::from(node.weight);
-    let connection_rate = rate_per_weight(node, Rate::Connections, warm.connection_rate) * w;
-    let rx_rate = rate_per_weight(node, Rate::Rx, warm.rx_rate) * w;
-    let tx_rate = rate_per_weight(node, Rate::Tx, warm.tx_rate) * w;
-    let mut v = [0.0; 8];
-    for var in Variable::ALL {
-        v[var as usize] = match var {
-            Variable::Connections => f.active_connections() as f64,
-            Variable::Weight => w,
-            Variable::ConnectionRate => connection_rate,
-            Variable::TrafficRate => rx_rate + tx_rate,
-            Variable::RxRate => rx_rate,
-            Variable::TxRate => tx_rate,
-            Variable::TotalConnections => f.total_connections() as f64,
-            Variable::AgentLoad => f.agent_load(),
-        };
+    let rate = |r: Rate, mean: f64| rate_per_weight(node, r, mean) * w;
+    match var {
+        Variable::Connections => f.active_connections() as f64,
+        Variable::Weight => w,
+        Variable::ConnectionRate => rate(Rate::Connections, warm.connection_rate),
+        Variable::TrafficRate => rate(Rate::Rx, warm.rx_rate) + rate(Rate::Tx, warm.tx_rate),
+        Variable::RxRate => rate(Rate::Rx, warm.rx_rate),
+        Variable::TxRate => rate(Rate::Tx, warm.tx_rate),
+        Variable::TotalConnections => f.total_connections() as f64,
+        Variable::AgentLoad => f.agent_load(),
     }
-    v
 }
 
 impl Balancer for LeastLoad {
     fn pick(&self, _client: IpAddr, nodes: &[Node]) -> Option<usize> {
-        let warm = if nodes.iter().any(|n| n.is_eligible() && !n.figures.is_seeded()) {
+        let reads_rates = [
+            Variable::ConnectionRate,
+            Variable::TrafficRate,
+            Variable::RxRate,
+            Variable::TxRate,
+        ]
+        .into_iter()
+        .any(|v| self.rating.uses(v));
+        let warm = if reads_rates && nodes.iter().any(|n| n.is_eligible() && !n.figures.is_seeded()) {
             WarmUp {
                 connection_rate: seeded_mean(nodes, Rate::Connections),
                 rx_rate: seeded_mean(nodes, Rate::Rx),
@@ -66,7 +69,7 @@ impl Balancer for LeastLoad {
             WarmUp::default()
         };
         lowest(nodes, self.ties.next_start(nodes.len()), |n| {
-            self.rating.eval(&figures(n, warm))
+            self.rating.eval_with(&|var| figure(n, var, warm))
         })
     }
 }
@@ -140,14 +143,11 @@ mod tests {
         let ns = nodes(&[1, 1, 2]);
         ns[0].figures.set_rates(10.0, 0.0, 0.0);
         ns[1].figures.set_rates(20.0, 0.0, 0.0);
-        let f = figures(
-            &ns[2],
-            WarmUp {
-                connection_rate: 15.0,
-                ..WarmUp::default()
-            },
-        );
-        assert_eq!(f[Variable::ConnectionRate as usize], 30.0);
+        let warm = WarmUp {
+            connection_rate: 15.0,
+            ..WarmUp::default()
+        };
+        assert_eq!(figure(&ns[2], Variable::ConnectionRate, warm), 30.0);
         let ll = least_load("connection_rate / weight");
         // 10, 20, and 15 for the new node: it is not preferred over node 0.
         assert!((0..10).all(|_| ll.pick(ip(), &ns) == Some(0)));

@@ -1,7 +1,7 @@
 //! The `load_rating` expression of least-load: real-number arithmetic over a
-//! node's live figures, compiled once when the config loads into a postfix
-//! program that evaluates on a fixed-size stack — no allocation, no lookup by
-//! name, no dynamic values per evaluation.
+//! node's live figures, compiled once when the config loads into a typed tree
+//! that evaluates by recursion — no allocation, no lookup by name, no dynamic
+//! values per evaluation.
 //!
 //! Why not a crate: evalexpr (maintained) evaluates a tree of dynamically
 //! typed `Value`s and collects each operator's arguments into a fresh `Vec`,
@@ -90,8 +90,8 @@ enum Op {
     Max(u8),
 }
 
-/// Deepest evaluation stack an expression may need.
-const STACK: usize = 32;
+/// Tallest expression tree accepted (a chain `a + b + ...` is as tall as it is long).
+const MAX_HEIGHT: usize = 128;
 /// Deepest nesting of parentheses, functions and signs the parser accepts.
 const MAX_NESTING: usize = 64;
 /// Most arguments of `min` / `max`.
@@ -101,7 +101,63 @@ const MAX_ARGS: usize = 16;
 #[derive(Debug, Clone)]
 pub struct LoadRating {
     source: String,
-    program: Vec<Op>,
+    root: Tree,
+    /// Bit `v as usize` set when the expression reads variable `v`.
+    uses: u8,
+}
+
+/// The compiled form: a tree whose leaves are matched in place, so reading a
+/// figure or a constant costs no call.
+#[derive(Debug, Clone)]
+enum Tree {
+    Number(f64),
+    Load(Variable),
+    Unary(Op, Box<Tree>),
+    Binary(Op, Box<(Tree, Tree)>),
+    /// `Op::Min` or `Op::Max` over the arguments.
+    Fold(Op, Box<[Tree]>),
+}
+
+impl Tree {
+    /// Leaves are read in place; only inner nodes cost a call.
+    #[inline(always)]
+    fn operand(&self, figures: &impl Fn(Variable) -> f64) -> f64 {
+        match self {
+            Tree::Number(v) => *v,
+            Tree::Load(var) => figures(*var),
+            _ => self.eval(figures),
+        }
+    }
+
+    fn eval(&self, figures: &impl Fn(Variable) -> f64) -> f64 {
+        match self {
+            Tree::Number(v) => *v,
+            Tree::Load(var) => figures(*var),
+            Tree::Unary(op, x) => {
+                let x = x.operand(figures);
+                match op {
+                    Op::Neg => -x,
+                    Op::Abs => x.abs(),
+                    _ => x.sqrt(),
+                }
+            }
+            Tree::Binary(op, ab) => {
+                let (a, b) = (ab.0.operand(figures), ab.1.operand(figures));
+                match op {
+                    Op::Add => a + b,
+                    Op::Sub => a - b,
+                    Op::Mul => a * b,
+                    Op::Div => a / b,
+                    _ => a.powf(b),
+                }
+            }
+            Tree::Fold(Op::Min(_), args) => args.iter().map(|t| t.operand(figures)).fold(f64::INFINITY, f64::min),
+            Tree::Fold(_, args) => args
+                .iter()
+                .map(|t| t.operand(figures))
+                .fold(f64::NEG_INFINITY, f64::max),
+        }
+    }
 }
 
 impl PartialEq for LoadRating {
@@ -137,27 +193,52 @@ impl LoadRating {
         if let Some(t) = parser.tokens.get(parser.at) {
             return Err(t.error(format!("unexpected {}", t.kind)));
         }
-        let program = parser.program;
-        // The stack depth is fixed by the program; check it once here.
-        let mut depth = 0usize;
-        for op in &program {
-            depth = match op {
-                Op::Number(_) | Op::Load(_) => depth + 1,
-                Op::Add | Op::Sub | Op::Mul | Op::Div | Op::Pow => depth - 1,
-                Op::Neg | Op::Abs | Op::Sqrt => depth,
-                Op::Min(n) | Op::Max(n) => depth + 1 - usize::from(*n),
+        // The parser's postfix program, folded into a tree; each entry keeps
+        // its height, bounded so that evaluation's recursion is too.
+        let mut stack: Vec<(Tree, usize)> = Vec::new();
+        for op in &parser.program {
+            let (tree, height) = match *op {
+                Op::Number(v) => (Tree::Number(v), 1),
+                Op::Load(var) => (Tree::Load(var), 1),
+                Op::Neg | Op::Abs | Op::Sqrt => {
+                    let (x, h) = stack.pop().expect("the parser emits an operand first");
+                    (Tree::Unary(*op, Box::new(x)), h + 1)
+                }
+                Op::Add | Op::Sub | Op::Mul | Op::Div | Op::Pow => {
+                    let (b, hb) = stack.pop().expect("the parser emits two operands first");
+                    let (a, ha) = stack.pop().expect("the parser emits two operands first");
+                    (Tree::Binary(*op, Box::new((a, b))), ha.max(hb) + 1)
+                }
+                Op::Min(n) | Op::Max(n) => {
+                    let args = stack.split_off(stack.len() - usize::from(n));
+                    let height = args.iter().map(|(_, h)| *h).max().unwrap_or(0) + 1;
+                    (Tree::Fold(*op, args.into_iter().map(|(t, _)| t).collect()), height)
+                }
             };
-            if depth > STACK {
+            if height > MAX_HEIGHT {
                 return Err(LoadRatingError {
                     column: 1,
-                    message: format!("too deeply nested (more than {STACK} pending values)"),
+                    message: format!("too deeply nested (more than {MAX_HEIGHT} operations deep)"),
                 });
             }
+            stack.push((tree, height));
         }
+        let (root, _) = stack.pop().expect("the parser emits one expression");
+        let uses = parser.program.iter().fold(0u8, |mask, op| match op {
+            Op::Load(var) => mask | 1 << *var as usize,
+            _ => mask,
+        });
         Ok(LoadRating {
             source: source.to_string(),
-            program,
+            root,
+            uses,
         })
+    }
+
+    /// Whether the expression reads `var` (figures it does not read need not
+    /// be computed).
+    pub fn uses(&self, var: Variable) -> bool {
+        self.uses & (1 << var as usize) != 0
     }
 
     /// The expression as written.
@@ -167,46 +248,14 @@ impl LoadRating {
 
     /// Evaluates the expression over one node's figures. Allocates nothing.
     pub fn eval(&self, figures: &Figures) -> f64 {
-        let mut stack = [0.0f64; STACK];
-        let mut top = 0usize;
-        for op in &self.program {
-            match *op {
-                Op::Number(v) => {
-                    stack[top] = v;
-                    top += 1;
-                }
-                Op::Load(var) => {
-                    stack[top] = figures[var as usize];
-                    top += 1;
-                }
-                Op::Neg => stack[top - 1] = -stack[top - 1],
-                Op::Abs => stack[top - 1] = stack[top - 1].abs(),
-                Op::Sqrt => stack[top - 1] = stack[top - 1].sqrt(),
-                Op::Min(n) | Op::Max(n) => {
-                    let n = usize::from(n);
-                    let args = &stack[top - n..top];
-                    let v = if matches!(op, Op::Min(_)) {
-                        args.iter().copied().fold(f64::INFINITY, f64::min)
-                    } else {
-                        args.iter().copied().fold(f64::NEG_INFINITY, f64::max)
-                    };
-                    top -= n - 1;
-                    stack[top - 1] = v;
-                }
-                Op::Add | Op::Sub | Op::Mul | Op::Div | Op::Pow => {
-                    top -= 1;
-                    let (a, b) = (stack[top - 1], stack[top]);
-                    stack[top - 1] = match op {
-                        Op::Add => a + b,
-                        Op::Sub => a - b,
-                        Op::Mul => a * b,
-                        Op::Div => a / b,
-                        _ => a.powf(b),
-                    };
-                }
-            }
-        }
-        stack[0]
+        self.eval_with(&|var| figures[var as usize])
+    }
+
+    /// Evaluates the expression, asking `figure` for each variable as it is
+    /// read (so figures the expression does not read are never computed).
+    /// Allocates nothing.
+    pub fn eval_with(&self, figure: &impl Fn(Variable) -> f64) -> f64 {
+        self.root.eval(figure)
     }
 }
 
@@ -490,6 +539,9 @@ mod tests {
         assert_eq!(eval("max(connections, agent_load, 7) + min(weight, 1)"), 31.0);
         assert_eq!(eval("abs(-3) + sqrt(16)"), 7.0);
         assert!(eval("connections / 0").is_infinite());
+        let r = LoadRating::compile("agent_load * 2 + connections").unwrap();
+        let used: Vec<_> = Variable::ALL.into_iter().filter(|&v| r.uses(v)).collect();
+        assert_eq!(used, [Variable::Connections, Variable::AgentLoad]);
     }
 
     #[test]
@@ -512,7 +564,9 @@ mod tests {
         assert_eq!(err("").column, 1);
         assert_eq!(err("1..2").column, 1);
         let deep = format!("{}1{}", "(1 + ".repeat(40), ")".repeat(40));
-        assert!(err(&deep).message.contains("too deeply nested"));
+        assert_eq!(LoadRating::compile(&deep).unwrap().eval(&figures()), 41.0);
+        let long = vec!["1"; 200].join(" + ");
+        assert!(err(&long).message.contains("too deeply nested"));
         let very_deep = format!("{}1{}", "(".repeat(100_000), ")".repeat(100_000));
         assert!(err(&very_deep).message.contains("too deeply nested"));
         assert!(err(&"-".repeat(100_000)).message.contains("too deeply nested"));
