@@ -112,10 +112,16 @@ pub struct LoadRating {
 enum Tree {
     Number(f64),
     Load(Variable),
-    Unary(Op, Box<Tree>),
-    Binary(Op, Box<(Tree, Tree)>),
-    /// `Op::Min` or `Op::Max` over the arguments.
-    Fold(Op, Box<[Tree]>),
+    Neg(Box<Tree>),
+    Abs(Box<Tree>),
+    Sqrt(Box<Tree>),
+    Add(Box<(Tree, Tree)>),
+    Sub(Box<(Tree, Tree)>),
+    Mul(Box<(Tree, Tree)>),
+    Div(Box<(Tree, Tree)>),
+    Pow(Box<(Tree, Tree)>),
+    Min(Box<[Tree]>),
+    Max(Box<[Tree]>),
 }
 
 impl Tree {
@@ -133,26 +139,16 @@ impl Tree {
         match self {
             Tree::Number(v) => *v,
             Tree::Load(var) => figures(*var),
-            Tree::Unary(op, x) => {
-                let x = x.operand(figures);
-                match op {
-                    Op::Neg => -x,
-                    Op::Abs => x.abs(),
-                    _ => x.sqrt(),
-                }
-            }
-            Tree::Binary(op, ab) => {
-                let (a, b) = (ab.0.operand(figures), ab.1.operand(figures));
-                match op {
-                    Op::Add => a + b,
-                    Op::Sub => a - b,
-                    Op::Mul => a * b,
-                    Op::Div => a / b,
-                    _ => a.powf(b),
-                }
-            }
-            Tree::Fold(Op::Min(_), args) => args.iter().map(|t| t.operand(figures)).fold(f64::INFINITY, f64::min),
-            Tree::Fold(_, args) => args
+            Tree::Neg(x) => -x.operand(figures),
+            Tree::Abs(x) => x.operand(figures).abs(),
+            Tree::Sqrt(x) => x.operand(figures).sqrt(),
+            Tree::Add(ab) => ab.0.operand(figures) + ab.1.operand(figures),
+            Tree::Sub(ab) => ab.0.operand(figures) - ab.1.operand(figures),
+            Tree::Mul(ab) => ab.0.operand(figures) * ab.1.operand(figures),
+            Tree::Div(ab) => ab.0.operand(figures) / ab.1.operand(figures),
+            Tree::Pow(ab) => ab.0.operand(figures).powf(ab.1.operand(figures)),
+            Tree::Min(args) => args.iter().map(|t| t.operand(figures)).fold(f64::INFINITY, f64::min),
+            Tree::Max(args) => args
                 .iter()
                 .map(|t| t.operand(figures))
                 .fold(f64::NEG_INFINITY, f64::max),
@@ -202,17 +198,39 @@ impl LoadRating {
                 Op::Load(var) => (Tree::Load(var), 1),
                 Op::Neg | Op::Abs | Op::Sqrt => {
                     let (x, h) = stack.pop().expect("the parser emits an operand first");
-                    (Tree::Unary(*op, Box::new(x)), h + 1)
+                    let x = Box::new(x);
+                    let tree = match op {
+                        Op::Neg => Tree::Neg(x),
+                        Op::Abs => Tree::Abs(x),
+                        _ => Tree::Sqrt(x),
+                    };
+                    (tree, h + 1)
                 }
                 Op::Add | Op::Sub | Op::Mul | Op::Div | Op::Pow => {
                     let (b, hb) = stack.pop().expect("the parser emits two operands first");
                     let (a, ha) = stack.pop().expect("the parser emits two operands first");
-                    (Tree::Binary(*op, Box::new((a, b))), ha.max(hb) + 1)
+                    let ab = Box::new((a, b));
+                    let tree = match op {
+                        Op::Add => Tree::Add(ab),
+                        Op::Sub => Tree::Sub(ab),
+                        Op::Mul => Tree::Mul(ab),
+                        Op::Div => Tree::Div(ab),
+                        _ => Tree::Pow(ab),
+                    };
+                    (tree, ha.max(hb) + 1)
                 }
                 Op::Min(n) | Op::Max(n) => {
                     let args = stack.split_off(stack.len() - usize::from(n));
                     let height = args.iter().map(|(_, h)| *h).max().unwrap_or(0) + 1;
-                    (Tree::Fold(*op, args.into_iter().map(|(t, _)| t).collect()), height)
+                    let args = args.into_iter().map(|(t, _)| t).collect();
+                    (
+                        if matches!(op, Op::Min(_)) {
+                            Tree::Min(args)
+                        } else {
+                            Tree::Max(args)
+                        },
+                        height,
+                    )
                 }
             };
             if height > MAX_HEIGHT {
