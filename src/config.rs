@@ -38,6 +38,9 @@ pub const MAX_WEIGHT: u32 = 10_000;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub state_dir: PathBuf,
+    /// Open client connections at most, all services together (`None`: only
+    /// the descriptor limit bounds them).
+    pub max_connections: Option<u64>,
     /// Worker threads; 0 means one per CPU.
     pub threads: usize,
     pub shutdown_grace: Duration,
@@ -50,6 +53,8 @@ pub struct Config {
 /// How bytes are moved between client and node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ForwardMode {
+    /// Copy for small chunks, splice for bulk (Linux); elsewhere the same as `Copy`.
+    Auto,
     /// splice(2) through a pipe, in the kernel (Linux); elsewhere the same as `Copy`.
     Splice,
     /// A portable read/write loop through a user-space buffer.
@@ -67,6 +72,40 @@ pub struct ServiceConfig {
     pub name: String,
     pub listen: Vec<ListenSpec>,
     pub cluster: String,
+    pub limits: ServiceLimits,
+}
+
+/// What a service lets in: connection limits, an idle timeout, and which
+/// client addresses may connect.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceLimits {
+    /// Open connections at most (`None`: no limit of its own).
+    pub max_connections: Option<u64>,
+    /// Open connections from one client IP at most.
+    pub max_connections_per_client: Option<u32>,
+    /// A connection with no byte either way for this long is closed.
+    pub idle_timeout: Option<Duration>,
+    /// When not empty, only clients inside one of these networks may connect.
+    pub allow: Vec<ipnet::IpNet>,
+    /// Clients inside one of these networks are refused (deny wins over allow).
+    pub deny: Vec<ipnet::IpNet>,
+}
+
+impl ServiceLimits {
+    /// Whether the access lists let `client` in.
+    pub fn admits(&self, client: IpAddr) -> bool {
+        let client = canonical(client);
+        (self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&client)))
+            && !self.deny.iter().any(|n| n.contains(&client))
+    }
+}
+
+/// An IPv4 client seen on a dual-stack listener (`::ffff:a.b.c.d`) is an IPv4 client.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
 }
 
 /// One `listen` entry: an address and a port or an inclusive port range.
@@ -371,6 +410,7 @@ pub fn parse_node_address(s: &str) -> Result<NodeAddress, String> {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     state_dir: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
     threads: Option<Spanned<i64>>,
     shutdown_grace: Option<Spanned<String>>,
     forwarding: Option<Spanned<String>>,
@@ -406,6 +446,13 @@ struct RawService {
     name: Spanned<String>,
     listen: Spanned<Vec<Spanned<String>>>,
     cluster: Spanned<String>,
+    max_connections: Option<Spanned<i64>>,
+    max_connections_per_client: Option<Spanned<i64>>,
+    idle_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    deny: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -487,13 +534,19 @@ impl RawConfig {
             Some(d) => ctx.duration(top, "shutdown_grace", d)?,
         };
         let forwarding = match &self.forwarding {
-            None => ForwardMode::Splice,
+            None => ForwardMode::Auto,
             Some(f) => match f.get_ref().as_str() {
+                "auto" => ForwardMode::Auto,
                 "splice" => ForwardMode::Splice,
                 "copy" => ForwardMode::Copy,
-                _ => return Err(ctx.bad(top, "forwarding", f, "expected \"splice\" or \"copy\"")),
+                _ => return Err(ctx.bad(top, "forwarding", f, "expected \"auto\", \"splice\" or \"copy\"")),
             },
         };
+        let max_connections = self
+            .max_connections
+            .as_ref()
+            .map(|m| positive(ctx, top, "max_connections", m))
+            .transpose()?;
         let admin = validate_admin(ctx, self.admin)?;
         let defaults = self.defaults.unwrap_or_default();
 
@@ -508,7 +561,7 @@ impl RawConfig {
 
         let mut services = Vec::new();
         let mut service_names = HashSet::new();
-        let mut all_listen: Vec<(ListenSpec, &str, Range<usize>)> = Vec::new();
+        let mut all_listen: Vec<(ListenSpec, &str)> = Vec::new();
         for raw in &self.service {
             let name = raw.name.get_ref();
             let what = format!("service \"{name}\": ");
@@ -525,26 +578,28 @@ impl RawConfig {
             let mut listen = Vec::new();
             for entry in raw.listen.get_ref() {
                 let spec = parse_listen(entry.get_ref()).map_err(|why| ctx.bad(&what, "listen", entry, why))?;
-                if let Some((_, other, _)) = all_listen.iter().find(|(l, _, _)| l.overlaps(&spec)) {
+                if let Some((other_spec, other)) = all_listen.iter().find(|(l, _)| l.overlaps(&spec)) {
                     let owner = if *other == name.as_str() {
-                        "another entry of this service".to_string()
+                        "this service".to_string()
                     } else {
                         format!("service \"{other}\"")
                     };
-                    return Err(ctx.bad(&what, "listen", entry, format!("overlaps an address of {owner}")));
+                    return Err(ctx.bad(&what, "listen", entry, format!("overlaps {other_spec} of {owner}")));
                 }
-                all_listen.push((spec, name, entry.span()));
+                all_listen.push((spec, name));
                 listen.push(spec);
             }
             services.push(ServiceConfig {
                 name: name.clone(),
                 listen,
                 cluster: raw.cluster.get_ref().clone(),
+                limits: validate_limits(ctx, &what, raw)?,
             });
         }
 
         Ok(Config {
             state_dir,
+            max_connections,
             threads,
             shutdown_grace,
             forwarding,
@@ -553,6 +608,65 @@ impl RawConfig {
             clusters,
         })
     }
+}
+
+/// A count that must be at least 1.
+fn positive(ctx: &Ctx<'_>, what: &str, key: &str, value: &Spanned<i64>) -> Result<u64, ConfigError> {
+    u64::try_from(*value.get_ref())
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| ctx.bad(what, key, value, "must be 1 or more (leave it out for no limit)"))
+}
+
+fn validate_limits(ctx: &Ctx<'_>, what: &str, raw: &RawService) -> Result<ServiceLimits, ConfigError> {
+    let networks = |key: &str, list: &[Spanned<String>]| -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        list.iter()
+            .map(|entry| {
+                let text = entry.get_ref();
+                text.parse::<ipnet::IpNet>()
+                    .or_else(|_| text.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map(|net| net.trunc())
+                    .map_err(|_| {
+                        ctx.bad(
+                            what,
+                            key,
+                            entry,
+                            "expected an address or a network, e.g. 10.0.0.0/8 or ::1",
+                        )
+                    })
+            })
+            .collect()
+    };
+    let per_client = raw
+        .max_connections_per_client
+        .as_ref()
+        .map(|m| {
+            positive(ctx, what, "max_connections_per_client", m)?
+                .try_into()
+                .map_err(|_| ctx.bad(what, "max_connections_per_client", m, "too large"))
+        })
+        .transpose()?;
+    let idle_timeout = match &raw.idle_timeout {
+        None => None,
+        Some(d) => {
+            let idle = ctx.duration(what, "idle_timeout", d)?;
+            if idle.is_zero() {
+                return Err(ctx.bad(what, "idle_timeout", d, "must be above zero (leave it out for none)"));
+            }
+            Some(idle)
+        }
+    };
+    Ok(ServiceLimits {
+        max_connections: raw
+            .max_connections
+            .as_ref()
+            .map(|m| positive(ctx, what, "max_connections", m))
+            .transpose()?,
+        max_connections_per_client: per_client,
+        idle_timeout,
+        allow: networks("allow", &raw.allow)?,
+        deny: networks("deny", &raw.deny)?,
+    })
 }
 
 fn check_name(ctx: &Ctx<'_>, what: &str, name: &Spanned<String>) -> Result<(), ConfigError> {

@@ -47,6 +47,7 @@ impl Server {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
             cut_all: CancellationToken::new(),
             connections: TaskTracker::new(),
+            open_clients: Default::default(),
         });
         let mut bound = Vec::new();
         for service in &config.services {

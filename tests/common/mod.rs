@@ -1,0 +1,111 @@
+//! Helpers shared by the integration tests: a balancer started from the
+//! library on ephemeral loopback ports, and small real backends.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use protobalance::config::Config;
+use protobalance::server::Server;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Generous bound for anything a test waits on: the suite runs on a loaded
+/// 2-core machine, and a hang must fail the test rather than block it.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Awaits `f`, failing the test if it takes longer than [`PATIENCE`].
+pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// Parses config text written by a test.
+pub fn config(text: &str) -> Config {
+    Config::parse(text, "test config").unwrap_or_else(|e| panic!("test config refused: {e}\n{text}"))
+}
+
+/// One service `svc` on an ephemeral port, one cluster `pool` with `nodes`
+/// (name, address, weight), and `extra` lines appended to the cluster table.
+pub fn one_service(nodes: &[(&str, SocketAddr, u32)], extra: &str) -> Config {
+    let mut text = String::from(
+        "state_dir = \"\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[service]]\nname = \"svc\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"pool\"\n\
+         [[cluster]]\nname = \"pool\"\n",
+    );
+    text.push_str(extra);
+    text.push('\n');
+    for (name, addr, weight) in nodes {
+        text.push_str(&format!(
+            "[[cluster.node]]\nname = \"{name}\"\naddress = \"{addr}\"\nweight = {weight}\n"
+        ));
+    }
+    config(&text)
+}
+
+/// Starts a balancer for `config`; returns it and the address of service `svc`.
+pub async fn start(config: &Config) -> (Server, SocketAddr) {
+    let server = Server::start(config).await.expect("balancer starts");
+    let addr = server.addr_of("svc").expect("service svc listens");
+    (server, addr)
+}
+
+/// A backend that sends its name to every client, then closes.
+pub async fn name_backend(name: &'static str) -> SocketAddr {
+    serve(move |mut s| async move {
+        let _ = s.write_all(name.as_bytes()).await;
+        let _ = s.shutdown().await;
+    })
+    .await
+}
+
+/// A backend that echoes everything back and half-closes after the client does.
+pub async fn echo_backend() -> SocketAddr {
+    serve(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
+}
+
+/// A backend on a free loopback port running `handler` for every connection.
+pub async fn serve<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(handler(stream));
+        }
+    });
+    addr
+}
+
+/// Connects, reads everything until EOF, returns it as text.
+pub async fn read_all(addr: SocketAddr) -> String {
+    within("read_all", async {
+        let mut s = TcpStream::connect(addr).await.expect("connect to the balancer");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read until EOF");
+        out
+    })
+    .await
+}
+
+/// An address on which nothing listens (bound, then released).
+pub fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// `n` random bytes.
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rand::fill(&mut v[..]);
+    v
+}
