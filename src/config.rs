@@ -248,9 +248,20 @@ pub struct ConfigError {
 }
 
 impl Config {
-    /// Parses and validates `text`; `source_name` labels messages (usually the path).
+    /// Parses and validates `text`; `source_name` labels messages (usually the
+    /// path). Node host names are resolved with the system resolver.
     pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
-        let ctx = Ctx { text, source_name };
+        Config::parse_with(text, source_name, system_resolver)
+    }
+
+    /// As [`Config::parse`], with `resolve` turning host names into addresses
+    /// (tests and fuzzing use one that asks no DNS server).
+    pub fn parse_with(text: &str, source_name: &str, resolve: Resolver) -> Result<Config, ConfigError> {
+        let ctx = Ctx {
+            text,
+            source_name,
+            resolve,
+        };
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| ctx.error(e.span(), e.message().trim_end().to_string()))?;
         raw.validate(&ctx)
@@ -368,9 +379,22 @@ pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
     })
 }
 
+/// Turns a host name and port into an address, or `None` when the name does not resolve.
+pub type Resolver = fn(&str, u16) -> Option<SocketAddr>;
+
+/// The system's resolver (`/etc/hosts`, then DNS): the first address.
+pub fn system_resolver(host: &str, port: u16) -> Option<SocketAddr> {
+    (host, port).to_socket_addrs().ok().and_then(|mut it| it.next())
+}
+
+/// A resolver that knows only `localhost` and sends nothing on the network.
+pub fn offline_resolver(host: &str, port: u16) -> Option<SocketAddr> {
+    (host == "localhost").then(|| SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
 /// Parses a node address: `IP:PORT`, `[IPv6]:PORT`, `HOST:PORT`, or the same
 /// without a port. Host names are resolved now, to their first address.
-pub fn parse_node_address(s: &str) -> Result<NodeAddress, String> {
+pub fn parse_node_address(s: &str, resolver: Resolver) -> Result<NodeAddress, String> {
     if let Ok(addr) = s.parse::<SocketAddr>() {
         return Ok(NodeAddress::Socket(addr));
     }
@@ -385,11 +409,7 @@ pub fn parse_node_address(s: &str) -> Result<NodeAddress, String> {
                 .all(|label| !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
     };
     let resolve = |host: &str, port: u16| -> Result<SocketAddr, String> {
-        (host, port)
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut it| it.next())
-            .ok_or_else(|| format!("host \"{host}\" does not resolve"))
+        resolver(host, port).ok_or_else(|| format!("host \"{host}\" does not resolve"))
     };
     match s.rsplit_once(':') {
         Some((host, port)) if valid_host(host) => {
@@ -485,6 +505,7 @@ struct RawNode {
 struct Ctx<'a> {
     text: &'a str,
     source_name: &'a str,
+    resolve: Resolver,
 }
 
 impl Ctx<'_> {
@@ -809,8 +830,8 @@ fn validate_cluster(ctx: &Ctx<'_>, raw: &RawCluster, defaults: &RawDefaults) -> 
             return Err(ctx.bad(&what, "node name", &n.name, "duplicate node name in this cluster"));
         }
         let nwhat = format!("cluster \"{name}\" node \"{node_name}\": ");
-        let address =
-            parse_node_address(n.address.get_ref()).map_err(|why| ctx.bad(&nwhat, "address", &n.address, why))?;
+        let address = parse_node_address(n.address.get_ref(), ctx.resolve)
+            .map_err(|why| ctx.bad(&nwhat, "address", &n.address, why))?;
         let weight = match &n.weight {
             None => 1,
             Some(w) => u32::try_from(*w.get_ref())
@@ -825,7 +846,7 @@ fn validate_cluster(ctx: &Ctx<'_>, raw: &RawCluster, defaults: &RawDefaults) -> 
         };
         let agent = match &n.agent {
             None => None,
-            Some(a) => match parse_node_address(a.get_ref()) {
+            Some(a) => match parse_node_address(a.get_ref(), ctx.resolve) {
                 Ok(NodeAddress::Socket(addr)) => Some(addr),
                 Ok(NodeAddress::SamePort(_)) => return Err(ctx.bad(&nwhat, "agent", a, "needs a port: HOST:PORT")),
                 Err(why) => return Err(ctx.bad(&nwhat, "agent", a, why)),
@@ -921,20 +942,22 @@ mod tests {
     #[test]
     fn node_addresses() {
         assert_eq!(
-            parse_node_address("10.0.0.1:80"),
+            parse_node_address("10.0.0.1:80", offline_resolver),
             Ok(NodeAddress::Socket("10.0.0.1:80".parse().unwrap()))
         );
         assert_eq!(
-            parse_node_address("10.0.0.1"),
+            parse_node_address("10.0.0.1", offline_resolver),
             Ok(NodeAddress::SamePort("10.0.0.1".parse().unwrap()))
         );
         assert_eq!(
-            parse_node_address("[::1]"),
+            parse_node_address("[::1]", offline_resolver),
             Ok(NodeAddress::SamePort("::1".parse().unwrap()))
         );
-        assert!(matches!(parse_node_address("localhost:80"), Ok(NodeAddress::Socket(a)) if a.port() == 80));
-        assert!(parse_node_address("bad host:80").is_err());
-        assert!(parse_node_address("10.0.0.1:99999").is_err());
+        assert!(
+            matches!(parse_node_address("localhost:80", offline_resolver), Ok(NodeAddress::Socket(a)) if a.port() == 80)
+        );
+        assert!(parse_node_address("bad host:80", offline_resolver).is_err());
+        assert!(parse_node_address("10.0.0.1:99999", offline_resolver).is_err());
     }
 
     fn cluster_with(algorithm: &str, extra: &str, node_extra: &str) -> Result<Config, ConfigError> {

@@ -179,15 +179,18 @@ pub enum Refusal {
     MaxConnectionsPerClient,
     /// The service's `allow`/`deny` lists refuse its address.
     Denied,
+    /// The balancer itself was out of descriptors or memory for the node side.
+    Exhausted,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 5] = [
+    pub const ALL: [Refusal; 6] = [
         Refusal::NoNode,
         Refusal::MaxConnections,
         Refusal::GlobalMaxConnections,
         Refusal::MaxConnectionsPerClient,
         Refusal::Denied,
+        Refusal::Exhausted,
     ];
 
     /// The `reason` label of `protobalance_service_refused_total`.
@@ -198,6 +201,7 @@ impl Refusal {
             Refusal::GlobalMaxConnections => "global_max_connections",
             Refusal::MaxConnectionsPerClient => "max_connections_per_client",
             Refusal::Denied => "denied",
+            Refusal::Exhausted => "exhausted",
         }
     }
 }

@@ -50,12 +50,16 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// Pause after a failed accept (out of descriptors, usually).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Accepts clients of `service` on `listener` until `stop` is cancelled.
 pub async fn accept_loop(listener: TcpListener, service: Arc<str>, plane: Arc<DataPlane>, stop: CancellationToken) {
     let local = listener.local_addr().ok();
     // Each listener has one port: the port clients reached us on, which a node
     // address without a port forwards to.
     let local_port = local.map_or(0, |a| a.port());
+    let (mut failures, mut last_failure_log) = (0u64, None);
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -81,8 +85,15 @@ pub async fn accept_loop(listener: TcpListener, service: Arc<str>, plane: Arc<Da
             Err(e) => {
                 // EMFILE/ENFILE and friends: back off instead of spinning; the
                 // pending client stays in the backlog until descriptors free up.
-                warn!(service = %service, "accept failed: {e}; retrying in 100 ms");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                failures += 1;
+                if last_failure_log.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
+                    warn!(service = %service, "accept failed: {e}; backing off 100 ms between tries ({failures} failure(s) so far)");
+                    last_failure_log = Some(Instant::now());
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                }
             }
         }
     }
@@ -166,6 +177,16 @@ async fn serve_client(
                 connected = Some((i, stream));
                 break;
             }
+            Err(e) if is_exhaustion(&e) => {
+                // Our fault, not the node's: no other node would do better.
+                admitted.service.count_refused(Refusal::Exhausted);
+                admission::log_refusal(&admitted.service, service, peer.ip(), Refusal::Exhausted);
+                debug!(
+                    service,
+                    "no descriptor or memory for a node connection: {e}; closing {peer}"
+                );
+                return;
+            }
             Err(e) => {
                 node.figures.count_connect_failure();
                 warn!(service, cluster = %cluster.name, node = %node.name, "connect to {target} failed: {e}; trying the next node");
@@ -212,6 +233,15 @@ async fn serve_client(
         started.elapsed().as_millis(),
         ending(&result),
     );
+}
+
+/// Whether an error means the balancer ran out of descriptors or memory.
+fn is_exhaustion(e: &io::Error) -> bool {
+    #[cfg(unix)]
+    if let Some(code) = e.raw_os_error() {
+        return [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM].contains(&code);
+    }
+    e.kind() == io::ErrorKind::OutOfMemory
 }
 
 /// Connects to a node within `timeout`, with TCP_NODELAY set.

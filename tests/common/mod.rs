@@ -2,13 +2,19 @@
 //! library on ephemeral loopback ports, and small real backends.
 #![allow(dead_code)] // each test binary uses its own subset
 
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use protobalance::config::Config;
 use protobalance::server::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+/// The balancer binary.
+pub const BIN: &str = env!("CARGO_BIN_EXE_protobalance");
 
 /// Generous bound for anything a test waits on: the suite runs on a loaded
 /// 2-core machine, and a hang must fail the test rather than block it.
@@ -108,4 +114,93 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
     let mut v = vec![0u8; n];
     rand::fill(&mut v[..]);
     v
+}
+
+/// A child process whose stderr lines arrive on a channel; killed on drop.
+pub struct Running {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Running {
+    /// Runs the balancer binary with `args`.
+    pub fn spawn(args: &[&str]) -> Running {
+        let mut command = Command::new(BIN);
+        command.args(args);
+        Running::start(command)
+    }
+
+    /// Runs `command` (its output is captured here).
+    pub fn start(mut command: Command) -> Running {
+        let mut child = command
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Running { child, lines }
+    }
+
+    /// Waits for an output line containing `needle` and returns it.
+    pub fn wait_for(&self, needle: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(PATIENCE) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no output line containing {needle:?}"),
+            }
+        }
+    }
+
+    /// Whether an output line seen so far, or arriving within a second, contains `needle`.
+    pub fn saw(&self, needle: &str) -> bool {
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(1)) {
+            if line.contains(needle) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The address in the first `listening on ADDR` log line.
+    pub fn listen_addr(&self) -> SocketAddr {
+        let line = self.wait_for("listening on ");
+        let rest = line.split("listening on ").nth(1).unwrap();
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the pid of our own child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "the process did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
