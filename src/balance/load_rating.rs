@@ -589,4 +589,23 @@ mod tests {
         assert!(err(&very_deep).message.contains("too deeply nested"));
         assert!(err(&"-".repeat(100_000)).message.contains("too deeply nested"));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+
+        /// Any text compiles or is refused with a column inside it (or just
+        /// past it); what compiles evaluates without panicking.
+        #[test]
+        fn any_text_compiles_or_is_refused_without_panic(
+            text in "[-+*/^(),. 0-9a-z_eE]{0,40}|\\PC{0,20}",
+            values in proptest::array::uniform8(-1e6f64..1e6),
+        ) {
+            match LoadRating::compile(&text) {
+                Ok(rating) => {
+                    let _ = rating.eval(&values);
+                }
+                Err(e) => proptest::prop_assert!(e.column >= 1 && e.column <= text.chars().count() + 1, "{e}"),
+            }
+        }
+    }
 }
