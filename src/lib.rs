@@ -13,4 +13,5 @@ pub mod demo;
 pub mod health;
 pub mod model;
 pub mod proxy;
+pub mod rates;
 pub mod server;

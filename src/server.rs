@@ -84,6 +84,8 @@ impl Server {
                 bound.push((Arc::<str>::from(service.name.as_str()), listener));
             }
         }
+        tokio::spawn(crate::rates::sample_forever(Arc::downgrade(&plane)));
+        tokio::spawn(crate::health::agent::poll_forever(Arc::downgrade(&plane)));
         let accept_loops = TaskTracker::new();
         let mut listeners = Vec::with_capacity(bound.len());
         for (service, listener) in bound {

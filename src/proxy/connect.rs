@@ -34,6 +34,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::Candidates;
 use crate::health::probe;
@@ -57,6 +58,9 @@ pub enum Outcome {
     Exhausted(io::Error),
     /// The client failed or went away while we were connecting.
     ClientGone(io::Error),
+    /// No byte moved either way for the service's idle timeout while the node
+    /// was on probation.
+    Idle,
 }
 
 /// The client's first bytes, kept until a node takes the client.
@@ -79,6 +83,8 @@ enum Fault {
     Node(io::Error),
     /// The node turned red: it takes the client no more, but is not unavailable.
     Red,
+    /// Neither side sent a byte for the idle timeout: not the node's fault.
+    Idle,
     Client(io::Error),
 }
 
@@ -92,7 +98,14 @@ enum ClientEvent {
 
 /// Connects `client` (who reached us on `local_port`) to the first candidate,
 /// starting with `first`, that takes it. Failed nodes are marked unavailable.
-pub async fn connect_client(client: &TcpStream, cluster: &Cluster, first: Option<usize>, local_port: u16) -> Outcome {
+/// `idle`: the service's idle timeout, which applies on probation too.
+pub async fn connect_client(
+    client: &TcpStream,
+    cluster: &Cluster,
+    first: Option<usize>,
+    local_port: u16,
+    idle: Option<Duration>,
+) -> Outcome {
     let mut held = FirstBytes::default();
     for i in Candidates::new(&cluster.nodes, first) {
         let node = &cluster.nodes[i];
@@ -106,7 +119,7 @@ pub async fn connect_client(client: &TcpStream, cluster: &Cluster, first: Option
                 continue;
             }
         };
-        match probation(client, &stream, &node.figures, &mut held).await {
+        match probation(client, &stream, &node.figures, &mut held, idle).await {
             Ok(()) => {
                 return Outcome::Connected {
                     node: i,
@@ -123,6 +136,7 @@ pub async fn connect_client(client: &TcpStream, cluster: &Cluster, first: Option
                 );
             }
             Err(Fault::Red) => {}
+            Err(Fault::Idle) => return Outcome::Idle,
             Err(Fault::Client(e)) => return Outcome::ClientGone(e),
         }
     }
@@ -145,6 +159,7 @@ async fn probation(
     node: &TcpStream,
     figures: &NodeFigures,
     held: &mut FirstBytes,
+    idle: Option<Duration>,
 ) -> Result<(), Fault> {
     if !held.buf.is_empty() {
         ensure_open(node).map_err(Fault::Node)?;
@@ -154,7 +169,14 @@ async fn probation(
         half_close(node).map_err(Fault::Node)?;
     }
     let mut peeked = [0u8; 1];
+    let mut idle_deadline = idle.map(|d| Instant::now() + d);
     loop {
+        let idle_over = async {
+            match idle_deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             // The client first: a half-close that already arrived must be seen
             // before the node's close is judged.
@@ -162,6 +184,7 @@ async fn probation(
             event = client_event(client, held), if !held.client_done => {
                 match event.map_err(Fault::Client)? {
                     ClientEvent::Read(n) => {
+                        idle_deadline = idle.map(|d| Instant::now() + d);
                         let start = held.buf.len() - n;
                         ensure_open(node).map_err(Fault::Node)?;
                         write_all(node, &held.buf[start..]).await.map_err(Fault::Node)?;
@@ -183,6 +206,7 @@ async fn probation(
                 };
             }
             _ = figures.red() => return Err(Fault::Red),
+            _ = idle_over => return Err(Fault::Idle),
         }
     }
 }

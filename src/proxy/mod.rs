@@ -177,7 +177,7 @@ async fn serve_client(
     // Boxed: the connect phase's state (probation, timers) is large and short-lived;
     // inline, every open connection's task would keep room for it.
     let outcome = tokio::select! {
-        outcome = Box::pin(connect::connect_client(&client, cluster, first, local_port)) => outcome,
+        outcome = Box::pin(connect::connect_client(&client, cluster, first, local_port, admitted.idle_timeout)) => outcome,
         _ = plane.cut_all.cancelled() => return,
     };
     let (i, upstream, forwarded) = match outcome {
@@ -199,6 +199,10 @@ async fn serve_client(
                 service,
                 "no descriptor or memory for a node connection: {e}; closing {peer}"
             );
+            return;
+        }
+        connect::Outcome::Idle => {
+            debug!(service, cluster = %cluster.name, "client {peer}: idle timeout before the node answered; closing");
             return;
         }
         connect::Outcome::ClientGone(e) => {
