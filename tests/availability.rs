@@ -635,6 +635,58 @@ async fn a_node_that_turns_red_before_answering_hands_the_client_to_the_next() {
     server.shutdown(Duration::from_secs(5)).await;
 }
 
+#[tokio::test]
+async fn ip_hash_sends_the_clients_of_a_yellow_or_dead_node_to_its_fall_over_node_first() {
+    let a = Backend::start("a", Behaviour::Echo).await;
+    let b = Backend::start("b", Behaviour::Echo).await;
+    let c = Backend::start("c", Behaviour::Echo).await;
+    let sources: Vec<IpAddr> = (1..=60).map(|i| ip(0, 1, i)).collect();
+    let hashed = |fallover: bool| {
+        let a = node("a", a.addr);
+        let a = if fallover { a.fallover("c") } else { a };
+        config(
+            no_state(),
+            1,
+            "algorithm = \"ip-hash\"",
+            &[a, node("b", b.addr), node("c", c.addr)],
+        )
+    };
+    // Where the hash alone sends a's clients once a is out: the runner-up.
+    let (plain, plain_addr) = start(&hashed(false)).await;
+    let mut home_a = Vec::new();
+    for &src in &sources {
+        if who_from(src, plain_addr).await == "a" {
+            home_a.push(src);
+        }
+    }
+    plain.set_node_state("c", "a", NodeState::Yellow).unwrap();
+    let mut runner_up_b = Vec::new();
+    for &src in &home_a {
+        if who_from(src, plain_addr).await == "b" {
+            runner_up_b.push(src);
+        }
+    }
+    plain.shutdown(Duration::from_secs(5)).await;
+    assert!(
+        !runner_up_b.is_empty(),
+        "some of a's clients would go to b by hash alone"
+    );
+
+    // With a.fallover = c, those clients go to c: a's chain comes first.
+    let (server, addr) = start(&hashed(true)).await;
+    server.set_node_state("c", "a", NodeState::Yellow).unwrap();
+    for &src in &runner_up_b {
+        assert_eq!(who_from(src, addr).await, "c", "yellow a's client {src}");
+    }
+    server.set_node_state("c", "a", NodeState::Green).unwrap();
+    a.kill().await;
+    for &src in &runner_up_b {
+        assert_eq!(who_from(src, addr).await, "c", "dead a's client {src}");
+    }
+    assert!(!figures(&server, "a").is_available());
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
 // ---------------------------------------------------------------------------
 // Affinity
 

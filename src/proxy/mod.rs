@@ -173,7 +173,11 @@ async fn serve_client(
     let cluster = &admitted.cluster;
 
     let pinned = pinned_node(&plane.affinity, cluster, peer);
-    let first = pinned.or_else(|| cluster.pick(peer.ip()));
+    // A client's home node (ip-hash), even when it cannot take the client, so
+    // that its fall-over chain comes first; else the algorithm's pick.
+    let first = pinned
+        .or_else(|| cluster.balancer.home(peer.ip(), &cluster.nodes))
+        .or_else(|| cluster.pick(peer.ip()));
     // Boxed: the connect phase's state (probation, timers) is large and short-lived;
     // inline, every open connection's task would keep room for it.
     let outcome = tokio::select! {
