@@ -149,7 +149,13 @@ fn presented_token(headers: &HeaderMap) -> Option<String> {
 /// Parses a JSON body, turning every failure into a 4xx `{"error"}` answer.
 fn json_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")))
+    let bad = |e: serde_json::Error| ApiError::new(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}"));
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(bad)?;
+    // serde would also read a struct from an array; the API takes objects only.
+    if !value.is_object() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad JSON body: expected an object"));
+    }
+    serde_json::from_value(value).map_err(bad)
 }
 
 async fn dashboard() -> impl IntoResponse {
