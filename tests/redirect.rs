@@ -1,0 +1,94 @@
+//! Controller deployment: redirecting a service between two clusters under a
+//! steady stream of new connections loses none of them.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::*;
+use hyper::Method;
+use tokio::sync::Mutex;
+
+const CONNECTIONS: usize = 2_000;
+const CLIENTS: usize = 8;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_under_load_fails_no_connection() {
+    let (blue1, blue2, green1) = (
+        tag_backend("blue").await,
+        tag_backend("blue").await,
+        tag_backend("green").await,
+    );
+    let text = format!(
+        "{}{}{}{}",
+        head_toml(None),
+        service_toml("web", "blue"),
+        cluster_toml("blue", &[("b1", blue1), ("b2", blue2)]),
+        cluster_toml("green", &[("g1", green1)])
+    );
+    let (server, admin, _file) = start_from_file(&text).await;
+    let web = server.addr_of("web").unwrap();
+
+    // CLIENTS tasks open CONNECTIONS connections in all, one after the other each;
+    // every connection must read a whole tag.
+    let started = Arc::new(AtomicUsize::new(0));
+    let answers = Arc::new(Mutex::new(Vec::with_capacity(CONNECTIONS)));
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let (started, answers) = (started.clone(), answers.clone());
+        clients.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            loop {
+                let n = started.fetch_add(1, Ordering::Relaxed);
+                if n >= CONNECTIONS {
+                    return failures;
+                }
+                match read_tag(web).await {
+                    Ok(tag) if tag == "blue" || tag == "green" => answers.lock().await.push((n, tag)),
+                    Ok(other) => failures.push(format!("connection {n}: answer {other:?}")),
+                    Err(e) => failures.push(format!("connection {n}: {e}")),
+                }
+            }
+        }));
+    }
+
+    // Flip the service between the clusters while the stream runs.
+    let flips = [(400, "green"), (800, "blue"), (1_200, "green"), (1_600, "blue")];
+    for (at, cluster) in flips {
+        let started = started.clone();
+        wait_until(&format!("{at} connections started"), || {
+            let n = started.load(Ordering::Relaxed);
+            async move { n >= at }
+        })
+        .await;
+        let body = format!(r#"{{"cluster":"{cluster}"}}"#);
+        let reply = api(&admin, None, Method::PUT, "/api/v1/services/web/cluster", Some(&body)).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+
+    let mut failures = Vec::new();
+    for c in clients {
+        failures.extend(c.await.unwrap());
+    }
+    assert!(failures.is_empty(), "{} failed connection(s): {:?}", failures.len(), &failures[..failures.len().min(10)]);
+    let answers = answers.lock().await;
+    assert_eq!(answers.len(), CONNECTIONS);
+    let count = |tag: &str| answers.iter().filter(|(_, t)| t == tag).count();
+    assert!(count("green") > 0 && count("blue") > 0, "both clusters served: green {}, blue {}", count("green"), count("blue"));
+
+    let s = status(&admin, None).await;
+    assert_eq!(service_status(&s, "web")["cluster"], "blue");
+    assert_eq!(service_status(&s, "web")["total_connections"], CONNECTIONS as u64);
+    assert_eq!(service_status(&s, "web")["refused_connections"], 0);
+    let served: u64 = [("blue", "b1"), ("blue", "b2"), ("green", "g1")]
+        .iter()
+        .map(|(c, n)| node_status(&s, c, n)["total_connections"].as_u64().unwrap())
+        .sum();
+    assert_eq!(served, CONNECTIONS as u64);
+    assert_eq!(node_status(&s, "green", "g1")["total_connections"], count("green") as u64);
+
+    // After the last flip (back to blue) the next connection goes to blue.
+    assert_eq!(read_tag(web).await.unwrap(), "blue");
+    server.shutdown(PATIENCE).await;
+}
