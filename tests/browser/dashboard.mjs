@@ -21,7 +21,7 @@ try {
   context = await chromium.launchPersistentContext(profile, {
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
     headless: true,
-    viewport: { width: 1280, height: 720 },
+    viewport: { width: 1440, height: 640 },
     timeout: TIMEOUT,
     args: [
       "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -56,8 +56,9 @@ try {
     `tr[data-node="${cluster}/${node}"]`, { timeout: TIMEOUT, polling: 200 });
   result.dialogs = dialogs;
   result.state_shown = await row.locator(".state").textContent();
-  // Let the charts gather a few more points for the picture.
-  await page.waitForTimeout(2000);
+  // Let the charts gather a few more points for the picture, scrolled back home.
+  await page.waitForTimeout(6000);
+  await page.evaluate(() => { for (const c of document.querySelectorAll(".card")) c.scrollLeft = 0; window.scrollTo(0, 0); });
   await page.screenshot({ path: screenshot, fullPage: true });
   result.ok = true;
 } catch (e) {
