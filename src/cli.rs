@@ -127,16 +127,15 @@ pub fn main(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Ctl { admin, token, action } => match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt.block_on(crate::admin::ctl::run(&admin, token.as_deref(), action.into())),
-            Err(e) => {
-                eprintln!("error: cannot start the runtime: {e}");
-                ExitCode::FAILURE
+        Command::Ctl { admin, token, action } => {
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(crate::admin::ctl::run(&admin, token.as_deref(), action.into())),
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         Command::Demo { listen } => match runtime(0) {
             Ok(rt) => rt.block_on(crate::demo::run(&listen)),
             Err(e) => {

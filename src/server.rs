@@ -306,8 +306,16 @@ impl Server {
             }
             !closing
         });
-        report.closed = listeners.close.iter().map(|k| format!("{} {}", k.service, k.addr)).collect();
-        report.opened = listeners.open.iter().map(|k| format!("{} {}", k.service, k.addr)).collect();
+        report.closed = listeners
+            .close
+            .iter()
+            .map(|k| format!("{} {}", k.service, k.addr))
+            .collect();
+        report.opened = listeners
+            .open
+            .iter()
+            .map(|k| format!("{} {}", k.service, k.addr))
+            .collect();
         self.start_listeners(bound);
         info!(
             "reloaded: {}; {} listener(s) opened, {} closed",

@@ -12,7 +12,11 @@ use tokio::net::TcpStream;
 const TOKEN: &str = "s3cret-admin-token";
 
 /// Two clusters (blue: a, b; green: g) behind one service `web`.
-async fn setup() -> (std::sync::Arc<protobalance::server::Server>, String, tempfile::NamedTempFile) {
+async fn setup() -> (
+    std::sync::Arc<protobalance::server::Server>,
+    String,
+    tempfile::NamedTempFile,
+) {
     let (a, b, g) = (echo_backend().await, echo_backend().await, echo_backend().await);
     let text = format!(
         "{}{}{}{}",
@@ -71,11 +75,19 @@ async fn status_has_the_documented_shape() {
     assert_eq!(svc["listen"], serde_json::json!(["127.0.0.1:0"]));
     assert_eq!(svc["bound"], serde_json::json!([web.to_string()]));
     assert_eq!(svc["total_connections"], 1);
-    let blue = s["clusters"].as_array().unwrap().iter().find(|c| c["name"] == "blue").unwrap();
+    let blue = s["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "blue")
+        .unwrap();
     assert_eq!(blue["algorithm"], "round-robin");
     assert_eq!(blue["affinity"], false);
     let used: Vec<&Value> = ["a", "b"].iter().map(|n| node_status(&s, "blue", n)).collect();
-    let node = used.iter().find(|n| n["total_connections"] == 1).expect("one node took the client");
+    let node = used
+        .iter()
+        .find(|n| n["total_connections"] == 1)
+        .expect("one node took the client");
     assert_eq!(node["active_connections"], 1);
     assert_eq!(node["bytes_in"], 5);
     assert_eq!(node["bytes_out"], 5);
@@ -111,7 +123,11 @@ async fn every_route_needs_the_token() {
             "/api/v1/clusters/blue/nodes/a/state",
             Some(r#"{"state":"red"}"#),
         ),
-        (Method::PUT, "/api/v1/services/web/cluster", Some(r#"{"cluster":"green"}"#)),
+        (
+            Method::PUT,
+            "/api/v1/services/web/cluster",
+            Some(r#"{"cluster":"green"}"#),
+        ),
         (Method::POST, "/api/v1/reload", None),
         (Method::GET, "/no/such/route", None),
     ];
@@ -128,7 +144,8 @@ async fn every_route_needs_the_token() {
     assert_eq!(reply.status, 401);
     use base64::Engine;
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("anyone:{TOKEN}"));
-    let raw = format!("GET /api/v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {basic}\r\nConnection: close\r\n\r\n");
+    let raw =
+        format!("GET /api/v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {basic}\r\nConnection: close\r\n\r\n");
     let mut stream = TcpStream::connect(&admin).await.unwrap();
     stream.write_all(raw.as_bytes()).await.unwrap();
     let mut answer = String::new();
@@ -144,7 +161,10 @@ async fn node_state_route() {
     let reply = api(&admin, Some(TOKEN), Method::PUT, path, Some(r#"{"state":"yellow"}"#)).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json()["state"], "yellow");
-    assert_eq!(node_status(&status(&admin, Some(TOKEN)).await, "blue", "a")["state"], "yellow");
+    assert_eq!(
+        node_status(&status(&admin, Some(TOKEN)).await, "blue", "a")["state"],
+        "yellow"
+    );
 
     let before = control_view(&status(&admin, Some(TOKEN)).await);
     let bad: [(&str, &str, u16); 9] = [
@@ -198,7 +218,10 @@ async fn redirect_route() {
     let mut c = TcpStream::connect(web).await.unwrap();
     c.write_all(b"x").await.unwrap();
     c.read_exact(&mut [0u8; 1]).await.unwrap();
-    assert_eq!(node_status(&status(&admin, Some(TOKEN)).await, "green", "g")["total_connections"], 1);
+    assert_eq!(
+        node_status(&status(&admin, Some(TOKEN)).await, "green", "g")["total_connections"],
+        1
+    );
     drop(c);
 
     // The same call with the file's cluster reverts.
@@ -234,7 +257,10 @@ async fn reload_route() {
         let reply = api(&admin, Some(TOKEN), Method::POST, "/api/v1/reload", None).await;
         assert_error(&reply, 400);
         assert!(
-            reply.json()["error"].as_str().unwrap().contains(&file.path().display().to_string()),
+            reply.json()["error"]
+                .as_str()
+                .unwrap()
+                .contains(&file.path().display().to_string()),
             "the error names the file: {}",
             reply.text()
         );
@@ -304,7 +330,10 @@ async fn metrics_route() {
     has(r#"protobalance_node_state{cluster="green",node="g",state="green"} 0"#);
     has(r#"protobalance_service_accepted_total{service="web"} 4"#);
     has(r#"protobalance_service_refused_total{service="web",reason="no_node"} 0"#);
-    assert!(text.lines().any(|l| l.starts_with("protobalance_node_active_connections{")));
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("protobalance_node_active_connections{"))
+    );
     server.shutdown(PATIENCE).await;
 }
 
@@ -317,7 +346,10 @@ async fn dashboard_route_is_self_contained() {
     assert!(page.contains("<html"), "{page}");
     assert!(page.contains("/api/v1/status"));
     for external in ["src=\"http", "href=\"http", "src=\"//", "href=\"//", "@import"] {
-        assert!(!page.contains(external), "the page loads something from elsewhere: {external}");
+        assert!(
+            !page.contains(external),
+            "the page loads something from elsewhere: {external}"
+        );
     }
     let missing = api(&admin, Some(TOKEN), Method::GET, "/nope", None).await;
     assert_error(&missing, 404);

@@ -51,18 +51,43 @@ async fn ctl_subcommands() {
     assert!(out.status.success(), "{}", stderr(&out));
     let table = stdout(&out);
     assert!(table.lines().next().unwrap().starts_with("SERVICE"), "{table}");
-    assert!(table.lines().any(|l| l.starts_with("web ") && l.contains("blue")), "{table}");
-    assert!(table.lines().any(|l| l.starts_with("blue ") && l.contains(&b.to_string()) && l.contains("green")), "{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with("web ") && l.contains("blue")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("blue ") && l.contains(&b.to_string()) && l.contains("green")),
+        "{table}"
+    );
 
-    let out = ctl(&["--admin", &format!("http://{a}/"), "--token", TOKEN, "state", "blue", "a", "yellow"]).await;
+    let out = ctl(&[
+        "--admin",
+        &format!("http://{a}/"),
+        "--token",
+        TOKEN,
+        "state",
+        "blue",
+        "a",
+        "yellow",
+    ])
+    .await;
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(node_status(&status(a, Some(TOKEN)).await, "blue", "a")["state"], "yellow");
+    assert_eq!(
+        node_status(&status(a, Some(TOKEN)).await, "blue", "a")["state"],
+        "yellow"
+    );
 
     let out = ctl(&["--admin", a, "--token", TOKEN, "redirect", "web", "green"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(service_status(&status(a, Some(TOKEN)).await, "web")["cluster"], "green");
     let out = ctl(&["--admin", a, "--token", TOKEN, "status"]).await;
-    assert!(stdout(&out).contains("green (redirected from blue)"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("green (redirected from blue)"),
+        "{}",
+        stdout(&out)
+    );
 
     let out = ctl(&["--admin", a, "--token", TOKEN, "reload"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
@@ -71,21 +96,39 @@ async fn ctl_subcommands() {
     // Errors: 401 without or with a wrong token, 404 for unknown names, a bad colour.
     let out = ctl(&["--admin", a, "status"]).await;
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("401") && stderr(&out).contains("--token"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("401") && stderr(&out).contains("--token"),
+        "{}",
+        stderr(&out)
+    );
     let out = ctl(&["--admin", a, "--token", "wrong-token", "status"]).await;
     assert!(stderr(&out).contains("refused this token"), "{}", stderr(&out));
     let out = ctl(&["--admin", a, "--token", TOKEN, "state", "blue", "zz", "red"]).await;
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("404") && stderr(&out).contains("zz"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("404") && stderr(&out).contains("zz"),
+        "{}",
+        stderr(&out)
+    );
     let out = ctl(&["--admin", a, "--token", TOKEN, "redirect", "nope", "blue"]).await;
-    assert!(stderr(&out).contains("404") && stderr(&out).contains("nope"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("404") && stderr(&out).contains("nope"),
+        "{}",
+        stderr(&out)
+    );
     let out = ctl(&["--admin", a, "--token", TOKEN, "state", "blue", "a", "purple"]).await;
     assert!(!out.status.success());
-    assert_eq!(node_status(&status(a, Some(TOKEN)).await, "blue", "a")["state"], "yellow");
+    assert_eq!(
+        node_status(&status(a, Some(TOKEN)).await, "blue", "a")["state"],
+        "yellow"
+    );
     server.shutdown(PATIENCE).await;
 
     // Unreachable: a port nothing listens on (just closed).
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let out = ctl(&["--admin", &closed.to_string(), "status"]).await;
     assert!(!out.status.success());
     assert!(stderr(&out).contains("cannot reach the admin API"), "{}", stderr(&out));
@@ -123,7 +166,10 @@ async fn sighup_reloads_the_file() {
     });
     let (mut admin, mut web) = (None, None);
     while admin.is_none() || web.is_none() {
-        let line = tokio::time::timeout(PATIENCE, rx.recv()).await.unwrap().expect("the balancer starts");
+        let line = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .expect("the balancer starts");
         let after = |marker: &str| line.split(marker).nth(1)?.split_whitespace().next().map(str::to_string);
         if let Some(a) = after("admin listening on ") {
             admin = Some(a);
@@ -152,7 +198,9 @@ async fn sighup_reloads_the_file() {
 
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) }, 0);
-    let status = tokio::task::spawn_blocking(move || child.0.wait().unwrap()).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || child.0.wait().unwrap())
+        .await
+        .unwrap();
     assert!(status.success());
 }
 

@@ -25,8 +25,7 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 const MAX_CONNECTIONS: usize = 200_000;
 
 fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,7 +45,10 @@ async fn dashboard_shows_live_numbers_and_sets_a_state() {
             .status()
             .await
             .is_ok_and(|s| s.success());
-        assert!(ok, "npm ci in tests/browser failed: playwright-core is needed (see scripts/test.d/browser.sh)");
+        assert!(
+            ok,
+            "npm ci in tests/browser failed: playwright-core is needed (see scripts/test.d/browser.sh)"
+        );
     }
 
     let (a, b, g) = (echo_backend().await, echo_backend().await, echo_backend().await);
@@ -106,7 +108,10 @@ async fn dashboard_shows_live_numbers_and_sets_a_state() {
         .last()
         .and_then(|l| serde_json::from_str(l).ok())
         .unwrap_or_else(|| panic!("no result from the browser script\nstdout: {stdout}\nstderr: {stderr}"));
-    assert!(output.status.success() && result["ok"] == true, "browser run failed: {result}\nstderr: {stderr}");
+    assert!(
+        output.status.success() && result["ok"] == true,
+        "browser run failed: {result}\nstderr: {stderr}"
+    );
     assert!(
         result["total_after"].as_u64() > result["total_before"].as_u64(),
         "numbers move: {result}"
@@ -116,7 +121,10 @@ async fn dashboard_shows_live_numbers_and_sets_a_state() {
         result["dialogs"][0].as_str().is_some_and(|d| d.contains("yellow")),
         "a confirmation was asked: {result}"
     );
-    assert!(std::fs::metadata(&screenshot).is_ok_and(|m| m.len() > 10_000), "a screenshot was saved");
+    assert!(
+        std::fs::metadata(&screenshot).is_ok_and(|m| m.len() > 10_000),
+        "a screenshot was saved"
+    );
     if std::env::var_os("PROTOBALANCE_SCREENSHOT").is_none() {
         let _ = std::fs::remove_file(&screenshot);
     }

@@ -71,11 +71,21 @@ async fn redirect_under_load_fails_no_connection() {
     for c in clients {
         failures.extend(c.await.unwrap());
     }
-    assert!(failures.is_empty(), "{} failed connection(s): {:?}", failures.len(), &failures[..failures.len().min(10)]);
+    assert!(
+        failures.is_empty(),
+        "{} failed connection(s): {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
     let answers = answers.lock().await;
     assert_eq!(answers.len(), CONNECTIONS);
     let count = |tag: &str| answers.iter().filter(|(_, t)| t == tag).count();
-    assert!(count("green") > 0 && count("blue") > 0, "both clusters served: green {}, blue {}", count("green"), count("blue"));
+    assert!(
+        count("green") > 0 && count("blue") > 0,
+        "both clusters served: green {}, blue {}",
+        count("green"),
+        count("blue")
+    );
 
     let s = status(&admin, None).await;
     assert_eq!(service_status(&s, "web")["cluster"], "blue");
@@ -86,7 +96,10 @@ async fn redirect_under_load_fails_no_connection() {
         .map(|(c, n)| node_status(&s, c, n)["total_connections"].as_u64().unwrap())
         .sum();
     assert_eq!(served, CONNECTIONS as u64);
-    assert_eq!(node_status(&s, "green", "g1")["total_connections"], count("green") as u64);
+    assert_eq!(
+        node_status(&s, "green", "g1")["total_connections"],
+        count("green") as u64
+    );
 
     // After the last flip (back to blue) the next connection goes to blue.
     assert_eq!(read_tag(web).await.unwrap(), "blue");

@@ -94,7 +94,10 @@ async fn reload_keeps_a_50_mb_transfer_byte_exact() {
     std::fs::write(file.path(), new).unwrap();
     let reply = api(&admin, None, Method::POST, "/api/v1/reload", None).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
-    assert_eq!(reply.json()["closed"], serde_json::json!([format!("old {}", "127.0.0.1:0")]));
+    assert_eq!(
+        reply.json()["closed"],
+        serde_json::json!([format!("old {}", "127.0.0.1:0")])
+    );
     go_tx.send(()).unwrap();
 
     let received = tokio::time::timeout(Duration::from_secs(300), transfer)
@@ -109,7 +112,10 @@ async fn reload_keeps_a_50_mb_transfer_byte_exact() {
     assert_eq!(stay_after["bytes_in"], SIZE as u64);
     assert_eq!(stay_after["bytes_out"], SIZE as u64);
     assert_eq!(node_status(&after, "main", "fresh")["total_connections"], 0);
-    assert!(TcpStream::connect(old_addr).await.is_err(), "the removed listener is closed");
+    assert!(
+        TcpStream::connect(old_addr).await.is_err(),
+        "the removed listener is closed"
+    );
     let new_addr = server.addr_of("new").expect("the added service listens");
     let mut c = TcpStream::connect(new_addr).await.unwrap();
     c.write_all(b"hi").await.unwrap();
@@ -131,7 +137,9 @@ async fn run_time_state_is_kept_until_the_file_changes_it() {
     };
     let (server, admin, file) = start_from_file(&file_text("green", "green")).await;
     let state = |s: &serde_json::Value, n: &str| node_status(s, "c", n)["state"].as_str().unwrap().to_string();
-    server.set_node_state("c", "a", protobalance::model::NodeState::Yellow).unwrap();
+    server
+        .set_node_state("c", "a", protobalance::model::NodeState::Yellow)
+        .unwrap();
 
     // The file does not change a's state: the run-time yellow stays.
     std::fs::write(file.path(), file_text("green", "red")).unwrap();
@@ -149,7 +157,11 @@ async fn run_time_state_is_kept_until_the_file_changes_it() {
 
 #[tokio::test]
 async fn redirect_is_kept_until_the_file_changes_that_service() {
-    let (blue, green, red) = (tag_backend("blue").await, tag_backend("green").await, tag_backend("red").await);
+    let (blue, green, red) = (
+        tag_backend("blue").await,
+        tag_backend("green").await,
+        tag_backend("red").await,
+    );
     let file_text = |cluster: &str| {
         format!(
             "{}{}{}{}{}",

@@ -13,8 +13,15 @@ use super::status::Status;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Status,
-    State { cluster: String, node: String, state: String },
-    Redirect { service: String, cluster: String },
+    State {
+        cluster: String,
+        node: String,
+        state: String,
+    },
+    Redirect {
+        service: String,
+        cluster: String,
+    },
     Reload,
 }
 
@@ -176,15 +183,17 @@ pub fn status_tables(status: &Status) -> String {
 fn table(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
-        .map(|i| rows.iter().filter_map(|r| r.get(i)).map(|c| c.chars().count()).max().unwrap_or(0))
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
+        let line: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }

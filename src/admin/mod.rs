@@ -153,7 +153,10 @@ fn json_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result
     let value: serde_json::Value = serde_json::from_slice(&body).map_err(bad)?;
     // serde would also read a struct from an array; the API takes objects only.
     if !value.is_object() {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad JSON body: expected an object"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad JSON body: expected an object",
+        ));
     }
     serde_json::from_value(value).map_err(bad)
 }
@@ -169,7 +172,10 @@ async fn status(State(server): State<Arc<Server>>) -> impl IntoResponse {
 async fn metrics(State(server): State<Arc<Server>>) -> Response {
     match metrics::render(&server.snapshot()) {
         Ok(text) => (
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             text,
         )
             .into_response(),
@@ -196,7 +202,9 @@ async fn set_node_state(
         )
     })?;
     server.set_node_state(&cluster, &node, state)?;
-    Ok(axum::Json(json!({ "cluster": cluster, "node": node, "state": state.name() })))
+    Ok(axum::Json(
+        json!({ "cluster": cluster, "node": node, "state": state.name() }),
+    ))
 }
 
 #[derive(serde::Deserialize)]
