@@ -166,9 +166,9 @@ impl Server {
     }
 
     /// Every listening address, with its service (ports chosen by the kernel resolved).
-    pub fn listen_addrs(&self) -> Vec<(Arc<str>, SocketAddr)> {
+    pub fn listen_addrs(&self) -> Vec<(String, SocketAddr)> {
         let listeners = self.listeners.lock().expect("listeners lock");
-        listeners.iter().map(|l| (l.service.clone(), l.addr)).collect()
+        listeners.iter().map(|l| (l.service.to_string(), l.addr)).collect()
     }
 
     /// The first listening address of `service`.
@@ -241,13 +241,6 @@ impl Server {
                 line: None,
                 message: format!("loading stopped: {e}"),
             })??;
-        self.apply(&mut control, config)
-    }
-
-    /// Puts `config` in force as a reload does (the tests' way in, and the
-    /// second half of [`Server::reload`]).
-    pub async fn reload_with(&self, config: Config) -> Result<ReloadReport, ControlError> {
-        let mut control = self.control.lock().await;
         self.apply(&mut control, config)
     }
 

@@ -74,7 +74,7 @@ impl Status {
                 listen: s.listen.iter().map(|l| l.to_string()).collect(),
                 bound: bound
                     .iter()
-                    .filter(|(name, _)| **name == *s.name)
+                    .filter(|(name, _)| *name == s.name)
                     .map(|(_, a)| a.to_string())
                     .collect(),
                 cluster: s.cluster.clone(),

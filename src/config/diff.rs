@@ -24,8 +24,8 @@ pub struct ListenerDiff {
     pub open: Vec<ListenerKey>,
 }
 
-/// Every listener a config asks for.
-pub fn listeners(config: &Config) -> BTreeSet<ListenerKey> {
+/// Every listener a config asks for, in the file's order.
+pub fn listeners(config: &Config) -> Vec<ListenerKey> {
     config
         .services
         .iter()
@@ -41,7 +41,8 @@ pub fn listeners(config: &Config) -> BTreeSet<ListenerKey> {
 /// The listeners to close and to open to go from `old` to `new`. A listener
 /// that stays (same service, same address) is kept, with its accepted clients.
 pub fn diff(old: &Config, new: &Config) -> ListenerDiff {
-    let (old, new) = (listeners(old), listeners(new));
+    let old: BTreeSet<ListenerKey> = listeners(old).into_iter().collect();
+    let new: BTreeSet<ListenerKey> = listeners(new).into_iter().collect();
     ListenerDiff {
         close: old.difference(&new).cloned().collect(),
         open: new.difference(&old).cloned().collect(),
