@@ -101,7 +101,8 @@ impl From<CtlCommand> for crate::admin::ctl::Action {
 
 /// Runs the parsed command line and returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
-    init_logging(cli.log_level.as_deref());
+    // Held to the end: dropping it flushes the log lines still queued.
+    let _log_writer = init_logging(cli.log_level.as_deref());
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
@@ -146,21 +147,35 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
-fn init_logging(filter: Option<&str>) {
-    use tracing_subscriber::EnvFilter;
-    let filter = match filter {
-        Some(f) => EnvFilter::try_new(f),
-        None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info")),
-    }
-    .unwrap_or_else(|e| {
-        eprintln!("warning: bad log filter ({e}); using \"info\"");
-        EnvFilter::new("info")
-    });
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+/// Logs to stderr through a background writer thread, so a connection task
+/// never waits on a write(2) of its access-log line. The filter takes
+/// `LEVEL` or `TARGET=LEVEL` directives separated by commas (e.g.
+/// `info,protobalance::access=off`), from the flag or else `RUST_LOG`.
+fn init_logging(filter: Option<&str>) -> tracing_appender::non_blocking::WorkerGuard {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let text = filter.map(str::to_string).or_else(|| std::env::var("RUST_LOG").ok());
+    let filter = text
+        .as_deref()
+        .unwrap_or("info")
+        .parse::<Targets>()
+        .unwrap_or_else(|e| {
+            eprintln!("warning: bad log filter {text:?} ({e}); using \"info\"");
+            Targets::new().with_default(tracing::Level::INFO)
+        });
+    // 4096 queued lines at most (the default, 128,000, preallocates megabytes);
+    // when full, loggers wait rather than lose lines.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(4096)
+        .lossy(false)
+        .finish(std::io::stderr());
+    let format = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = tracing_subscriber::registry()
+        .with(format.with_filter(filter))
         .try_init();
+    guard
 }
 
 /// A multi-threaded runtime with `threads` workers (0: one per CPU).

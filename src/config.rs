@@ -39,6 +39,9 @@ pub const MAX_WEIGHT: u32 = 10_000;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub state_dir: PathBuf,
+    /// Open client connections at most, all services together (`None`: only
+    /// the descriptor limit bounds them).
+    pub max_connections: Option<u64>,
     /// Worker threads; 0 means one per CPU.
     pub threads: usize,
     pub shutdown_grace: Duration,
@@ -51,6 +54,8 @@ pub struct Config {
 /// How bytes are moved between client and node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ForwardMode {
+    /// Copy for small chunks, splice for bulk (Linux); elsewhere the same as `Copy`.
+    Auto,
     /// splice(2) through a pipe, in the kernel (Linux); elsewhere the same as `Copy`.
     Splice,
     /// A portable read/write loop through a user-space buffer.
@@ -68,6 +73,40 @@ pub struct ServiceConfig {
     pub name: String,
     pub listen: Vec<ListenSpec>,
     pub cluster: String,
+    pub limits: ServiceLimits,
+}
+
+/// What a service lets in: connection limits, an idle timeout, and which
+/// client addresses may connect.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceLimits {
+    /// Open connections at most (`None`: no limit of its own).
+    pub max_connections: Option<u64>,
+    /// Open connections from one client IP at most.
+    pub max_connections_per_client: Option<u32>,
+    /// A connection with no byte either way for this long is closed.
+    pub idle_timeout: Option<Duration>,
+    /// When not empty, only clients inside one of these networks may connect.
+    pub allow: Vec<ipnet::IpNet>,
+    /// Clients inside one of these networks are refused (deny wins over allow).
+    pub deny: Vec<ipnet::IpNet>,
+}
+
+impl ServiceLimits {
+    /// Whether the access lists let `client` in.
+    pub fn admits(&self, client: IpAddr) -> bool {
+        let client = canonical(client);
+        (self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&client)))
+            && !self.deny.iter().any(|n| n.contains(&client))
+    }
+}
+
+/// An IPv4 client seen on a dual-stack listener (`::ffff:a.b.c.d`) is an IPv4 client.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
 }
 
 /// One `listen` entry: an address and a port or an inclusive port range.
@@ -207,9 +246,20 @@ pub struct ConfigError {
 }
 
 impl Config {
-    /// Parses and validates `text`; `source_name` labels messages (usually the path).
+    /// Parses and validates `text`; `source_name` labels messages (usually the
+    /// path). Node host names are resolved with the system resolver.
     pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
-        let ctx = Ctx { text, source_name };
+        Config::parse_with(text, source_name, system_resolver)
+    }
+
+    /// As [`Config::parse`], with `resolve` turning host names into addresses
+    /// (tests and fuzzing use one that asks no DNS server).
+    pub fn parse_with(text: &str, source_name: &str, resolve: Resolver) -> Result<Config, ConfigError> {
+        let ctx = Ctx {
+            text,
+            source_name,
+            resolve,
+        };
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| ctx.error(e.span(), e.message().trim_end().to_string()))?;
         raw.validate(&ctx)
@@ -327,9 +377,22 @@ pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
     })
 }
 
+/// Turns a host name and port into an address, or `None` when the name does not resolve.
+pub type Resolver = fn(&str, u16) -> Option<SocketAddr>;
+
+/// The system's resolver (`/etc/hosts`, then DNS): the first address.
+pub fn system_resolver(host: &str, port: u16) -> Option<SocketAddr> {
+    (host, port).to_socket_addrs().ok().and_then(|mut it| it.next())
+}
+
+/// A resolver that knows only `localhost` and sends nothing on the network.
+pub fn offline_resolver(host: &str, port: u16) -> Option<SocketAddr> {
+    (host == "localhost").then(|| SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
 /// Parses a node address: `IP:PORT`, `[IPv6]:PORT`, `HOST:PORT`, or the same
 /// without a port. Host names are resolved now, to their first address.
-pub fn parse_node_address(s: &str) -> Result<NodeAddress, String> {
+pub fn parse_node_address(s: &str, resolver: Resolver) -> Result<NodeAddress, String> {
     if let Ok(addr) = s.parse::<SocketAddr>() {
         return Ok(NodeAddress::Socket(addr));
     }
@@ -344,11 +407,7 @@ pub fn parse_node_address(s: &str) -> Result<NodeAddress, String> {
                 .all(|label| !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
     };
     let resolve = |host: &str, port: u16| -> Result<SocketAddr, String> {
-        (host, port)
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut it| it.next())
-            .ok_or_else(|| format!("host \"{host}\" does not resolve"))
+        resolver(host, port).ok_or_else(|| format!("host \"{host}\" does not resolve"))
     };
     match s.rsplit_once(':') {
         Some((host, port)) if valid_host(host) => {
@@ -369,6 +428,7 @@ pub fn parse_node_address(s: &str) -> Result<NodeAddress, String> {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     state_dir: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
     threads: Option<Spanned<i64>>,
     shutdown_grace: Option<Spanned<String>>,
     forwarding: Option<Spanned<String>>,
@@ -404,6 +464,13 @@ struct RawService {
     name: Spanned<String>,
     listen: Spanned<Vec<Spanned<String>>>,
     cluster: Spanned<String>,
+    max_connections: Option<Spanned<i64>>,
+    max_connections_per_client: Option<Spanned<i64>>,
+    idle_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    deny: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -435,6 +502,7 @@ struct RawNode {
 struct Ctx<'a> {
     text: &'a str,
     source_name: &'a str,
+    resolve: Resolver,
 }
 
 impl Ctx<'_> {
@@ -484,13 +552,19 @@ impl RawConfig {
             Some(d) => ctx.duration(top, "shutdown_grace", d)?,
         };
         let forwarding = match &self.forwarding {
-            None => ForwardMode::Splice,
+            None => ForwardMode::Auto,
             Some(f) => match f.get_ref().as_str() {
+                "auto" => ForwardMode::Auto,
                 "splice" => ForwardMode::Splice,
                 "copy" => ForwardMode::Copy,
-                _ => return Err(ctx.bad(top, "forwarding", f, "expected \"splice\" or \"copy\"")),
+                _ => return Err(ctx.bad(top, "forwarding", f, "expected \"auto\", \"splice\" or \"copy\"")),
             },
         };
+        let max_connections = self
+            .max_connections
+            .as_ref()
+            .map(|m| positive(ctx, top, "max_connections", m))
+            .transpose()?;
         let admin = validate_admin(ctx, self.admin)?;
         let defaults = self.defaults.unwrap_or_default();
 
@@ -505,7 +579,7 @@ impl RawConfig {
 
         let mut services = Vec::new();
         let mut service_names = HashSet::new();
-        let mut all_listen: Vec<(ListenSpec, &str, Range<usize>)> = Vec::new();
+        let mut all_listen: Vec<(ListenSpec, &str)> = Vec::new();
         for raw in &self.service {
             let name = raw.name.get_ref();
             let what = format!("service \"{name}\": ");
@@ -522,26 +596,28 @@ impl RawConfig {
             let mut listen = Vec::new();
             for entry in raw.listen.get_ref() {
                 let spec = parse_listen(entry.get_ref()).map_err(|why| ctx.bad(&what, "listen", entry, why))?;
-                if let Some((_, other, _)) = all_listen.iter().find(|(l, _, _)| l.overlaps(&spec)) {
+                if let Some((other_spec, other)) = all_listen.iter().find(|(l, _)| l.overlaps(&spec)) {
                     let owner = if *other == name.as_str() {
-                        "another entry of this service".to_string()
+                        "this service".to_string()
                     } else {
                         format!("service \"{other}\"")
                     };
-                    return Err(ctx.bad(&what, "listen", entry, format!("overlaps an address of {owner}")));
+                    return Err(ctx.bad(&what, "listen", entry, format!("overlaps {other_spec} of {owner}")));
                 }
-                all_listen.push((spec, name, entry.span()));
+                all_listen.push((spec, name));
                 listen.push(spec);
             }
             services.push(ServiceConfig {
                 name: name.clone(),
                 listen,
                 cluster: raw.cluster.get_ref().clone(),
+                limits: validate_limits(ctx, &what, raw)?,
             });
         }
 
         Ok(Config {
             state_dir,
+            max_connections,
             threads,
             shutdown_grace,
             forwarding,
@@ -550,6 +626,65 @@ impl RawConfig {
             clusters,
         })
     }
+}
+
+/// A count that must be at least 1.
+fn positive(ctx: &Ctx<'_>, what: &str, key: &str, value: &Spanned<i64>) -> Result<u64, ConfigError> {
+    u64::try_from(*value.get_ref())
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| ctx.bad(what, key, value, "must be 1 or more (leave it out for no limit)"))
+}
+
+fn validate_limits(ctx: &Ctx<'_>, what: &str, raw: &RawService) -> Result<ServiceLimits, ConfigError> {
+    let networks = |key: &str, list: &[Spanned<String>]| -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        list.iter()
+            .map(|entry| {
+                let text = entry.get_ref();
+                text.parse::<ipnet::IpNet>()
+                    .or_else(|_| text.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map(|net| net.trunc())
+                    .map_err(|_| {
+                        ctx.bad(
+                            what,
+                            key,
+                            entry,
+                            "expected an address or a network, e.g. 10.0.0.0/8 or ::1",
+                        )
+                    })
+            })
+            .collect()
+    };
+    let per_client = raw
+        .max_connections_per_client
+        .as_ref()
+        .map(|m| {
+            positive(ctx, what, "max_connections_per_client", m)?
+                .try_into()
+                .map_err(|_| ctx.bad(what, "max_connections_per_client", m, "too large"))
+        })
+        .transpose()?;
+    let idle_timeout = match &raw.idle_timeout {
+        None => None,
+        Some(d) => {
+            let idle = ctx.duration(what, "idle_timeout", d)?;
+            if idle.is_zero() {
+                return Err(ctx.bad(what, "idle_timeout", d, "must be above zero (leave it out for none)"));
+            }
+            Some(idle)
+        }
+    };
+    Ok(ServiceLimits {
+        max_connections: raw
+            .max_connections
+            .as_ref()
+            .map(|m| positive(ctx, what, "max_connections", m))
+            .transpose()?,
+        max_connections_per_client: per_client,
+        idle_timeout,
+        allow: networks("allow", &raw.allow)?,
+        deny: networks("deny", &raw.deny)?,
+    })
 }
 
 fn check_name(ctx: &Ctx<'_>, what: &str, name: &Spanned<String>) -> Result<(), ConfigError> {
@@ -678,8 +813,8 @@ fn validate_cluster(ctx: &Ctx<'_>, raw: &RawCluster, defaults: &RawDefaults) -> 
             return Err(ctx.bad(&what, "node name", &n.name, "duplicate node name in this cluster"));
         }
         let nwhat = format!("cluster \"{name}\" node \"{node_name}\": ");
-        let address =
-            parse_node_address(n.address.get_ref()).map_err(|why| ctx.bad(&nwhat, "address", &n.address, why))?;
+        let address = parse_node_address(n.address.get_ref(), ctx.resolve)
+            .map_err(|why| ctx.bad(&nwhat, "address", &n.address, why))?;
         let weight = match &n.weight {
             None => 1,
             Some(w) => u32::try_from(*w.get_ref())
@@ -781,19 +916,21 @@ mod tests {
     #[test]
     fn node_addresses() {
         assert_eq!(
-            parse_node_address("10.0.0.1:80"),
+            parse_node_address("10.0.0.1:80", offline_resolver),
             Ok(NodeAddress::Socket("10.0.0.1:80".parse().unwrap()))
         );
         assert_eq!(
-            parse_node_address("10.0.0.1"),
+            parse_node_address("10.0.0.1", offline_resolver),
             Ok(NodeAddress::SamePort("10.0.0.1".parse().unwrap()))
         );
         assert_eq!(
-            parse_node_address("[::1]"),
+            parse_node_address("[::1]", offline_resolver),
             Ok(NodeAddress::SamePort("::1".parse().unwrap()))
         );
-        assert!(matches!(parse_node_address("localhost:80"), Ok(NodeAddress::Socket(a)) if a.port() == 80));
-        assert!(parse_node_address("bad host:80").is_err());
-        assert!(parse_node_address("10.0.0.1:99999").is_err());
+        assert!(
+            matches!(parse_node_address("localhost:80", offline_resolver), Ok(NodeAddress::Socket(a)) if a.port() == 80)
+        );
+        assert!(parse_node_address("bad host:80", offline_resolver).is_err());
+        assert!(parse_node_address("10.0.0.1:99999", offline_resolver).is_err());
     }
 }

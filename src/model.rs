@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::balance::{self, Balancer};
-use crate::config::{AlgorithmKind, ClusterConfig, Config, ForwardMode, ListenSpec, NodeAddress};
+use crate::config::{AlgorithmKind, ClusterConfig, Config, ForwardMode, ListenSpec, NodeAddress, ServiceLimits};
 
 /// A node's state, set by an operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -162,36 +162,86 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// Why a client was turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No node could take it (all unavailable, not green, or failing to connect).
+    NoNode,
+    /// The service's `max_connections` was reached.
+    MaxConnections,
+    /// The global `max_connections` was reached.
+    GlobalMaxConnections,
+    /// Its IP had `max_connections_per_client` open already.
+    MaxConnectionsPerClient,
+    /// The service's `allow`/`deny` lists refuse its address.
+    Denied,
+    /// The balancer itself was out of descriptors or memory for the node side.
+    Exhausted,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 6] = [
+        Refusal::NoNode,
+        Refusal::MaxConnections,
+        Refusal::GlobalMaxConnections,
+        Refusal::MaxConnectionsPerClient,
+        Refusal::Denied,
+        Refusal::Exhausted,
+    ];
+
+    /// The `reason` label of `protobalance_service_refused_total`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::NoNode => "no_node",
+            Refusal::MaxConnections => "max_connections",
+            Refusal::GlobalMaxConnections => "global_max_connections",
+            Refusal::MaxConnectionsPerClient => "max_connections_per_client",
+            Refusal::Denied => "denied",
+            Refusal::Exhausted => "exhausted",
+        }
+    }
+}
+
 /// Per-service figures.
 #[derive(Debug, Default)]
 pub struct ServiceFigures {
     accepted: AtomicU64,
     active: AtomicU64,
-    /// Clients closed because no node could take them.
-    no_node: AtomicU64,
+    refused: [AtomicU64; Refusal::ALL.len()],
+    /// Open connections per client IP, kept only for a service with
+    /// `max_connections_per_client`; an entry goes when its count reaches 0.
+    pub(crate) per_client: std::sync::Mutex<HashMap<IpAddr, u32>>,
+    /// When a refusal was last logged (ms on the process clock), to log at most one a second.
+    pub(crate) last_refusal_log_ms: AtomicU64,
 }
 
 impl ServiceFigures {
+    /// Clients accepted (admitted past limits and access lists).
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Relaxed)
     }
     pub fn active_connections(&self) -> u64 {
         self.active.load(Relaxed)
     }
-    pub fn refused_no_node(&self) -> u64 {
-        self.no_node.load(Relaxed)
+    pub fn refused(&self, reason: Refusal) -> u64 {
+        self.refused[reason as usize].load(Relaxed)
     }
-    pub fn count_no_node(&self) {
-        self.no_node.fetch_add(1, Relaxed);
+    pub fn count_refused(&self, reason: Refusal) {
+        self.refused[reason as usize].fetch_add(1, Relaxed);
     }
-    /// Counts an accepted client as open until the guard drops.
-    pub fn accept(self: &Arc<Self>) -> ServiceGuard {
+    /// Counts a client as open if fewer than `max` are; `None` when full.
+    pub(crate) fn try_open(self: &Arc<Self>, max: Option<u64>) -> Option<ServiceGuard> {
+        let before = self.active.fetch_add(1, Relaxed);
+        if max.is_some_and(|m| before >= m) {
+            self.active.fetch_sub(1, Relaxed);
+            return None;
+        }
         self.accepted.fetch_add(1, Relaxed);
-        self.active.fetch_add(1, Relaxed);
-        ServiceGuard(self.clone())
+        Some(ServiceGuard(self.clone()))
     }
 }
 
+/// Decrements a service's open connections when dropped.
 pub struct ServiceGuard(Arc<ServiceFigures>);
 
 impl Drop for ServiceGuard {
@@ -244,12 +294,15 @@ pub struct Service {
     pub name: String,
     pub listen: Vec<ListenSpec>,
     pub cluster: String,
+    pub limits: ServiceLimits,
     pub figures: Arc<ServiceFigures>,
 }
 
 /// Everything the data plane needs, immutable once built; replaced whole on reload.
 pub struct Snapshot {
     pub forwarding: ForwardMode,
+    /// Open client connections at most, all services together.
+    pub max_connections: Option<u64>,
     pub services: HashMap<String, Service>,
     pub clusters: HashMap<String, Arc<Cluster>>,
 }
@@ -275,6 +328,7 @@ impl Snapshot {
                     name: s.name.clone(),
                     listen: s.listen.clone(),
                     cluster: s.cluster.clone(),
+                    limits: s.limits.clone(),
                     figures,
                 };
                 (s.name.clone(), service)
@@ -282,6 +336,7 @@ impl Snapshot {
             .collect();
         Snapshot {
             forwarding: config.forwarding,
+            max_connections: config.max_connections,
             services,
             clusters,
         }

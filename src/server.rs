@@ -108,6 +108,7 @@ impl Server {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
             cut_all: CancellationToken::new(),
             connections: TaskTracker::new(),
+            open_clients: Default::default(),
         });
         let server = Server {
             plane,
@@ -359,7 +360,7 @@ impl Server {
 
     /// Stops accepting, lets open connections finish for up to `grace`, then
     /// cuts the rest. Returns how many were cut.
-    pub async fn shutdown(&self, grace: Duration) -> usize {
+    pub async fn shutdown(self: Arc<Self>, grace: Duration) -> usize {
         self.admin_stop.cancel();
         for l in self.listeners.lock().expect("listeners lock").iter() {
             l.stop.cancel();

@@ -3,12 +3,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use common::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_protobalance");
 const TOKEN: &str = "ctl-test-token";
 
 /// Runs `protobalance ctl ARGS` off the runtime and returns its output.
@@ -136,7 +134,7 @@ async fn ctl_subcommands() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_file() {
-    let (one, two) = (tag_backend("one").await, tag_backend("two").await);
+    let (one, two) = (name_backend("one").await, name_backend("two").await);
     let file = tempfile::NamedTempFile::new().unwrap();
     let text = |backend| {
         format!(
@@ -147,71 +145,31 @@ async fn sighup_reloads_the_file() {
         )
     };
     std::fs::write(file.path(), text(one)).unwrap();
-    let mut child = Balancer(
-        Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(file.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    // The log says where the admin API and the service listen.
-    let stderr = child.0.stderr.take().unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let (mut admin, mut web) = (None, None);
-    while admin.is_none() || web.is_none() {
-        let line = tokio::time::timeout(PATIENCE, rx.recv())
-            .await
-            .unwrap()
-            .expect("the balancer starts");
-        let after = |marker: &str| line.split(marker).nth(1)?.split_whitespace().next().map(str::to_string);
-        if let Some(a) = after("admin listening on ") {
-            admin = Some(a);
-        } else if line.contains("service=web")
-            && let Some(w) = after("listening on ")
-        {
-            web = Some(w.parse::<std::net::SocketAddr>().unwrap());
-        }
-    }
-    let (admin, web) = (admin.unwrap(), web.unwrap());
+    let path = file.path().to_str().unwrap().to_string();
+    let mut balancer = Running::spawn(&["run", "--config", &path]);
+    // The service listens first, then the admin API.
+    let web = balancer.listen_addr();
+    let admin_line = balancer.wait_for("admin listening on ");
+    let admin = admin_line
+        .split("admin listening on ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
     assert_eq!(read_tag(web).await.unwrap(), "one");
 
     std::fs::write(file.path(), text(two)).unwrap();
-    // SAFETY: kill(2) on the child this test started.
-    assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGHUP) }, 0);
-    let node_address = || {
-        let admin = admin.clone();
-        async move { node_status(&status(&admin, None).await, "c", "n")["address"].clone() }
-    };
+    balancer.signal(libc::SIGHUP);
     wait_until("the reload after SIGHUP", || {
-        let fut = node_address();
-        async move { fut.await == two.to_string() }
+        let admin = admin.clone();
+        async move { node_status(&status(&admin, None).await, "c", "n")["address"] == two.to_string() }
     })
     .await;
     assert_eq!(read_tag(web).await.unwrap(), "two");
 
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) }, 0);
-    let status = tokio::task::spawn_blocking(move || child.0.wait().unwrap())
-        .await
-        .unwrap();
-    assert!(status.success());
-}
-
-/// The balancer process this test started; killed if the test fails before stopping it.
-struct Balancer(std::process::Child);
-
-impl Drop for Balancer {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
+    balancer.signal(libc::SIGTERM);
+    let exit = tokio::task::spawn_blocking(move || balancer.wait_exit()).await.unwrap();
+    assert!(exit.success());
 }

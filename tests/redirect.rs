@@ -16,9 +16,9 @@ const CLIENTS: usize = 8;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirect_under_load_fails_no_connection() {
     let (blue1, blue2, green1) = (
-        tag_backend("blue").await,
-        tag_backend("blue").await,
-        tag_backend("green").await,
+        name_backend("blue").await,
+        name_backend("blue").await,
+        name_backend("green").await,
     );
     let text = format!(
         "{}{}{}{}",

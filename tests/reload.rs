@@ -158,9 +158,9 @@ async fn run_time_state_is_kept_until_the_file_changes_it() {
 #[tokio::test]
 async fn redirect_is_kept_until_the_file_changes_that_service() {
     let (blue, green, red) = (
-        tag_backend("blue").await,
-        tag_backend("green").await,
-        tag_backend("red").await,
+        name_backend("blue").await,
+        name_backend("green").await,
+        name_backend("red").await,
     );
     let file_text = |cluster: &str| {
         format!(
@@ -192,7 +192,7 @@ async fn redirect_is_kept_until_the_file_changes_that_service() {
 
 #[tokio::test]
 async fn a_listener_that_cannot_be_bound_leaves_everything_as_it_was() {
-    let backend = tag_backend("one").await;
+    let backend = name_backend("one").await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_addr = taken.local_addr().unwrap();
     let (server, admin, file) = start_from_file(&format!(
@@ -203,7 +203,7 @@ async fn a_listener_that_cannot_be_bound_leaves_everything_as_it_was() {
     ))
     .await;
     let before = status(&admin, None).await;
-    let other = tag_backend("two").await;
+    let other = name_backend("two").await;
     std::fs::write(
         file.path(),
         format!(

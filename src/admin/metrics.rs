@@ -12,7 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::model::{NodeState, Snapshot};
+use crate::model::{NodeState, Refusal, Snapshot};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NodeLabels {
@@ -93,11 +93,13 @@ pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
                 service: service.name.clone(),
             })
             .inc_by(f.accepted());
-        let labels = RefusedLabels {
-            service: service.name.clone(),
-            reason: "no_node",
-        };
-        refused.get_or_create(&labels).inc_by(f.refused_no_node());
+        for reason in Refusal::ALL {
+            let labels = RefusedLabels {
+                service: service.name.clone(),
+                reason: reason.name(),
+            };
+            refused.get_or_create(&labels).inc_by(f.refused(reason));
+        }
     }
 
     let mut registry = Registry::default();
@@ -139,7 +141,7 @@ pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
     );
     registry.register(
         "protobalance_service_refused",
-        "Clients closed without a node (reason no_node: no node could take them)",
+        "Clients turned away, by reason (see docs/configuration.md)",
         refused,
     );
     let mut text = String::new();

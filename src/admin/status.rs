@@ -1,9 +1,11 @@
 //! The shape of `GET /api/v1/status` (docs/admin.md), built from the
 //! published snapshot and the node figures. `ctl` parses the same types.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Node, Snapshot};
+use crate::model::{Node, Refusal, Snapshot};
 use crate::server::Server;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -25,8 +27,10 @@ pub struct ServiceStatus {
     pub redirected_from: Option<String>,
     pub active_connections: u64,
     pub total_connections: u64,
-    /// Clients closed because no node could take them.
+    /// Clients turned away, all reasons together.
     pub refused_connections: u64,
+    /// Clients turned away, by reason (the `reason` labels of the metrics).
+    pub refused: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -81,7 +85,11 @@ impl Status {
                 redirected_from: redirects.get(&s.name).cloned(),
                 active_connections: s.figures.active_connections(),
                 total_connections: s.figures.accepted(),
-                refused_connections: s.figures.refused_no_node(),
+                refused_connections: Refusal::ALL.iter().map(|r| s.figures.refused(*r)).sum(),
+                refused: Refusal::ALL
+                    .iter()
+                    .map(|r| (r.name().to_string(), s.figures.refused(*r)))
+                    .collect(),
             })
             .collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));

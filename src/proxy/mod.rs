@@ -2,6 +2,7 @@
 //! service's cluster (pick, then fall-over candidates), and the pump moves the
 //! bytes. One tokio task per connection on a fixed pool of worker threads.
 
+mod admission;
 mod candidates;
 mod pump;
 
@@ -20,7 +21,8 @@ use tracing::{debug, info, warn};
 pub use candidates::Candidates;
 pub use pump::{PumpError, Side};
 
-use crate::model::{NodeFigures, Snapshot};
+use crate::model::{NodeFigures, Refusal, Snapshot};
+use admission::Admitted;
 
 /// Where the access log goes: `RUST_LOG=protobalance::access=info`.
 pub const ACCESS_LOG: &str = "protobalance::access";
@@ -31,6 +33,8 @@ pub struct DataPlane {
     /// Cancelled when the shutdown grace period ends: open connections are cut.
     pub cut_all: CancellationToken,
     pub connections: TaskTracker,
+    /// Client connections admitted and not yet closed, all services together.
+    pub open_clients: Arc<AtomicU64>,
 }
 
 /// Binds a listening socket with the options a server wants.
@@ -38,14 +42,24 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one
+    // setsockopt per listener instead of one per client.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     TcpListener::from_std(socket.into())
 }
 
+/// Pause after a failed accept (out of descriptors, usually).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Accepts clients of `service` on `listener` until `stop` is cancelled.
 pub async fn accept_loop(listener: TcpListener, service: Arc<str>, plane: Arc<DataPlane>, stop: CancellationToken) {
     let local = listener.local_addr().ok();
+    // Each listener has one port: the port clients reached us on, which a node
+    // address without a port forwards to.
+    let local_port = local.map_or(0, |a| a.port());
+    let (mut failures, mut last_failure_log) = (0u64, None);
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -53,20 +67,33 @@ pub async fn accept_loop(listener: TcpListener, service: Arc<str>, plane: Arc<Da
         };
         match accepted {
             Ok((client, peer)) => {
-                let local = client
-                    .local_addr()
-                    .unwrap_or_else(|_| local.expect("listener has an address"));
+                let admitted = match admission::admit(&plane, &service, peer.ip()) {
+                    Ok(a) => a,
+                    Err(refused) => {
+                        refused.record(&service, peer.ip());
+                        continue; // dropping `client` closes it
+                    }
+                };
+                #[cfg(not(target_os = "linux"))]
+                let _ = client.set_nodelay(true);
                 let plane2 = plane.clone();
                 let service = service.clone();
                 plane.connections.spawn(async move {
-                    serve_client(client, peer, local, &service, &plane2).await;
+                    serve_client(client, peer, local_port, &service, admitted, &plane2).await;
                 });
             }
             Err(e) => {
                 // EMFILE/ENFILE and friends: back off instead of spinning; the
                 // pending client stays in the backlog until descriptors free up.
-                warn!(service = %service, "accept failed: {e}; retrying in 100 ms");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                failures += 1;
+                if last_failure_log.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
+                    warn!(service = %service, "accept failed: {e}; backing off 100 ms between tries ({failures} failure(s) so far)");
+                    last_failure_log = Some(Instant::now());
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                }
             }
         }
     }
@@ -77,51 +104,88 @@ pub async fn accept_loop(listener: TcpListener, service: Arc<str>, plane: Arc<Da
 fn ending(result: &Result<(), PumpError>) -> String {
     match result {
         Ok(_) => "closed".to_string(),
+        Err(PumpError {
+            side: Side::Balancer,
+            error,
+        }) => error.to_string(),
         Err(e) => format!("{} error: {}", e.side.name(), e.error),
     }
 }
 
 /// Counts one connection's bytes into its node's figures as they flow, and
-/// keeps the connection's own totals for the access log.
+/// keeps the connection's own totals for the access log and its last
+/// activity for the idle timeout.
 struct ConnectionBytes<'a> {
     node: &'a NodeFigures,
+    started: Instant,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    /// Milliseconds after `started` that the last byte moved.
+    last_activity_ms: AtomicU64,
+}
+
+impl ConnectionBytes<'_> {
+    fn touch(&self) {
+        self.last_activity_ms
+            .store(self.started.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    /// Resolves once no byte has moved either way for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.started + Duration::from_millis(self.last_activity_ms.load(Relaxed));
+            let deadline = last + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
 }
 
 impl pump::Counter for ConnectionBytes<'_> {
     fn bytes_in(&self, n: u64) {
         self.node.add_bytes_in(n);
         self.bytes_in.fetch_add(n, Relaxed);
+        self.touch();
     }
     fn bytes_out(&self, n: u64) {
         self.node.add_bytes_out(n);
         self.bytes_out.fetch_add(n, Relaxed);
+        self.touch();
     }
 }
 
-/// One client, from the choice of node to the access log line.
-async fn serve_client(client: TcpStream, peer: SocketAddr, local: SocketAddr, service: &str, plane: &DataPlane) {
+/// One admitted client, from the choice of node to the access log line.
+async fn serve_client(
+    client: TcpStream,
+    peer: SocketAddr,
+    local_port: u16,
+    service: &str,
+    admitted: Admitted,
+    plane: &DataPlane,
+) {
     let started = Instant::now();
-    let (service_figures, cluster, forwarding) = {
-        let snapshot = plane.snapshot.load();
-        let Some((s, c)) = snapshot.cluster_of(service) else {
-            debug!(service, "service no longer configured; closing {peer}");
-            return;
-        };
-        (s.figures.clone(), c.clone(), snapshot.forwarding)
-    };
-    let _in_service = service_figures.accept();
-    let _ = client.set_nodelay(true);
+    let cluster = &admitted.cluster;
 
     let mut connected = None;
     for i in Candidates::new(&cluster.nodes, cluster.pick(peer.ip())) {
         let node = &cluster.nodes[i];
-        let target = node.address.target(local.port());
+        let target = node.address.target(local_port);
         match connect(target, cluster.connect_timeout).await {
             Ok(stream) => {
                 connected = Some((i, stream));
                 break;
+            }
+            Err(e) if is_exhaustion(&e) => {
+                // Our fault, not the node's: no other node would do better.
+                admitted.service.count_refused(Refusal::Exhausted);
+                admission::log_refusal(&admitted.service, service, peer.ip(), Refusal::Exhausted);
+                debug!(
+                    service,
+                    "no descriptor or memory for a node connection: {e}; closing {peer}"
+                );
+                return;
             }
             Err(e) => {
                 node.figures.count_connect_failure();
@@ -130,7 +194,7 @@ async fn serve_client(client: TcpStream, peer: SocketAddr, local: SocketAddr, se
         }
     }
     let Some((i, upstream)) = connected else {
-        service_figures.count_no_node();
+        admitted.service.count_refused(Refusal::NoNode);
         warn!(service, cluster = %cluster.name, "no node could take client {peer}; closing it");
         return;
     };
@@ -139,13 +203,26 @@ async fn serve_client(client: TcpStream, peer: SocketAddr, local: SocketAddr, se
 
     let bytes = ConnectionBytes {
         node: &node.figures,
+        started: Instant::now(),
         bytes_in: AtomicU64::new(0),
         bytes_out: AtomicU64::new(0),
+        last_activity_ms: AtomicU64::new(0),
+    };
+    // Boxed, and only for a service with an idle timeout: a timer is big,
+    // and the task of every connection would otherwise carry one.
+    let mut idle_watch = admitted.idle_timeout.map(|idle| Box::pin(bytes.idle_for(idle)));
+    let idle = async {
+        match &mut idle_watch {
+            Some(watch) => watch.await,
+            None => std::future::pending().await,
+        }
     };
     let result = tokio::select! {
-        r = pump::pump(&client, &upstream, forwarding, &bytes) => r,
+        r = pump::pump(&client, &upstream, admitted.forwarding, &bytes) => r,
+        _ = idle => Err(PumpError { side: Side::Balancer, error: io::Error::new(io::ErrorKind::TimedOut, "idle timeout") }),
         _ = plane.cut_all.cancelled() => Err(PumpError { side: Side::Balancer, error: io::Error::other("cut at shutdown") }),
     };
+    drop(idle_watch);
     info!(
         target: ACCESS_LOG,
         "{peer} service={service} cluster={} node={} in={} out={} ms={} end=\"{}\"",
@@ -158,6 +235,15 @@ async fn serve_client(client: TcpStream, peer: SocketAddr, local: SocketAddr, se
     );
 }
 
+/// Whether an error means the balancer ran out of descriptors or memory.
+fn is_exhaustion(e: &io::Error) -> bool {
+    #[cfg(unix)]
+    if let Some(code) = e.raw_os_error() {
+        return [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM].contains(&code);
+    }
+    e.kind() == io::ErrorKind::OutOfMemory
+}
+
 /// Connects to a node within `timeout`, with TCP_NODELAY set.
 async fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(target))
@@ -165,4 +251,56 @@ async fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream>
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))??;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_clients_inherit_tcp_nodelay_from_the_listener() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
+}
+/// What an idle connection costs is mostly its task: this prints the sizes of
+/// the futures involved. `cargo test --release --lib future_sizes -- --ignored --nocapture`
+#[cfg(test)]
+mod future_sizes {
+    #[test]
+    #[ignore = "a figure to read, not a check: sizes differ between builds"]
+    fn future_sizes() {
+        let config = crate::config::Config::forward("127.0.0.1:0", &["127.0.0.1:1".to_string()]).unwrap();
+        let plane = std::sync::Arc::new(super::DataPlane {
+            snapshot: arc_swap::ArcSwap::from_pointee(crate::model::Snapshot::build(&config, None)),
+            cut_all: Default::default(),
+            connections: Default::default(),
+            open_clients: Default::default(),
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            struct Nop;
+            impl super::pump::Counter for Nop {
+                fn bytes_in(&self, _: u64) {}
+                fn bytes_out(&self, _: u64) {}
+            }
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let pump = super::pump::pump(&c, &c, crate::config::ForwardMode::Auto, &Nop);
+            println!("pump future: {} bytes", std::mem::size_of_val(&pump));
+            drop(pump);
+            let connect = super::connect("127.0.0.1:1".parse().unwrap(), std::time::Duration::from_secs(1));
+            println!("connect future: {} bytes", std::mem::size_of_val(&connect));
+            let peer: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+            let admitted = super::admission::admit(&plane, "forward", peer.ip()).ok().unwrap();
+            let serve = super::serve_client(c, peer, 1, "forward", admitted, &plane);
+            println!("serve_client future: {} bytes", std::mem::size_of_val(&serve));
+        });
+    }
 }

@@ -11,6 +11,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
+use std::task::{Context, Poll, ready};
 
 use socket2::SockRef;
 use tokio::net::TcpStream;
@@ -63,6 +64,8 @@ pub async fn pump(
     let result = match mode {
         #[cfg(target_os = "linux")]
         ForwardMode::Splice => both_ways::<splice::Pipe>(client, node, counter).await,
+        #[cfg(target_os = "linux")]
+        ForwardMode::Auto => both_ways::<Auto>(client, node, counter).await,
         _ => both_ways::<Buffer>(client, node, counter).await,
     };
     if let Err(e) = &result {
@@ -79,62 +82,134 @@ pub async fn pump(
     result
 }
 
+/// Both directions, polled by hand from one small future: no per-direction
+/// sub-futures, so a connection's task stays small (its size is most of what
+/// an idle connection costs). Each socket's read and write readiness belong to
+/// exactly one direction, so the two never steal each other's wake-ups.
 async fn both_ways<C: Channel>(client: &TcpStream, node: &TcpStream, counter: &dyn Counter) -> Result<(), PumpError> {
-    let upstream = one_way::<C>(client, node, Side::Client, Side::Node, |n| counter.bytes_in(n));
-    let downstream = one_way::<C>(node, client, Side::Node, Side::Client, |n| counter.bytes_out(n));
-    tokio::try_join!(upstream, downstream).map(|_| ())
+    let mut upstream = Direction::<C>::new(Side::Client, Side::Node);
+    let mut downstream = Direction::<C>::new(Side::Node, Side::Client);
+    std::future::poll_fn(|cx| {
+        let up = upstream.poll(cx, client, node, &|n| counter.bytes_in(n))?;
+        let down = downstream.poll(cx, node, client, &|n| counter.bytes_out(n))?;
+        if up.is_ready() && down.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
 }
 
-/// Copies `src` into `dst` until EOF on `src`, then shuts down `dst`'s write
-/// side (half-close). `count` hears of every chunk as it is written.
-async fn one_way<C: Channel>(
-    src: &TcpStream,
-    dst: &TcpStream,
+/// One direction: fill a channel from `src`, drain it into `dst`, repeat;
+/// EOF on `src` becomes a shutdown of `dst`'s write side (half-close).
+struct Direction<C> {
     src_side: Side,
     dst_side: Side,
-    count: impl Fn(u64),
-) -> Result<(), PumpError> {
-    let on = |side| move |error| PumpError { side, error };
-    // Held while data keeps coming; handed back as soon as the source runs dry.
-    let mut channel: Option<C> = None;
-    loop {
-        src.readable().await.map_err(on(src_side))?;
-        let ch = match &mut channel {
-            Some(ch) => ch,
-            None => channel.insert(C::take().map_err(on(Side::Balancer))?),
-        };
-        let filled = match ch.fill(src) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if let Some(ch) = channel.take() {
-                    ch.give_back();
+    /// Held while data keeps coming; handed back as soon as the source runs dry.
+    channel: Option<C>,
+    /// Size of the chunk in the channel, and how much of it is still unwritten.
+    chunk: usize,
+    pending: usize,
+    /// Whether the last chunk looked like bulk transfer (see `Auto`).
+    bulk: bool,
+    done: bool,
+}
+
+impl<C: Channel> Direction<C> {
+    fn new(src_side: Side, dst_side: Side) -> Self {
+        Direction {
+            src_side,
+            dst_side,
+            channel: None,
+            chunk: 0,
+            pending: 0,
+            bulk: false,
+            done: false,
+        }
+    }
+
+    fn fail(&self, side: Side) -> impl FnOnce(io::Error) -> PumpError {
+        move |error| PumpError { side, error }
+    }
+
+    fn give_back_channel(&mut self) {
+        if let Some(ch) = self.channel.take() {
+            ch.give_back();
+        }
+    }
+
+    /// Moves what it can; `Ready(Ok)` once `src` has sent EOF and it was passed on.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &TcpStream,
+        dst: &TcpStream,
+        count: &dyn Fn(u64),
+    ) -> Poll<Result<(), PumpError>> {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if self.pending > 0 {
+                let ch = self.channel.as_mut().expect("unwritten bytes sit in a channel");
+                match ch.drain(dst, self.pending) {
+                    Ok(0) => return Poll::Ready(Err(self.fail(self.dst_side)(io::ErrorKind::WriteZero.into()))),
+                    Ok(n) => {
+                        self.pending -= n;
+                        if self.pending == 0 {
+                            self.chunk_written(count);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        ready!(dst.poll_write_ready(cx)).map_err(self.fail(self.dst_side))?;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Poll::Ready(Err(self.fail(self.dst_side)(e))),
                 }
                 continue;
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(on(src_side)(e)),
-        };
-        let mut left = filled;
-        while left > 0 {
-            match ch.drain(dst, left) {
-                Ok(0) => return Err(on(dst_side)(io::ErrorKind::WriteZero.into())),
-                Ok(n) => left -= n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await.map_err(on(dst_side))?,
+            ready!(src.poll_read_ready(cx)).map_err(self.fail(self.src_side))?;
+            let ch = match &mut self.channel {
+                Some(ch) => ch,
+                None => self
+                    .channel
+                    .insert(C::take(self.bulk).map_err(self.fail(Side::Balancer))?),
+            };
+            match ch.fill(src) {
+                Ok(0) => return Poll::Ready(self.finish(dst)),
+                Ok(n) => (self.chunk, self.pending) = (n, n),
+                // Readiness is cleared: the next poll_read_ready registers for a wake-up.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.give_back_channel(),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(on(dst_side)(e)),
+                Err(e) => return Poll::Ready(Err(self.fail(self.src_side)(e))),
             }
         }
-        count(filled as u64);
     }
-    if let Some(ch) = channel.take() {
-        ch.give_back();
+
+    fn chunk_written(&mut self, count: &dyn Fn(u64)) {
+        count(self.chunk as u64);
+        let looks_bulk = if self.bulk {
+            self.chunk > SMALL_CHUNK
+        } else {
+            self.chunk >= BULK_CHUNK
+        };
+        if looks_bulk != self.bulk {
+            self.bulk = looks_bulk;
+            // The channel is empty: the next chunk takes the kind that suits it.
+            self.give_back_channel();
+        }
     }
-    match SockRef::from(dst).shutdown(Shutdown::Write) {
-        Ok(()) => Ok(()),
-        // The other side already closed completely: nothing left to tell it.
-        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-        Err(e) => Err(on(dst_side)(e)),
+
+    fn finish(&mut self, dst: &TcpStream) -> Result<(), PumpError> {
+        self.give_back_channel();
+        self.done = true;
+        match SockRef::from(dst).shutdown(Shutdown::Write) {
+            Ok(()) => Ok(()),
+            // The other side already closed completely: nothing left to tell it.
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            Err(e) => Err(self.fail(self.dst_side)(e)),
+        }
     }
 }
 
@@ -142,8 +217,9 @@ async fn one_way<C: Channel>(
 /// `drain` never block: they return `WouldBlock` and clear the socket's
 /// readiness, so the loop can await it.
 trait Channel: Sized {
-    /// A channel from this thread's pool, or a new one.
-    fn take() -> io::Result<Self>;
+    /// A channel from this thread's pool, or a new one; `bulk` says whether
+    /// the last chunk of this direction was large.
+    fn take(bulk: bool) -> io::Result<Self>;
     /// Returns an empty channel to this thread's pool.
     fn give_back(self);
     /// Reads what `src` has, up to the channel's capacity; 0 means EOF.
@@ -164,12 +240,59 @@ struct Buffer {
 
 const BUFFER_SIZE: usize = 64 * 1024;
 
+/// A chunk at least this large switches a direction from copy to splice.
+const BULK_CHUNK: usize = 32 * 1024;
+/// A chunk no larger than this switches it back to copy.
+const SMALL_CHUNK: usize = 8 * 1024;
+
+/// `forwarding = "auto"`: small chunks (requests, responses, chatter) go
+/// through a buffer, where two plain syscalls are cheapest; once a direction
+/// moves big chunks it switches to splice, where the bytes stay in the kernel.
+/// HAProxy's `splice-auto` follows the same idea.
+#[cfg(target_os = "linux")]
+enum Auto {
+    Copy(Buffer),
+    Splice(splice::Pipe),
+}
+
+#[cfg(target_os = "linux")]
+impl Channel for Auto {
+    fn take(bulk: bool) -> io::Result<Self> {
+        Ok(if bulk {
+            Auto::Splice(splice::Pipe::take(bulk)?)
+        } else {
+            Auto::Copy(Buffer::take(bulk)?)
+        })
+    }
+
+    fn give_back(self) {
+        match self {
+            Auto::Copy(b) => b.give_back(),
+            Auto::Splice(p) => p.give_back(),
+        }
+    }
+
+    fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
+        match self {
+            Auto::Copy(b) => b.fill(src),
+            Auto::Splice(p) => p.fill(src),
+        }
+    }
+
+    fn drain(&mut self, dst: &TcpStream, len: usize) -> io::Result<usize> {
+        match self {
+            Auto::Copy(b) => b.drain(dst, len),
+            Auto::Splice(p) => p.drain(dst, len),
+        }
+    }
+}
+
 thread_local! {
     static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Channel for Buffer {
-    fn take() -> io::Result<Self> {
+    fn take(_bulk: bool) -> io::Result<Self> {
         let bytes = BUFFERS
             .with_borrow_mut(|pool| pool.pop())
             .unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
@@ -272,7 +395,7 @@ mod splice {
     }
 
     impl Channel for Pipe {
-        fn take() -> io::Result<Self> {
+        fn take(_bulk: bool) -> io::Result<Self> {
             match PIPES.with_borrow_mut(|pool| pool.pop()) {
                 Some(pipe) => Ok(pipe),
                 None => Pipe::new(),

@@ -1,0 +1,170 @@
+//! Admission: whether an accepted client may be served at all — the service's
+//! access lists, then the global, per-service and per-client connection
+//! limits. Decided at accept time, before any node is contacted; a refused
+//! client is closed at once, counted by reason, and logged at most once a
+//! second per service (with the number of refusals in between).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+
+use super::DataPlane;
+use crate::config::{ForwardMode, canonical};
+use crate::model::{Cluster, Refusal, ServiceFigures, ServiceGuard};
+
+/// What a connection task needs once its client is admitted. Dropping it
+/// releases the client's place under every limit.
+pub struct Admitted {
+    pub service: Arc<ServiceFigures>,
+    pub cluster: Arc<Cluster>,
+    pub forwarding: ForwardMode,
+    pub idle_timeout: Option<Duration>,
+    _global: GlobalGuard,
+    _service: ServiceGuard,
+    _client: Option<ClientGuard>,
+}
+
+/// Admits `client` to `service`, or says why not.
+pub fn admit(plane: &Arc<DataPlane>, service_name: &str, client: IpAddr) -> Result<Admitted, Refused> {
+    let snapshot = plane.snapshot.load();
+    let Some((service, cluster)) = snapshot.cluster_of(service_name) else {
+        return Err(Refused {
+            service: None,
+            reason: Refusal::NoNode,
+        });
+    };
+    let refuse = |reason| {
+        Err(Refused {
+            service: Some(service.figures.clone()),
+            reason,
+        })
+    };
+    let limits = &service.limits;
+    if !limits.admits(client) {
+        return refuse(Refusal::Denied);
+    }
+    let Some(global) = GlobalGuard::open(plane, snapshot.max_connections) else {
+        return refuse(Refusal::GlobalMaxConnections);
+    };
+    let Some(in_service) = service.figures.try_open(limits.max_connections) else {
+        return refuse(Refusal::MaxConnections);
+    };
+    let per_client = match limits.max_connections_per_client {
+        None => None,
+        Some(max) => match ClientGuard::open(&service.figures, canonical(client), max) {
+            Some(g) => Some(g),
+            None => return refuse(Refusal::MaxConnectionsPerClient),
+        },
+    };
+    Ok(Admitted {
+        service: service.figures.clone(),
+        cluster: cluster.clone(),
+        forwarding: snapshot.forwarding,
+        idle_timeout: limits.idle_timeout,
+        _global: global,
+        _service: in_service,
+        _client: per_client,
+    })
+}
+
+/// A refusal, with the service's figures to count it in.
+pub struct Refused {
+    pub service: Option<Arc<ServiceFigures>>,
+    pub reason: Refusal,
+}
+
+impl Refused {
+    /// Counts the refusal and logs it, at most once a second per service.
+    pub fn record(&self, service_name: &str, client: IpAddr) {
+        let Some(figures) = &self.service else { return };
+        figures.count_refused(self.reason);
+        log_refusal(figures, service_name, client, self.reason);
+    }
+}
+
+/// Logs a refusal unless one was logged for this service in the last second.
+pub fn log_refusal(figures: &ServiceFigures, service: &str, client: IpAddr, reason: Refusal) {
+    let now = process_millis();
+    let last = figures.last_refusal_log_ms.load(Relaxed);
+    if (last == 0 || now >= last + 1000)
+        && figures
+            .last_refusal_log_ms
+            .compare_exchange(last, now.max(1), Relaxed, Relaxed)
+            .is_ok()
+    {
+        let total: u64 = Refusal::ALL.iter().map(|r| figures.refused(*r)).sum();
+        warn!(
+            service,
+            reason = reason.name(),
+            "refused client {client} ({total} refusal(s) so far; logged at most once a second)"
+        );
+    }
+}
+
+/// Milliseconds since the first call: a cheap monotonic clock for rate limits.
+fn process_millis() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// A place under the global `max_connections`.
+struct GlobalGuard(Arc<AtomicU64>);
+
+impl GlobalGuard {
+    fn open(plane: &DataPlane, max: Option<u64>) -> Option<GlobalGuard> {
+        let before = plane.open_clients.fetch_add(1, Relaxed);
+        if max.is_some_and(|m| before >= m) {
+            plane.open_clients.fetch_sub(1, Relaxed);
+            return None;
+        }
+        Some(GlobalGuard(plane.open_clients.clone()))
+    }
+}
+
+impl Drop for GlobalGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A place under a service's `max_connections_per_client`.
+struct ClientGuard {
+    figures: Arc<ServiceFigures>,
+    client: IpAddr,
+}
+
+impl ClientGuard {
+    fn open(figures: &Arc<ServiceFigures>, client: IpAddr, max: u32) -> Option<ClientGuard> {
+        let mut table = lock(&figures.per_client);
+        let open = table.entry(client).or_insert(0);
+        if *open >= max {
+            return None;
+        }
+        *open += 1;
+        Some(ClientGuard {
+            figures: figures.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        let mut table = lock(&self.figures.per_client);
+        if let Some(open) = table.get_mut(&self.client) {
+            *open -= 1;
+            if *open == 0 {
+                table.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// A poisoned lock still holds consistent counts (each update is one statement).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

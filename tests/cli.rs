@@ -1,0 +1,314 @@
+//! The binary: `check` names every config problem with its line, `run`
+//! refuses a bad file, `forward` and `demo` work end to end, SIGTERM exits 0.
+
+mod common;
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::process::Command;
+
+use common::{BIN, Running};
+
+fn write_config(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+    f
+}
+
+fn check(text: &str) -> (bool, String) {
+    let f = write_config(text);
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(f.path())
+        .output()
+        .unwrap();
+    let msg = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), msg)
+}
+
+const GOOD: &str = r#"state_dir = "/tmp/pb-test-state"
+threads = 2
+shutdown_grace = "5s"
+
+[admin]
+listen = "127.0.0.1:9900"
+
+[defaults]
+connect_timeout = "3s"
+retry_interval = "10s"
+
+[[service]]
+name = "web"
+listen = ["127.0.0.1:8080", "127.0.0.1:30000-30009"]
+cluster = "blue"
+
+[[cluster]]
+name = "blue"
+algorithm = "round-robin"
+affinity = true
+affinity_ttl = "30d"
+
+[[cluster.node]]
+name = "a"
+address = "10.0.0.1:80"
+weight = 2
+fallover = "b"
+state = "green"
+
+[[cluster.node]]
+name = "b"
+address = "10.0.0.2"
+"#;
+
+#[test]
+fn check_accepts_the_interface_example() {
+    let (ok, msg) = check(GOOD);
+    assert!(ok, "{msg}");
+    assert!(
+        msg.contains("ok: 1 service(s) on 11 listening port(s), 1 cluster(s), 2 node(s)"),
+        "{msg}"
+    );
+}
+
+/// Each broken config, with what the error must say (key, bad value, line).
+#[test]
+fn check_names_every_problem_with_key_value_and_line() {
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "unknown key",
+            "[[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:1\"]\ncluster = \"blue\"\nport = 3\n",
+            &[":5:", "unknown field `port`"],
+        ),
+        (
+            "duplicate service",
+            &GOOD.replace(
+                "[[cluster]]",
+                "[[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:7\"]\ncluster = \"blue\"\n[[cluster]]",
+            ),
+            &[":18:", "name = \"web\"", "duplicate service name"],
+        ),
+        (
+            "duplicate cluster",
+            &format!(
+                "{GOOD}\n[[cluster]]\nname = \"blue\"\n[[cluster.node]]\nname = \"x\"\naddress = \"10.0.0.3:1\"\n"
+            ),
+            &[":35:", "name = \"blue\"", "duplicate cluster name"],
+        ),
+        (
+            "duplicate node",
+            &GOOD.replace("name = \"b\"", "name = \"a\""),
+            &[":31:", "\"a\"", "duplicate node name"],
+        ),
+        (
+            "missing cluster",
+            &GOOD.replace("cluster = \"blue\"", "cluster = \"green\""),
+            &[":15:", "cluster = \"green\"", "no [[cluster]] has this name"],
+        ),
+        (
+            "missing fallover node",
+            &GOOD.replace("fallover = \"b\"", "fallover = \"z\""),
+            &[":27:", "fallover = \"z\"", "no node of this cluster"],
+        ),
+        (
+            "fallover loop",
+            &format!("{GOOD}fallover = \"a\"\n"),
+            &[":27:", "forms a loop: a -> b -> a"],
+        ),
+        (
+            "self fallover",
+            &GOOD.replace("fallover = \"b\"", "fallover = \"a\""),
+            &[":27:", "its own fall-over"],
+        ),
+        (
+            "weight 0",
+            &GOOD.replace("weight = 2", "weight = 0"),
+            &[":26:", "weight = 0", "must be 1 to"],
+        ),
+        (
+            "overlapping listen",
+            &GOOD.replace("\"127.0.0.1:8080\"", "\"0.0.0.0:30005\""),
+            &[
+                ":14:",
+                "listen = \"127.0.0.1:30000-30009\"",
+                "overlaps 0.0.0.0:30005 of this service",
+            ],
+        ),
+        (
+            "bad duration",
+            &GOOD.replace("\"30d\"", "\"30 days\""),
+            &[":21:", "affinity_ttl = \"30 days\"", "unit"],
+        ),
+        (
+            "duration without unit",
+            &GOOD.replace("connect_timeout = \"3s\"", "connect_timeout = \"3\""),
+            &[":9:", "connect_timeout = \"3\"", "missing unit"],
+        ),
+        (
+            "reversed range",
+            &GOOD.replace("30000-30009", "30009-30000"),
+            &[":14:", "30009-30000", "reversed"],
+        ),
+        (
+            "port out of range",
+            &GOOD.replace("30000-30009", "30000-70000"),
+            &[":14:", "70000", "not a port number"],
+        ),
+        (
+            "bad listen address",
+            &GOOD.replace("127.0.0.1:8080", "localhost:8080"),
+            &[":14:", "localhost", "not an IP address"],
+        ),
+        (
+            "bad node address",
+            &GOOD.replace("10.0.0.1:80", "10.0.0.1:http"),
+            &[":25:", "10.0.0.1:http", "not a port number"],
+        ),
+        (
+            "unknown algorithm",
+            &GOOD.replace("round-robin", "fastest"),
+            &[":19:", "algorithm = \"fastest\"", "unknown algorithm"],
+        ),
+        (
+            "bad state",
+            &GOOD.replace("state = \"green\"", "state = \"blue\""),
+            &[":28:", "state = \"blue\"", "green, yellow or red"],
+        ),
+        (
+            "admin without token",
+            &GOOD.replace("listen = \"127.0.0.1:9900\"", "listen = \"0.0.0.0:9900\""),
+            &[":6:", "token is required"],
+        ),
+        (
+            "threads",
+            &GOOD.replace("threads = 2", "threads = -1"),
+            &[":2:", "threads = -1"],
+        ),
+        (
+            "empty listen",
+            &GOOD.replace(
+                "listen = [\"127.0.0.1:8080\", \"127.0.0.1:30000-30009\"]",
+                "listen = []",
+            ),
+            &[":14:", "at least one"],
+        ),
+        (
+            "cluster without nodes",
+            "[[cluster]]\nname = \"c\"\n",
+            &[":2:", "has no [[cluster.node]]"],
+        ),
+        (
+            "wrong type",
+            &GOOD.replace("weight = 2", "weight = \"two\""),
+            &[":26:", "invalid type"],
+        ),
+        ("not toml", "[[service]\n", &[":1:"]),
+    ];
+    let mut wrong = Vec::new();
+    for (what, text, expected) in cases {
+        let (ok, msg) = check(text);
+        if ok || !expected.iter().all(|e| msg.contains(e)) {
+            wrong.push(format!("{what}: expected {expected:?} in the error, got: {msg}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn check_reports_a_missing_file() {
+    let out = Command::new(BIN)
+        .args(["check", "--config", "/nonexistent/pb.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the file"));
+}
+
+#[test]
+fn run_refuses_to_start_with_a_bad_config() {
+    let f = write_config(&GOOD.replace("weight = 2", "weight = 0"));
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(f.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("weight = 0"));
+}
+
+fn fetch(addr: SocketAddr) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(common::PATIENCE)).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// Backends (on their own runtime thread) that send their name and close.
+fn name_backends(names: &[&'static str]) -> Vec<SocketAddr> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let addrs = rt.block_on(async {
+        let mut v = Vec::new();
+        for name in names {
+            v.push(common::name_backend(name).await);
+        }
+        v
+    });
+    std::thread::spawn(move || rt.block_on(std::future::pending::<()>()));
+    addrs
+}
+
+#[test]
+fn forward_round_robins_over_its_nodes() {
+    let nodes = name_backends(&["one", "two"]);
+    let proc = Running::spawn(&["forward", "127.0.0.1:0", &nodes[0].to_string(), &nodes[1].to_string()]);
+    let addr = proc.listen_addr();
+    let answers: Vec<String> = (0..4).map(|_| fetch(addr)).collect();
+    assert_eq!(answers, ["one", "two", "one", "two"]);
+}
+
+#[test]
+fn forward_refuses_a_bad_address() {
+    let out = Command::new(BIN)
+        .args(["forward", "127.0.0.1:0", "nowhere:port"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nowhere:port"));
+}
+
+#[test]
+fn run_serves_and_exits_0_on_sigterm_after_open_connections_finish() {
+    let nodes = name_backends(&["a"]);
+    let text = format!(
+        "shutdown_grace = \"30s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"s\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"c\"\n\
+         [[cluster]]\nname = \"c\"\n[[cluster.node]]\nname = \"a\"\naddress = \"{}\"\n",
+        nodes[0]
+    );
+    let f = write_config(&text);
+    let mut proc = Running::spawn(&["run", "--config", f.path().to_str().unwrap()]);
+    let addr = proc.listen_addr();
+    assert_eq!(fetch(addr), "a");
+    proc.wait_for("protobalance::access");
+    proc.signal(libc::SIGTERM);
+    assert_eq!(proc.wait_exit().code(), Some(0));
+}
+
+#[test]
+fn demo_answers_from_alternating_backends_through_the_printed_curl_line() {
+    let proc = Running::spawn(&["demo", "--listen", "127.0.0.1:0"]);
+    proc.wait_for("Proto Balance demo");
+    let line = proc.wait_for("Try:");
+    let command = line.trim_start_matches("Try:").trim();
+    let out = Command::new("bash")
+        .args(["-c", command])
+        .output()
+        .expect("bash runs the printed line");
+    let answers = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines: Vec<&str> = answers.lines().collect();
+    assert_eq!(
+        lines,
+        [1, 2, 3, 1, 2, 3].map(|n| format!("hello from backend {n}")),
+        "curl output: {answers}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

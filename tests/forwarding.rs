@@ -1,0 +1,468 @@
+//! Forwarding through real sockets: byte-exactness on both pump paths,
+//! half-close, reset propagation, weights, connect timeouts, port ranges and
+//! graceful shutdown.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use protobalance::config::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+const TEN_MB: usize = 10 * 1024 * 1024;
+
+/// A backend that receives until EOF (reported through the channel) while
+/// sending `reply`, then closes.
+async fn exchange_backend(reply: Vec<u8>) -> (SocketAddr, tokio::sync::mpsc::Receiver<Vec<u8>>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let reply = std::sync::Arc::new(reply);
+    let addr = serve(move |mut s| {
+        let (tx, reply) = (tx.clone(), reply.clone());
+        async move {
+            let (mut r, mut w) = s.split();
+            let mut got = Vec::new();
+            let (read, write) = tokio::join!(r.read_to_end(&mut got), async {
+                w.write_all(&reply).await?;
+                w.shutdown().await
+            });
+            read.expect("backend reads until EOF");
+            write.expect("backend writes its reply");
+            let _ = tx.send(got).await;
+        }
+    })
+    .await;
+    (addr, rx)
+}
+
+async fn ten_mb_each_way(forwarding: &str) {
+    let upstream = random_bytes(TEN_MB);
+    let downstream = random_bytes(TEN_MB);
+    let (node, mut received) = exchange_backend(downstream.clone()).await;
+    let cfg = one_service(&[("a", node, 1)], "");
+    let cfg = Config {
+        forwarding: forwarding_mode(forwarding),
+        ..cfg
+    };
+    let (server, addr) = start(&cfg).await;
+
+    let client = TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = client.into_split();
+    let (sent, got) = within("10 MB each way", async {
+        tokio::join!(
+            async {
+                w.write_all(&upstream).await.unwrap();
+                w.shutdown().await.unwrap();
+            },
+            async {
+                let mut got = Vec::with_capacity(TEN_MB);
+                r.read_to_end(&mut got).await.unwrap();
+                got
+            }
+        )
+    })
+    .await;
+    let () = sent;
+    assert!(
+        got == downstream,
+        "node → client bytes differ ({} of {} bytes)",
+        got.len(),
+        TEN_MB
+    );
+    let at_node = within("backend report", received.recv()).await.unwrap();
+    assert!(
+        at_node == upstream,
+        "client → node bytes differ ({} of {} bytes)",
+        at_node.len(),
+        TEN_MB
+    );
+
+    let snap = server.snapshot();
+    let figures = &snap.clusters["pool"].nodes[0].figures;
+    assert_eq!(figures.bytes_in(), TEN_MB as u64);
+    assert_eq!(figures.bytes_out(), TEN_MB as u64);
+    server.shutdown(PATIENCE).await;
+}
+
+fn forwarding_mode(name: &str) -> protobalance::config::ForwardMode {
+    match name {
+        "auto" => protobalance::config::ForwardMode::Auto,
+        "splice" => protobalance::config::ForwardMode::Splice,
+        "copy" => protobalance::config::ForwardMode::Copy,
+        other => panic!("no forwarding mode {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_mb_each_way_byte_exact_with_splice() {
+    ten_mb_each_way("splice").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_mb_each_way_byte_exact_with_copy() {
+    ten_mb_each_way("copy").await;
+}
+
+/// `auto` starts each direction on the copy path and moves to splice once
+/// chunks grow: 10 MB crosses both paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_mb_each_way_byte_exact_with_auto() {
+    ten_mb_each_way("auto").await;
+}
+
+#[test]
+fn forwarding_key_selects_the_path() {
+    let text = "forwarding = \"copy\"\n[[service]]\nname = \"s\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"c\"\n\
+                [[cluster]]\nname = \"c\"\n[[cluster.node]]\nname = \"n\"\naddress = \"127.0.0.1:1\"\n";
+    assert_eq!(config(text).forwarding, protobalance::config::ForwardMode::Copy);
+    assert_eq!(
+        config(&text.replace("copy", "splice")).forwarding,
+        protobalance::config::ForwardMode::Splice
+    );
+}
+
+async fn client_half_close(forwarding: &str) {
+    // The client sends, shuts down its write side, and still gets the reply
+    // that the node sends only after seeing EOF.
+    let node = serve(|mut s| async move {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        s.write_all(format!("got {} bytes after your EOF", got.len()).as_bytes())
+            .await
+            .unwrap();
+    })
+    .await;
+    let cfg = Config {
+        forwarding: forwarding_mode(forwarding),
+        ..one_service(&[("a", node, 1)], "")
+    };
+    let (server, addr) = start(&cfg).await;
+    let reply = within("client half-close", async {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"hello").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).await.unwrap();
+        reply
+    })
+    .await;
+    assert_eq!(reply, "got 5 bytes after your EOF");
+    server.shutdown(PATIENCE).await;
+}
+
+async fn node_half_close(forwarding: &str) {
+    // The node greets and shuts down its write side; the client reads EOF,
+    // then answers, and the node still receives the answer.
+    let (tx, rx) = oneshot::channel::<String>();
+    let tx = std::sync::Mutex::new(Some(tx));
+    let node = serve(move |mut s| {
+        let tx = tx.lock().unwrap().take();
+        async move {
+            s.write_all(b"greeting").await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut got = String::new();
+            s.read_to_string(&mut got).await.unwrap();
+            if let Some(tx) = tx {
+                let _ = tx.send(got);
+            }
+        }
+    })
+    .await;
+    let cfg = Config {
+        forwarding: forwarding_mode(forwarding),
+        ..one_service(&[("a", node, 1)], "")
+    };
+    let (server, addr) = start(&cfg).await;
+    within("node half-close", async {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut greeting = String::new();
+        s.read_to_string(&mut greeting).await.unwrap();
+        assert_eq!(greeting, "greeting");
+        s.write_all(b"answer after your EOF").await.unwrap();
+        s.shutdown().await.unwrap();
+        assert_eq!(rx.await.unwrap(), "answer after your EOF");
+    })
+    .await;
+    server.shutdown(PATIENCE).await;
+}
+
+#[tokio::test]
+async fn client_half_close_propagates_splice() {
+    client_half_close("splice").await;
+}
+
+#[tokio::test]
+async fn client_half_close_propagates_auto() {
+    client_half_close("auto").await;
+}
+
+#[tokio::test]
+async fn client_half_close_propagates_copy() {
+    client_half_close("copy").await;
+}
+
+#[tokio::test]
+async fn node_half_close_propagates_splice() {
+    node_half_close("splice").await;
+}
+
+#[tokio::test]
+async fn node_half_close_propagates_copy() {
+    node_half_close("copy").await;
+}
+
+/// Resets a stream: close with SO_LINGER 0 sends RST.
+fn reset(s: TcpStream) {
+    socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(s);
+}
+
+async fn client_reset_reaches_node(forwarding: &str) {
+    let (tx, rx) = oneshot::channel::<std::io::Result<usize>>();
+    let tx = std::sync::Mutex::new(Some(tx));
+    let node = serve(move |mut s| {
+        let tx = tx.lock().unwrap().take();
+        async move {
+            s.write_all(b"ready").await.unwrap();
+            let mut buf = [0u8; 16];
+            let r = s.read(&mut buf).await;
+            if let Some(tx) = tx {
+                let _ = tx.send(r);
+            }
+        }
+    })
+    .await;
+    let cfg = Config {
+        forwarding: forwarding_mode(forwarding),
+        ..one_service(&[("a", node, 1)], "")
+    };
+    let (server, addr) = start(&cfg).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 5];
+    within("greeting", s.read_exact(&mut buf)).await.unwrap();
+    reset(s);
+    let seen = within("node sees the reset", rx).await.unwrap();
+    assert_eq!(seen.map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionReset));
+    server.shutdown(PATIENCE).await;
+}
+
+async fn node_reset_reaches_client(forwarding: &str) {
+    let node = serve(|mut s| async move {
+        s.write_all(b"ready").await.unwrap();
+        let mut buf = [0u8; 1];
+        let _ = s.read(&mut buf).await; // the client's go-ahead
+        reset(s);
+    })
+    .await;
+    let cfg = Config {
+        forwarding: forwarding_mode(forwarding),
+        ..one_service(&[("a", node, 1)], "")
+    };
+    let (server, addr) = start(&cfg).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 5];
+    within("greeting", s.read_exact(&mut buf)).await.unwrap();
+    s.write_all(b"!").await.unwrap();
+    let r = within("client sees the reset", s.read(&mut buf)).await;
+    assert_eq!(r.map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionReset));
+    server.shutdown(PATIENCE).await;
+}
+
+#[tokio::test]
+async fn client_reset_propagates_splice() {
+    client_reset_reaches_node("splice").await;
+}
+
+#[tokio::test]
+async fn client_reset_propagates_copy() {
+    client_reset_reaches_node("copy").await;
+}
+
+#[tokio::test]
+async fn node_reset_propagates_splice() {
+    node_reset_reaches_client("splice").await;
+}
+
+#[tokio::test]
+async fn node_reset_propagates_auto() {
+    node_reset_reaches_client("auto").await;
+}
+
+#[tokio::test]
+async fn node_reset_propagates_copy() {
+    node_reset_reaches_client("copy").await;
+}
+
+#[tokio::test]
+async fn weights_3_to_1_over_400_connections_interleaved() {
+    let a = name_backend("a").await;
+    let b = name_backend("b").await;
+    let (server, addr) = start(&one_service(&[("a", a, 3), ("b", b, 1)], "algorithm = \"round-robin\"")).await;
+    let mut order = String::new();
+    for _ in 0..400 {
+        order.push_str(&read_all(addr).await);
+    }
+    assert_eq!(order.len(), 400, "every connection got an answer");
+    assert_eq!(order.matches('a').count(), 300);
+    for (i, window) in order.as_bytes().chunks(4).enumerate() {
+        assert_eq!(
+            window.iter().filter(|&&c| c == b'a').count(),
+            3,
+            "window {i}: {:?}",
+            order.get(i * 4..i * 4 + 4)
+        );
+    }
+    server.shutdown(PATIENCE).await;
+}
+
+/// A listener that never accepts, its accept queue already full: a connect to
+/// it gets no answer at all (the kernel drops the SYN).
+fn full_accept_queue() -> (std::net::TcpListener, Vec<socket2::Socket>, SocketAddr) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let listener: std::net::TcpListener = socket.into();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..16 {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        match s.connect_timeout(&addr.into(), Duration::from_millis(300)) {
+            Ok(()) => fillers.push(s),
+            Err(_) => return (listener, fillers, addr), // this one got no answer: the queue is full
+        }
+    }
+    panic!("the accept queue of a backlog-0 listener never filled");
+}
+
+#[tokio::test]
+async fn node_that_never_accepts_is_skipped_after_connect_timeout() {
+    let (_stuck, _fillers, stuck) = full_accept_queue();
+    let good = name_backend("good").await;
+    let cfg = one_service(&[("stuck", stuck, 1), ("good", good, 1)], "connect_timeout = \"300ms\"");
+    let (server, addr) = start(&cfg).await;
+    // Round robin offers "stuck" first to one of the first two clients.
+    for _ in 0..2 {
+        assert_eq!(read_all(addr).await, "good");
+    }
+    let snap = server.snapshot();
+    assert!(snap.clusters["pool"].node("stuck").unwrap().figures.connect_failures() >= 1);
+    server.shutdown(PATIENCE).await;
+}
+
+#[tokio::test]
+async fn refused_node_is_skipped_and_no_node_closes_the_client() {
+    let good = name_backend("good").await;
+    let (server, addr) = start(&one_service(&[("dead", dead_addr(), 1), ("good", good, 1)], "")).await;
+    for _ in 0..4 {
+        assert_eq!(read_all(addr).await, "good");
+    }
+    server.shutdown(PATIENCE).await;
+
+    let (server, addr) = start(&one_service(
+        &[("dead1", dead_addr(), 1), ("dead2", dead_addr(), 1)],
+        "",
+    ))
+    .await;
+    assert_eq!(
+        read_all(addr).await,
+        "",
+        "the client is closed when no node can take it"
+    );
+    let snap = server.snapshot();
+    assert_eq!(
+        snap.services["svc"]
+            .figures
+            .refused(protobalance::model::Refusal::NoNode),
+        1
+    );
+    server.shutdown(PATIENCE).await;
+}
+
+#[tokio::test]
+async fn port_range_forwards_each_port_to_the_same_port_on_the_node() {
+    // Three consecutive free ports on 127.0.0.2 (the node) and 127.0.0.1 (us).
+    let mut found = None;
+    for attempt in 0..50u16 {
+        let base = 41_000 + attempt * 17;
+        let nodes: Vec<_> = (0..3)
+            .filter_map(|i| std::net::TcpListener::bind(("127.0.0.2", base + i)).ok())
+            .collect();
+        let ours_free = (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        if nodes.len() == 3 && ours_free {
+            found = Some((base, nodes));
+            break;
+        }
+    }
+    let (base, node_listeners) = found.expect("three free consecutive ports");
+    for l in node_listeners {
+        l.set_nonblocking(true).unwrap();
+        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let port = s.local_addr().unwrap().port();
+                let _ = s.write_all(format!("port {port}").as_bytes()).await;
+            }
+        });
+    }
+    let text = format!(
+        "[[service]]\nname = \"svc\"\nlisten = [\"127.0.0.1:{base}-{}\"]\ncluster = \"pool\"\n\
+         [[cluster]]\nname = \"pool\"\n[[cluster.node]]\nname = \"n\"\naddress = \"127.0.0.2\"\n",
+        base + 2
+    );
+    let server = protobalance::server::Server::start(&config(&text)).await.unwrap();
+    assert_eq!(server.listen_addrs().len(), 3);
+    for port in base..=base + 2 {
+        assert_eq!(
+            read_all(SocketAddr::from(([127, 0, 0, 1], port))).await,
+            format!("port {port}")
+        );
+    }
+    server.shutdown(PATIENCE).await;
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_lets_open_connections_finish() {
+    let node = echo_backend().await;
+    let (server, addr) = start(&one_service(&[("a", node, 1)], "")).await;
+    let mut open = TcpStream::connect(addr).await.unwrap();
+    open.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    within("echo", open.read_exact(&mut buf)).await.unwrap();
+
+    let stopping = tokio::spawn(server.shutdown(PATIENCE));
+    // New clients are refused once the listener is closed.
+    within("listener closes", async {
+        while TcpStream::connect(addr).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    // The open connection still works, then ends normally.
+    open.write_all(b"pong").await.unwrap();
+    within("echo after shutdown began", open.read_exact(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(&buf, b"pong");
+    open.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    within("EOF", open.read_to_end(&mut rest)).await.unwrap();
+    assert_eq!(within("shutdown", stopping).await.unwrap(), 0, "nothing had to be cut");
+}
+
+#[tokio::test]
+async fn shutdown_cuts_connections_still_open_after_the_grace_period() {
+    let node = echo_backend().await;
+    let (server, addr) = start(&one_service(&[("a", node, 1)], "")).await;
+    let mut open = TcpStream::connect(addr).await.unwrap();
+    open.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    within("echo", open.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(within("shutdown", server.shutdown(Duration::from_millis(100))).await, 1);
+    let mut rest = Vec::new();
+    assert_eq!(within("cut", open.read_to_end(&mut rest)).await.unwrap(), 0);
+}

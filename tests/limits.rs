@@ -1,0 +1,231 @@
+//! Admission and limits through real sockets: per-service, global and
+//! per-client connection limits, allow/deny lists (IPv4 and IPv6), and the
+//! idle timeout.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use protobalance::model::Refusal;
+use protobalance::server::Server;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// A node that greets with "hi" and then holds the connection until the client closes.
+async fn holding_backend() -> SocketAddr {
+    serve(|mut s| async move {
+        let _ = s.write_all(b"hi").await;
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink).await;
+    })
+    .await
+}
+
+fn service_config(node: SocketAddr, listen: &str, service_keys: &str, top: &str) -> protobalance::config::Config {
+    config(&format!(
+        "{top}\n[[service]]\nname = \"svc\"\nlisten = [\"{listen}\"]\ncluster = \"pool\"\n{service_keys}\n\
+         [[cluster]]\nname = \"pool\"\n[[cluster.node]]\nname = \"a\"\naddress = \"{node}\"\n"
+    ))
+}
+
+/// Connects from `source` (any port) and reads the greeting: `Some(stream)`
+/// when admitted, `None` when the balancer closed the connection at once.
+async fn try_client(addr: SocketAddr, source: &str) -> Option<TcpStream> {
+    within("client", async {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .unwrap();
+        socket
+            .bind(
+                format!("{source}:0")
+                    .parse::<SocketAddr>()
+                    .unwrap_or_else(|_| format!("[{source}]:0").parse().unwrap()),
+            )
+            .unwrap();
+        let mut s = socket.connect(addr).await.unwrap();
+        let mut greeting = [0u8; 2];
+        match s.read_exact(&mut greeting).await {
+            Ok(_) => {
+                assert_eq!(&greeting, b"hi");
+                Some(s)
+            }
+            Err(_) => None,
+        }
+    })
+    .await
+}
+
+/// Retries until a client is admitted (a slot frees once the balancer has
+/// finished the connection that held it).
+async fn admitted_eventually(addr: SocketAddr, source: &str) -> TcpStream {
+    within("a slot frees", async {
+        loop {
+            if let Some(s) = try_client(addr, source).await {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+fn refused(server: &Server, reason: Refusal) -> u64 {
+    server.snapshot().services["svc"].figures.refused(reason)
+}
+
+#[tokio::test]
+async fn service_max_connections() {
+    let node = holding_backend().await;
+    let server = Server::start(&service_config(node, "127.0.0.1:0", "max_connections = 2", ""))
+        .await
+        .unwrap();
+    let addr = server.addr_of("svc").unwrap();
+    let first = try_client(addr, "127.0.0.1").await.expect("first admitted");
+    let _second = try_client(addr, "127.0.0.1").await.expect("second admitted");
+    assert!(try_client(addr, "127.0.0.1").await.is_none(), "third refused");
+    assert_eq!(refused(&server, Refusal::MaxConnections), 1);
+    drop(first);
+    let _again = admitted_eventually(addr, "127.0.0.1").await;
+    server.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn global_max_connections_spans_services() {
+    let node = holding_backend().await;
+    let text = format!(
+        "max_connections = 2\n\
+         [[service]]\nname = \"svc\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"pool\"\n\
+         [[service]]\nname = \"other\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"pool\"\n\
+         [[cluster]]\nname = \"pool\"\n[[cluster.node]]\nname = \"a\"\naddress = \"{node}\"\n"
+    );
+    let server = Server::start(&config(&text)).await.unwrap();
+    let (svc, other) = (server.addr_of("svc").unwrap(), server.addr_of("other").unwrap());
+    let _a = try_client(svc, "127.0.0.1").await.expect("admitted");
+    let _b = try_client(other, "127.0.0.1").await.expect("admitted");
+    assert!(try_client(svc, "127.0.0.1").await.is_none());
+    assert!(try_client(other, "127.0.0.1").await.is_none());
+    assert_eq!(refused(&server, Refusal::GlobalMaxConnections), 1);
+    server.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn max_connections_per_client_ip() {
+    let node = holding_backend().await;
+    let server = Server::start(&service_config(
+        node,
+        "127.0.0.1:0",
+        "max_connections_per_client = 1",
+        "",
+    ))
+    .await
+    .unwrap();
+    let addr = server.addr_of("svc").unwrap();
+    let first = try_client(addr, "127.0.0.1").await.expect("admitted");
+    assert!(
+        try_client(addr, "127.0.0.1").await.is_none(),
+        "a second from the same IP is refused"
+    );
+    let _other_ip = try_client(addr, "127.0.0.2").await.expect("another IP is admitted");
+    assert_eq!(refused(&server, Refusal::MaxConnectionsPerClient), 1);
+    drop(first);
+    let _again = admitted_eventually(addr, "127.0.0.1").await;
+    server.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn allow_and_deny_lists_ipv4() {
+    let node = holding_backend().await;
+    let keys = "allow = [\"127.0.0.0/8\"]\ndeny = [\"127.0.0.3\", \"127.0.9.0/24\"]";
+    let server = Server::start(&service_config(node, "127.0.0.1:0", keys, ""))
+        .await
+        .unwrap();
+    let addr = server.addr_of("svc").unwrap();
+    assert!(try_client(addr, "127.0.0.2").await.is_some());
+    assert!(try_client(addr, "127.0.0.3").await.is_none());
+    assert!(try_client(addr, "127.0.9.77").await.is_none());
+    assert_eq!(refused(&server, Refusal::Denied), 2);
+    server.shutdown(Duration::ZERO).await;
+
+    let server = Server::start(&service_config(node, "127.0.0.1:0", "allow = [\"127.0.0.2/32\"]", ""))
+        .await
+        .unwrap();
+    let addr = server.addr_of("svc").unwrap();
+    assert!(try_client(addr, "127.0.0.1").await.is_none(), "outside allow");
+    assert!(try_client(addr, "127.0.0.2").await.is_some(), "inside allow");
+    server.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn allow_and_deny_lists_ipv6() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("SKIPPED: this machine has no IPv6 loopback");
+        return;
+    }
+    let node = holding_backend().await;
+    let server = Server::start(&service_config(node, "[::1]:0", "allow = [\"::1/128\"]", ""))
+        .await
+        .unwrap();
+    assert!(try_client(server.addr_of("svc").unwrap(), "::1").await.is_some());
+    server.shutdown(Duration::ZERO).await;
+    let server = Server::start(&service_config(node, "[::1]:0", "deny = [\"::/0\"]", ""))
+        .await
+        .unwrap();
+    assert!(try_client(server.addr_of("svc").unwrap(), "::1").await.is_none());
+    server.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn idle_timeout_closes_silent_connections_only() {
+    let node = holding_backend().await;
+    let server = Server::start(&service_config(node, "127.0.0.1:0", "idle_timeout = \"1s\"", ""))
+        .await
+        .unwrap();
+    let addr = server.addr_of("svc").unwrap();
+
+    // One client stays busy, a byte every 100 ms for 3 s: never idle for 1 s.
+    let busy = tokio::spawn(async move {
+        let mut s = try_client(addr, "127.0.0.1").await.expect("admitted");
+        for _ in 0..30 {
+            s.write_all(b".").await.expect("the busy connection stays open");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        s
+    });
+    // Another says nothing: the balancer closes it.
+    let mut silent = try_client(addr, "127.0.0.1").await.expect("admitted");
+    let mut rest = Vec::new();
+    assert_eq!(within("idle close", silent.read_to_end(&mut rest)).await.unwrap(), 0);
+
+    let mut s = within("busy client", busy).await.unwrap();
+    s.write_all(b"still here").await.unwrap();
+    server.shutdown(Duration::ZERO).await;
+}
+
+#[test]
+fn limit_keys_are_validated() {
+    let bad = [
+        ("max_connections = 0", "must be 1 or more"),
+        ("max_connections_per_client = -2", "must be 1 or more"),
+        ("idle_timeout = \"0s\"", "above zero"),
+        ("idle_timeout = \"soon\"", "idle_timeout"),
+        ("allow = [\"10.0.0.0/33\"]", "expected an address or a network"),
+        ("deny = [\"example.com\"]", "expected an address or a network"),
+    ];
+    for (keys, expected) in bad {
+        let text = format!(
+            "[[service]]\nname = \"svc\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"pool\"\n{keys}\n\
+             [[cluster]]\nname = \"pool\"\n[[cluster.node]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n"
+        );
+        let err = protobalance::config::Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(err.contains(expected) && err.contains(":5:"), "{keys}: {err}");
+    }
+    let global = protobalance::config::Config::parse("max_connections = 0\n", "t")
+        .unwrap_err()
+        .to_string();
+    assert!(global.contains("t:1: max_connections = 0"), "{global}");
+}
