@@ -87,7 +87,14 @@ struct Control {
     redirects: BTreeMap<String, String>,
 }
 
+/// A handle on the running balancer. Clones share it: the admin API holds one.
+#[derive(Clone)]
 pub struct Server {
+    shared: Arc<Shared>,
+}
+
+/// What every handle of one balancer shares.
+struct Shared {
     plane: Arc<DataPlane>,
     listeners: Mutex<Vec<Listener>>,
     accept_loops: TaskTracker,
@@ -103,7 +110,7 @@ pub struct Server {
 impl Server {
     /// Binds every listener of `config` and starts accepting. Fails, having
     /// started nothing, if any address cannot be bound.
-    pub async fn start(config: &Config) -> Result<Arc<Server>, StartError> {
+    pub async fn start(config: &Config) -> Result<Server, StartError> {
         let plane = Arc::new(DataPlane {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
             cut_all: CancellationToken::new(),
@@ -111,27 +118,29 @@ impl Server {
             open_clients: Default::default(),
         });
         let server = Server {
-            plane,
-            listeners: Mutex::new(Vec::new()),
-            accept_loops: TaskTracker::new(),
-            control: tokio::sync::Mutex::new(Control {
-                file: config.clone(),
-                redirects: BTreeMap::new(),
+            shared: Arc::new(Shared {
+                plane,
+                listeners: Mutex::new(Vec::new()),
+                accept_loops: TaskTracker::new(),
+                control: tokio::sync::Mutex::new(Control {
+                    file: config.clone(),
+                    redirects: BTreeMap::new(),
+                }),
+                config_path: OnceLock::new(),
+                admin_token: ArcSwap::from_pointee(config.admin.token.clone()),
+                admin_stop: CancellationToken::new(),
             }),
-            config_path: OnceLock::new(),
-            admin_token: ArcSwap::from_pointee(config.admin.token.clone()),
-            admin_stop: CancellationToken::new(),
         };
         let keys = crate::config::diff::listeners(config);
         let bound = bind_all(keys.iter())?;
         server.start_listeners(bound);
-        Ok(Arc::new(server))
+        Ok(server)
     }
 
     /// Starts the admin API on the config's `[admin] listen` and returns the
     /// bound address. It stops at [`Server::shutdown`].
-    pub async fn start_admin(self: &Arc<Self>) -> Result<SocketAddr, StartError> {
-        let addr = self.control.lock().await.file.admin.listen;
+    pub async fn start_admin(&self) -> Result<SocketAddr, StartError> {
+        let addr = self.shared.control.lock().await.file.admin.listen;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::AdminBind { addr, source })?;
@@ -139,13 +148,17 @@ impl Server {
             .local_addr()
             .map_err(|source| StartError::AdminBind { addr, source })?;
         info!("admin listening on {bound}");
-        tokio::spawn(crate::admin::serve(listener, self.clone(), self.admin_stop.clone()));
+        tokio::spawn(crate::admin::serve(
+            listener,
+            self.clone(),
+            self.shared.admin_stop.clone(),
+        ));
         Ok(bound)
     }
 
     /// The run-time redirects in force: service → the file's cluster it overrides.
     pub async fn redirects(&self) -> BTreeMap<String, String> {
-        let control = self.control.lock().await;
+        let control = self.shared.control.lock().await;
         control
             .redirects
             .keys()
@@ -158,40 +171,40 @@ impl Server {
 
     /// Remembers the file that [`Server::reload`] re-reads.
     pub fn set_config_path(&self, path: PathBuf) {
-        let _ = self.config_path.set(path);
+        let _ = self.shared.config_path.set(path);
     }
 
     /// The admin token in force now (a reload may change it).
     pub fn admin_token(&self) -> Arc<Option<String>> {
-        self.admin_token.load_full()
+        self.shared.admin_token.load_full()
     }
 
     /// Every listening address, with its service (ports chosen by the kernel resolved).
     pub fn listen_addrs(&self) -> Vec<(String, SocketAddr)> {
-        let listeners = self.listeners.lock().expect("listeners lock");
+        let listeners = self.shared.listeners.lock().expect("listeners lock");
         listeners.iter().map(|l| (l.service.to_string(), l.addr)).collect()
     }
 
     /// The first listening address of `service`.
     pub fn addr_of(&self, service: &str) -> Option<SocketAddr> {
-        let listeners = self.listeners.lock().expect("listeners lock");
+        let listeners = self.shared.listeners.lock().expect("listeners lock");
         listeners.iter().find(|l| &*l.service == service).map(|l| l.addr)
     }
 
     /// The snapshot the data plane uses now.
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.plane.snapshot.load_full()
+        self.shared.plane.snapshot.load_full()
     }
 
     /// Connections being served now.
     pub fn open_connections(&self) -> usize {
-        self.plane.connections.len()
+        self.shared.plane.connections.len()
     }
 
     /// Sets a node's state. The one place where a state changes at run time:
     /// the admin API and reloads both come here.
     pub fn set_node_state(&self, cluster: &str, node: &str, state: NodeState) -> Result<(), ControlError> {
-        let snapshot = self.plane.snapshot.load();
+        let snapshot = self.shared.plane.snapshot.load();
         let c = snapshot
             .clusters
             .get(cluster)
@@ -208,7 +221,7 @@ impl Server {
     /// Moves `service`'s new connections to `cluster` (a controller redirect);
     /// open connections keep their node. Naming the file's cluster reverts.
     pub async fn set_service_cluster(&self, service: &str, cluster: &str) -> Result<(), ControlError> {
-        let mut control = self.control.lock().await;
+        let mut control = self.shared.control.lock().await;
         let file_cluster = control
             .file
             .services
@@ -231,8 +244,8 @@ impl Server {
 
     /// Re-reads the config file (SIGHUP, `POST /api/v1/reload`).
     pub async fn reload(&self) -> Result<ReloadReport, ControlError> {
-        let path = self.config_path.get().ok_or(ControlError::NoConfigFile)?.clone();
-        let mut control = self.control.lock().await;
+        let path = self.shared.config_path.get().ok_or(ControlError::NoConfigFile)?.clone();
+        let mut control = self.shared.control.lock().await;
         // Reading the file and resolving node names block: off the runtime.
         let source_name = path.display().to_string();
         let config = tokio::task::spawn_blocking(move || Config::load(&path))
@@ -283,12 +296,14 @@ impl Server {
 
         control.file = new;
         self.publish(control);
-        self.admin_token.store(Arc::new(control.file.admin.token.clone()));
+        self.shared
+            .admin_token
+            .store(Arc::new(control.file.admin.token.clone()));
         for (cluster, node, state) in states_changed {
             // The node is in the snapshot just published: this cannot fail.
             let _ = self.set_node_state(&cluster, &node, state);
         }
-        self.listeners.lock().expect("listeners lock").retain(|l| {
+        self.shared.listeners.lock().expect("listeners lock").retain(|l| {
             let closing = listeners
                 .close
                 .iter()
@@ -329,24 +344,25 @@ impl Server {
                 service.cluster.clone_from(target);
             }
         }
-        let current = self.plane.snapshot.load();
-        self.plane
+        let current = self.shared.plane.snapshot.load();
+        self.shared
+            .plane
             .snapshot
             .store(Arc::new(Snapshot::build(&effective, Some(&current))));
     }
 
     /// Starts an accept loop for each bound listener.
     fn start_listeners(&self, bound: Vec<(ListenerKey, tokio::net::TcpListener)>) {
-        let mut listeners = self.listeners.lock().expect("listeners lock");
+        let mut listeners = self.shared.listeners.lock().expect("listeners lock");
         for (key, listener) in bound {
             let addr = listener.local_addr().expect("a bound listener has an address");
             let service = Arc::<str>::from(key.service.as_str());
             let stop = CancellationToken::new();
             info!(service = %service, "listening on {addr}");
-            self.accept_loops.spawn(proxy::accept_loop(
+            self.shared.accept_loops.spawn(proxy::accept_loop(
                 listener,
                 service.clone(),
-                self.plane.clone(),
+                self.shared.plane.clone(),
                 stop.clone(),
             ));
             listeners.push(Listener {
@@ -360,25 +376,28 @@ impl Server {
 
     /// Stops accepting, lets open connections finish for up to `grace`, then
     /// cuts the rest. Returns how many were cut.
-    pub async fn shutdown(self: Arc<Self>, grace: Duration) -> usize {
-        self.admin_stop.cancel();
-        for l in self.listeners.lock().expect("listeners lock").iter() {
+    pub async fn shutdown(self, grace: Duration) -> usize {
+        self.shared.admin_stop.cancel();
+        for l in self.shared.listeners.lock().expect("listeners lock").iter() {
             l.stop.cancel();
         }
-        self.accept_loops.close();
-        self.accept_loops.wait().await;
-        let open = self.plane.connections.len();
+        self.shared.accept_loops.close();
+        self.shared.accept_loops.wait().await;
+        let open = self.shared.plane.connections.len();
         if open > 0 {
             info!("stopped accepting; waiting up to {grace:?} for {open} open connection(s)");
         }
-        self.plane.connections.close();
-        if tokio::time::timeout(grace, self.plane.connections.wait()).await.is_ok() {
+        self.shared.plane.connections.close();
+        if tokio::time::timeout(grace, self.shared.plane.connections.wait())
+            .await
+            .is_ok()
+        {
             return 0;
         }
-        let cut = self.plane.connections.len();
+        let cut = self.shared.plane.connections.len();
         info!("grace period over: cutting {cut} connection(s)");
-        self.plane.cut_all.cancel();
-        self.plane.connections.wait().await;
+        self.shared.plane.cut_all.cancel();
+        self.shared.plane.connections.wait().await;
         cut
     }
 }

@@ -12,11 +12,7 @@ use tokio::net::TcpStream;
 const TOKEN: &str = "s3cret-admin-token";
 
 /// Two clusters (blue: a, b; green: g) behind one service `web`.
-async fn setup() -> (
-    std::sync::Arc<protobalance::server::Server>,
-    String,
-    tempfile::NamedTempFile,
-) {
+async fn setup() -> (protobalance::server::Server, String, tempfile::NamedTempFile) {
     let (a, b, g) = (echo_backend().await, echo_backend().await, echo_backend().await);
     let text = format!(
         "{}{}{}{}",

@@ -17,8 +17,6 @@ pub mod ctl;
 mod metrics;
 pub mod status;
 
-use std::sync::Arc;
-
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -45,7 +43,7 @@ pub const MAX_BODY: usize = 16 * 1024;
 const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// Serves the admin API on `listener` until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, server: Arc<Server>, stop: CancellationToken) {
+pub async fn serve(listener: TcpListener, server: Server, stop: CancellationToken) {
     if let Err(e) = axum::serve(listener, router(server))
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
@@ -55,7 +53,7 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>, stop: Cancellatio
 }
 
 /// Every route of the admin API, behind the token check.
-pub fn router(server: Arc<Server>) -> Router {
+pub fn router(server: Server) -> Router {
     Router::new()
         .route("/", get(dashboard))
         .route("/api/v1/status", get(status))
@@ -115,7 +113,7 @@ impl From<ControlError> for ApiError {
 }
 
 /// Refuses a request without the configured token (401).
-async fn authorize(State(server): State<Arc<Server>>, request: Request, next: Next) -> Response {
+async fn authorize(State(server): State<Server>, request: Request, next: Next) -> Response {
     let token = server.admin_token();
     if let Some(token) = token.as_deref()
         && !presented_token(request.headers()).is_some_and(|t| bool::from(t.as_bytes().ct_eq(token.as_bytes())))
@@ -165,11 +163,11 @@ async fn dashboard() -> impl IntoResponse {
     ([(header::CACHE_CONTROL, "no-store")], Html(DASHBOARD))
 }
 
-async fn status(State(server): State<Arc<Server>>) -> impl IntoResponse {
+async fn status(State(server): State<Server>) -> impl IntoResponse {
     axum::Json(status::Status::of(&server).await)
 }
 
-async fn metrics(State(server): State<Arc<Server>>) -> Response {
+async fn metrics(State(server): State<Server>) -> Response {
     match metrics::render(&server.snapshot()) {
         Ok(text) => (
             [(
@@ -190,7 +188,7 @@ struct StateBody {
 }
 
 async fn set_node_state(
-    State(server): State<Arc<Server>>,
+    State(server): State<Server>,
     Path((cluster, node)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -214,7 +212,7 @@ struct ClusterBody {
 }
 
 async fn set_service_cluster(
-    State(server): State<Arc<Server>>,
+    State(server): State<Server>,
     Path(service): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -223,7 +221,7 @@ async fn set_service_cluster(
     Ok(axum::Json(json!({ "service": service, "cluster": cluster })))
 }
 
-async fn reload(State(server): State<Arc<Server>>) -> Result<impl IntoResponse, ApiError> {
+async fn reload(State(server): State<Server>) -> Result<impl IntoResponse, ApiError> {
     info!("reload asked through the admin API");
     match server.reload().await {
         Ok(report) => Ok(axum::Json(report)),

@@ -51,7 +51,7 @@ pub fn one_service(nodes: &[(&str, SocketAddr, u32)], extra: &str) -> Config {
 }
 
 /// Starts a balancer for `config`; returns it and the address of service `svc`.
-pub async fn start(config: &Config) -> (std::sync::Arc<Server>, SocketAddr) {
+pub async fn start(config: &Config) -> (Server, SocketAddr) {
     let server = Server::start(config).await.expect("balancer starts");
     let addr = server.addr_of("svc").expect("service svc listens");
     (server, addr)
@@ -242,7 +242,7 @@ pub fn head_toml(token: Option<&str>) -> String {
 
 /// A balancer started from `text` written to a file (so that reloads re-read
 /// it), with its admin API: the server, the admin address and the file.
-pub async fn start_from_file(text: &str) -> (std::sync::Arc<Server>, String, tempfile::NamedTempFile) {
+pub async fn start_from_file(text: &str) -> (Server, String, tempfile::NamedTempFile) {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), text).unwrap();
     let config = Config::load(file.path()).unwrap();
