@@ -17,6 +17,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::balance::LoadRating;
 use crate::model::NodeState;
 
 pub mod diff;
@@ -195,7 +196,8 @@ pub struct ClusterConfig {
     pub algorithm: AlgorithmKind,
     pub affinity: bool,
     pub affinity_ttl: Duration,
-    pub load_rating: Option<String>,
+    /// Compiled when the config loads; least-load evaluates it per node.
+    pub load_rating: Option<LoadRating>,
     pub hash_key: Option<String>,
     pub connect_timeout: Duration,
     pub retry_interval: Duration,
@@ -212,6 +214,8 @@ pub struct NodeConfig {
     /// Index into the cluster's `nodes` of this node's fall-over node.
     pub fallover: Option<usize>,
     pub state: NodeState,
+    /// The node's load agent, polled every `retry_interval` (see `crate::health::agent`).
+    pub agent: Option<SocketAddr>,
 }
 
 /// Where a node is. A host name is resolved once, when the config is loaded.
@@ -496,6 +500,7 @@ struct RawNode {
     weight: Option<Spanned<i64>>,
     fallover: Option<Spanned<String>>,
     state: Option<Spanned<String>>,
+    agent: Option<Spanned<String>>,
 }
 
 /// The text being validated, for turning spans into line numbers.
@@ -792,6 +797,20 @@ fn validate_cluster(ctx: &Ctx<'_>, raw: &RawCluster, defaults: &RawDefaults) -> 
             return Err(ctx.bad(&what, key, span.expect("zero only when written"), "must be above zero"));
         }
     }
+    let load_rating = match &raw.load_rating {
+        None => None,
+        Some(text) => Some(LoadRating::compile(text.get_ref()).map_err(|e| ctx.bad(&what, "load_rating", text, e))?),
+    };
+    if let Some(key) = &raw.hash_key
+        && key.get_ref().is_empty()
+    {
+        return Err(ctx.bad(
+            &what,
+            "hash_key",
+            key,
+            "must not be empty (leave it out for the built-in key)",
+        ));
+    }
     if algorithm == AlgorithmKind::LeastLoad && raw.load_rating.is_none() {
         return Err(ctx.bad(
             &what,
@@ -827,6 +846,14 @@ fn validate_cluster(ctx: &Ctx<'_>, raw: &RawCluster, defaults: &RawDefaults) -> 
             Some(s) => NodeState::parse(s.get_ref())
                 .ok_or_else(|| ctx.bad(&nwhat, "state", s, "expected green, yellow or red"))?,
         };
+        let agent = match &n.agent {
+            None => None,
+            Some(a) => match parse_node_address(a.get_ref(), ctx.resolve) {
+                Ok(NodeAddress::Socket(addr)) => Some(addr),
+                Ok(NodeAddress::SamePort(_)) => return Err(ctx.bad(&nwhat, "agent", a, "needs a port: HOST:PORT")),
+                Err(why) => return Err(ctx.bad(&nwhat, "agent", a, why)),
+            },
+        };
         nodes.push(NodeConfig {
             name: node_name.clone(),
             address,
@@ -834,6 +861,7 @@ fn validate_cluster(ctx: &Ctx<'_>, raw: &RawCluster, defaults: &RawDefaults) -> 
             weight,
             fallover: None,
             state,
+            agent,
         });
     }
     for (i, n) in raw.node.iter().enumerate() {
@@ -872,7 +900,7 @@ fn validate_cluster(ctx: &Ctx<'_>, raw: &RawCluster, defaults: &RawDefaults) -> 
         algorithm,
         affinity,
         affinity_ttl,
-        load_rating: raw.load_rating.as_ref().map(|s| s.get_ref().clone()),
+        load_rating,
         hash_key: raw.hash_key.as_ref().map(|s| s.get_ref().clone()),
         connect_timeout,
         retry_interval,
@@ -932,5 +960,50 @@ mod tests {
         );
         assert!(parse_node_address("bad host:80", offline_resolver).is_err());
         assert!(parse_node_address("10.0.0.1:99999", offline_resolver).is_err());
+    }
+
+    fn cluster_with(algorithm: &str, extra: &str, node_extra: &str) -> Result<Config, ConfigError> {
+        Config::parse(
+            &format!(
+                "[[service]]\nname = \"s\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"c\"\n[[cluster]]\nname = \"c\"\nalgorithm = \"{algorithm}\"\n{extra}\n[[cluster.node]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n{node_extra}\n"
+            ),
+            "t.toml",
+        )
+    }
+
+    #[test]
+    fn every_algorithm_is_accepted() {
+        for kind in AlgorithmKind::ALL {
+            let c = cluster_with(kind.name(), "load_rating = \"connections\"", "").unwrap();
+            assert_eq!(c.clusters[0].algorithm, kind);
+        }
+    }
+
+    #[test]
+    fn load_rating_is_compiled_and_a_bad_one_is_reported_where_it_is() {
+        let c = cluster_with("least-load", "load_rating = \"agent_load * 2 + connections\"", "").unwrap();
+        assert_eq!(
+            c.clusters[0].load_rating.as_ref().unwrap().source(),
+            "agent_load * 2 + connections"
+        );
+        let e = cluster_with("least-load", "load_rating = \"connections / wieght\"", "").unwrap_err();
+        assert_eq!(e.line, Some(8));
+        assert!(e.message.contains("load_rating = \"connections / wieght\""), "{e}");
+        assert!(e.message.contains("at column 15: unknown name \"wieght\""), "{e}");
+        let e = cluster_with("least-load", "", "").unwrap_err();
+        assert!(e.message.contains("least-load needs a load_rating"), "{e}");
+        let e = cluster_with("ip-hash", "hash_key = \"\"", "").unwrap_err();
+        assert!(e.message.contains("hash_key"), "{e}");
+    }
+
+    #[test]
+    fn node_agents() {
+        let c = cluster_with("round-robin", "", "agent = \"127.0.0.1:5555\"").unwrap();
+        assert_eq!(c.clusters[0].nodes[0].agent, Some("127.0.0.1:5555".parse().unwrap()));
+        let e = cluster_with("round-robin", "", "agent = \"127.0.0.1\"").unwrap_err();
+        assert!(e.message.contains("agent = \"127.0.0.1\": needs a port"), "{e}");
+        assert_eq!(e.line, Some(12));
+        let e = cluster_with("round-robin", "", "agent = \"no such:1\"").unwrap_err();
+        assert!(e.message.contains("agent"), "{e}");
     }
 }

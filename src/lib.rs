@@ -10,6 +10,8 @@ pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod health;
 pub mod model;
 pub mod proxy;
+pub mod rates;
 pub mod server;

@@ -6,13 +6,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::balance::{self, Balancer};
 use crate::config::{AlgorithmKind, ClusterConfig, Config, ForwardMode, ListenSpec, NodeAddress, ServiceLimits};
+use crate::rates::LoadFigures;
 
 /// A node's state, set by an operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -88,6 +89,8 @@ pub struct NodeFigures {
     connect_failures: AtomicU64,
     available: AtomicBool,
     state: AtomicU8,
+    /// EWMA rates and agent load; kept by `crate::rates`, which adds their getters.
+    pub(crate) load: LoadFigures,
 }
 
 impl NodeFigures {
@@ -100,6 +103,7 @@ impl NodeFigures {
             connect_failures: AtomicU64::new(0),
             available: AtomicBool::new(true),
             state: AtomicU8::new(state.to_u8()),
+            load: LoadFigures::default(),
         }
     }
 
@@ -260,6 +264,8 @@ pub struct Node {
     /// Index of the fall-over node in the cluster's `nodes`.
     pub fallover: Option<usize>,
     pub figures: Arc<NodeFigures>,
+    /// The node's load agent (`crate::health::agent`), if it has one.
+    pub agent: Option<SocketAddr>,
 }
 
 impl Node {
@@ -375,6 +381,7 @@ fn build_cluster(c: &ClusterConfig, previous: Option<&Snapshot>) -> Cluster {
                 weight: n.weight,
                 fallover: n.fallover,
                 figures,
+                agent: n.agent,
             }
         })
         .collect();

@@ -133,6 +133,8 @@ impl Server {
         };
         let keys = crate::config::diff::listeners(config);
         let bound = bind_all(keys.iter())?;
+        tokio::spawn(crate::rates::sample_forever(Arc::downgrade(&server.shared.plane)));
+        tokio::spawn(crate::health::agent::poll_forever(Arc::downgrade(&server.shared.plane)));
         server.start_listeners(bound);
         Ok(server)
     }

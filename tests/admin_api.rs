@@ -100,6 +100,8 @@ async fn status_has_the_documented_shape() {
     ] {
         assert!(node.get(key).is_some(), "node status lacks {key}: {node}");
     }
+    assert!(node["connection_rate"].as_f64().unwrap() > 0.0, "live rate: {node}");
+    assert!(node["traffic_rate"].as_f64().unwrap() > 0.0, "live rate: {node}");
     assert_eq!(node["state"], "green");
     assert_eq!(node["health"], "available");
     drop(client);

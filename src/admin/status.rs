@@ -139,10 +139,8 @@ fn node(n: &Node, fallover: Option<String>) -> NodeStatus {
     }
 }
 
-/// A node's connection and traffic rates (per second). The rates are measured
-/// by the node figures that the rate-based algorithms own (issue 3); until
-/// those figures exist this reports 0, and the dashboard draws its charts
-/// from the change of the totals between two polls instead.
-fn rates(_node: &Node) -> (f64, f64) {
-    (0.0, 0.0)
+/// A node's connection and traffic rates (per second): the EWMA figures that
+/// `crate::rates` samples for the rate-based algorithms.
+fn rates(node: &Node) -> (f64, f64) {
+    (node.figures.connection_rate(), node.figures.traffic_rate())
 }
