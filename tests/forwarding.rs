@@ -383,22 +383,33 @@ async fn refused_node_is_skipped_and_no_node_closes_the_client() {
     server.shutdown(PATIENCE).await;
 }
 
-#[tokio::test]
-async fn port_range_forwards_each_port_to_the_same_port_on_the_node() {
-    // Three consecutive free ports on 127.0.0.2 (the node) and 127.0.0.1 (us).
-    let mut found = None;
-    for attempt in 0..50u16 {
-        let base = 41_000 + attempt * 17;
+/// Three consecutive ports held on 127.0.0.2 (the node side) while the
+/// balancer holds the same three on 127.0.0.1. Other tests take ephemeral
+/// ports at the same time, so a range is retried until both sides bind it.
+async fn paired_port_range() -> (u16, Vec<std::net::TcpListener>, protobalance::server::Server) {
+    for attempt in 0..200u16 {
+        let base = 41_000 + attempt * 37;
         let nodes: Vec<_> = (0..3)
             .filter_map(|i| std::net::TcpListener::bind(("127.0.0.2", base + i)).ok())
             .collect();
-        let ours_free = (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
-        if nodes.len() == 3 && ours_free {
-            found = Some((base, nodes));
-            break;
+        if nodes.len() < 3 {
+            continue;
+        }
+        let text = format!(
+            "[[service]]\nname = \"svc\"\nlisten = [\"127.0.0.1:{base}-{}\"]\ncluster = \"pool\"\n\
+             [[cluster]]\nname = \"pool\"\n[[cluster.node]]\nname = \"n\"\naddress = \"127.0.0.2\"\n",
+            base + 2
+        );
+        if let Ok(server) = protobalance::server::Server::start(&config(&text)).await {
+            return (base, nodes, server);
         }
     }
-    let (base, node_listeners) = found.expect("three free consecutive ports");
+    panic!("no three consecutive ports were free on both 127.0.0.1 and 127.0.0.2");
+}
+
+#[tokio::test]
+async fn port_range_forwards_each_port_to_the_same_port_on_the_node() {
+    let (base, node_listeners, server) = paired_port_range().await;
     for l in node_listeners {
         l.set_nonblocking(true).unwrap();
         let l = tokio::net::TcpListener::from_std(l).unwrap();
@@ -409,12 +420,6 @@ async fn port_range_forwards_each_port_to_the_same_port_on_the_node() {
             }
         });
     }
-    let text = format!(
-        "[[service]]\nname = \"svc\"\nlisten = [\"127.0.0.1:{base}-{}\"]\ncluster = \"pool\"\n\
-         [[cluster]]\nname = \"pool\"\n[[cluster.node]]\nname = \"n\"\naddress = \"127.0.0.2\"\n",
-        base + 2
-    );
-    let server = protobalance::server::Server::start(&config(&text)).await.unwrap();
     assert_eq!(server.listen_addrs().len(), 3);
     for port in base..=base + 2 {
         assert_eq!(
