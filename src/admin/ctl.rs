@@ -157,6 +157,8 @@ pub fn status_tables(status: &Status) -> String {
         "TOTAL".into(),
         "BYTES IN".into(),
         "BYTES OUT".into(),
+        "CONN/S".into(),
+        "BYTES/S".into(),
         "FAILURES".into(),
     ]];
     for c in &status.clusters {
@@ -172,6 +174,8 @@ pub fn status_tables(status: &Status) -> String {
                 n.total_connections.to_string(),
                 n.bytes_in.to_string(),
                 n.bytes_out.to_string(),
+                format!("{:.1}", n.connection_rate),
+                format!("{:.0}", n.traffic_rate),
                 n.connect_failures.to_string(),
             ]);
         }
