@@ -30,13 +30,21 @@ async fn redirect_under_load_fails_no_connection() {
     let (server, admin, _file) = start_from_file(&text).await;
     let web = server.addr_of("web").unwrap();
 
+    // The service flips between the clusters when these many connections have started.
+    const FLIPS: [(usize, &str); 4] = [(400, "green"), (800, "blue"), (1_200, "green"), (1_600, "blue")];
+    // How far the stream may run ahead of a flip that is late (a starved test
+    // task on a loaded machine): it keeps every segment between flips non-empty,
+    // and in the normal run is never reached, so the stream does not pause.
+    const MAX_LEAD: usize = 300;
+
     // CLIENTS tasks open CONNECTIONS connections in all, one after the other each;
     // every connection must read a whole tag.
     let started = Arc::new(AtomicUsize::new(0));
+    let (flips_done, flips_seen) = tokio::sync::watch::channel(0usize);
     let answers = Arc::new(Mutex::new(Vec::with_capacity(CONNECTIONS)));
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
-        let (started, answers) = (started.clone(), answers.clone());
+        let (started, answers, mut flips_seen) = (started.clone(), answers.clone(), flips_seen.clone());
         clients.push(tokio::spawn(async move {
             let mut failures = Vec::new();
             loop {
@@ -44,6 +52,8 @@ async fn redirect_under_load_fails_no_connection() {
                 if n >= CONNECTIONS {
                     return failures;
                 }
+                let due = FLIPS.iter().filter(|(at, _)| n >= at + MAX_LEAD).count();
+                flips_seen.wait_for(|done| *done >= due).await.unwrap();
                 match read_tag(web).await {
                     Ok(tag) if tag == "blue" || tag == "green" => answers.lock().await.push((n, tag)),
                     Ok(other) => failures.push(format!("connection {n}: answer {other:?}")),
@@ -53,9 +63,7 @@ async fn redirect_under_load_fails_no_connection() {
         }));
     }
 
-    // Flip the service between the clusters while the stream runs.
-    let flips = [(400, "green"), (800, "blue"), (1_200, "green"), (1_600, "blue")];
-    for (at, cluster) in flips {
+    for (i, (at, cluster)) in FLIPS.into_iter().enumerate() {
         let started = started.clone();
         wait_until(&format!("{at} connections started"), || {
             let n = started.load(Ordering::Relaxed);
@@ -65,6 +73,7 @@ async fn redirect_under_load_fails_no_connection() {
         let body = format!(r#"{{"cluster":"{cluster}"}}"#);
         let reply = api(&admin, None, Method::PUT, "/api/v1/services/web/cluster", Some(&body)).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
+        flips_done.send_replace(i + 1);
     }
 
     let mut failures = Vec::new();
