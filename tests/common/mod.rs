@@ -310,3 +310,26 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// What a bad request must leave alone: states, clusters, listeners.
+pub fn control_view(status: &serde_json::Value) -> serde_json::Value {
+    let nodes: Vec<serde_json::Value> = status["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| {
+            c["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(move |n| serde_json::json!([c["name"], n["name"], n["address"], n["state"]]))
+        })
+        .collect();
+    let services: Vec<serde_json::Value> = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| serde_json::json!([s["name"], s["cluster"], s["bound"]]))
+        .collect();
+    serde_json::json!({ "nodes": nodes, "services": services })
+}
