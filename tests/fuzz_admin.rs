@@ -126,3 +126,84 @@ async fn hostile_admin_requests_never_panic_or_change_state_when_refused() {
     );
     drop(server);
 }
+
+/// The token never appears in the balancer's output, whatever is asked of it
+/// and at any log level; the admin API is on loopback unless a token is set.
+#[test]
+fn no_secret_is_ever_logged() {
+    let node = dead_addr();
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\
+         [[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"blue\"\n\
+         [[cluster]]\nname = \"blue\"\n[[cluster.node]]\nname = \"a\"\naddress = \"{node}\"\n"
+    );
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(file.path(), &text).unwrap();
+    let mut command = std::process::Command::new(BIN);
+    command
+        .args(["--log-level", "trace", "run", "--config"])
+        .arg(file.path());
+    let mut proc = Running::start(command);
+    let line = proc.wait_for("admin listening on ");
+    let admin = line
+        .split("admin listening on ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        for raw in [
+            format!(
+                "GET /api/v1/status HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+            ),
+            format!(
+                "GET /api/v1/status HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}x\r\nConnection: close\r\n\r\n"
+            ),
+            "POST /api/v1/reload HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".to_string(),
+            format!(
+                "POST /api/v1/reload HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+            ),
+        ] {
+            send(&admin, raw.as_bytes()).await;
+        }
+    });
+    // A reload that fails on a bad token value must not echo it either.
+    std::fs::write(
+        file.path(),
+        text.replace(&format!("token = \"{TOKEN}\""), "token = \"short\""),
+    )
+    .unwrap();
+    proc.signal(libc::SIGHUP);
+    proc.wait_for("reload refused");
+    proc.signal(libc::SIGTERM);
+    assert_eq!(proc.wait_exit().code(), Some(0));
+    let output = proc.all_output();
+    assert!(output.len() > 5, "the balancer logged at trace level: {output:?}");
+    assert!(
+        output.iter().any(|l| l.contains("token")),
+        "the refused reload names the key: {output:?}"
+    );
+    for line in &output {
+        assert!(
+            !line.contains(TOKEN) && !line.contains("short\""),
+            "a secret in the log: {line}"
+        );
+    }
+
+    // Off loopback without a token the balancer refuses to start.
+    std::fs::write(
+        file.path(),
+        text.replace("listen = \"127.0.0.1:0\"\ntoken", "listen = \"0.0.0.0:0\"\n#token"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(file.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("token is required"));
+}

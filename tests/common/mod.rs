@@ -120,6 +120,8 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
 pub struct Running {
     pub child: Child,
     lines: mpsc::Receiver<String>,
+    /// Every line the process wrote, read or not.
+    history: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Running {
@@ -139,18 +141,20 @@ impl Running {
             .spawn()
             .unwrap();
         let (tx, lines) = mpsc::channel();
+        let history = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         for stream in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
             Box::new(child.stderr.take().unwrap()),
         ] {
-            let tx = tx.clone();
+            let (tx, history) = (tx.clone(), history.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    history.lock().unwrap().push(line.clone());
                     let _ = tx.send(line);
                 }
             });
         }
-        Running { child, lines }
+        Running { child, lines, history }
     }
 
     /// Waits for an output line containing `needle` and returns it.
@@ -162,6 +166,12 @@ impl Running {
                 Err(_) => panic!("no output line containing {needle:?}"),
             }
         }
+    }
+
+    /// Every line the process wrote, once it has closed its output.
+    pub fn all_output(&self) -> Vec<String> {
+        while let Ok(_line) = self.lines.recv_timeout(PATIENCE) {}
+        self.history.lock().unwrap().clone()
     }
 
     /// Whether an output line seen so far, or arriving within a second, contains `needle`.
