@@ -11,17 +11,8 @@ use tokio::net::TcpStream;
 
 const TOKEN: &str = "s3cret-admin-token";
 
-/// Two clusters (blue: a, b; green: g) behind one service `web`.
 async fn setup() -> (protobalance::server::Server, String, tempfile::NamedTempFile) {
-    let (a, b, g) = (echo_backend().await, echo_backend().await, echo_backend().await);
-    let text = format!(
-        "{}{}{}{}",
-        head_toml(Some(TOKEN)),
-        service_toml("web", "blue"),
-        cluster_toml("blue", &[("a", a), ("b", b)]),
-        cluster_toml("green", &[("g", g)])
-    );
-    start_from_file(&text).await
+    start_web_blue_green(TOKEN).await
 }
 
 fn assert_error(reply: &protobalance::admin::client::Reply, status: u16) {

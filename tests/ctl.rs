@@ -149,15 +149,7 @@ async fn sighup_reloads_the_file() {
     let mut balancer = Running::spawn(&["run", "--config", &path]);
     // The service listens first, then the admin API.
     let web = balancer.listen_addr();
-    let admin_line = balancer.wait_for("admin listening on ");
-    let admin = admin_line
-        .split("admin listening on ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let admin = balancer.admin_addr();
     assert_eq!(read_tag(web).await.unwrap(), "one");
 
     std::fs::write(file.path(), text(two)).unwrap();

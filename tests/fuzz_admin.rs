@@ -80,15 +80,7 @@ async fn send(admin: &str, raw: &[u8]) -> Option<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_admin_requests_never_panic_or_change_state_when_refused() {
-    let (a, b, g) = (echo_backend().await, echo_backend().await, echo_backend().await);
-    let text = format!(
-        "{}{}{}{}",
-        head_toml(Some(TOKEN)),
-        service_toml("web", "blue"),
-        cluster_toml("blue", &[("a", a), ("b", b)]),
-        cluster_toml("green", &[("g", g)])
-    );
-    let (server, admin, _file) = start_from_file(&text).await;
+    let (server, admin, _file) = start_web_blue_green(TOKEN).await;
 
     let mut runner = TestRunner::new(RunnerConfig {
         cases: 300,
@@ -144,15 +136,7 @@ fn no_secret_is_ever_logged() {
         .args(["--log-level", "trace", "run", "--config"])
         .arg(file.path());
     let mut proc = Running::start(command);
-    let line = proc.wait_for("admin listening on ");
-    let admin = line
-        .split("admin listening on ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let admin = proc.admin_addr();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         for raw in [

@@ -186,9 +186,23 @@ impl Running {
 
     /// The address in the first `listening on ADDR` log line.
     pub fn listen_addr(&self) -> SocketAddr {
-        let line = self.wait_for("listening on ");
-        let rest = line.split("listening on ").nth(1).unwrap();
-        rest.split_whitespace().next().unwrap().parse().unwrap()
+        self.addr_after("listening on ").parse().unwrap()
+    }
+
+    /// The admin API's address, from its `admin listening on ADDR` log line.
+    pub fn admin_addr(&self) -> String {
+        self.addr_after("admin listening on ")
+    }
+
+    fn addr_after(&self, needle: &str) -> String {
+        let line = self.wait_for(needle);
+        line.split(needle)
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
     }
 
     pub fn signal(&self, sig: i32) {
@@ -252,6 +266,20 @@ pub fn head_toml(token: Option<&str>) -> String {
 
 /// A balancer started from `text` written to a file (so that reloads re-read
 /// it), with its admin API: the server, the admin address and the file.
+/// A balancer from a file: service `web` on cluster blue (nodes a, b), and a
+/// cluster green (node g), all echo nodes, admin API with `token`.
+pub async fn start_web_blue_green(token: &str) -> (Server, String, tempfile::NamedTempFile) {
+    let (a, b, g) = (echo_backend().await, echo_backend().await, echo_backend().await);
+    let text = format!(
+        "{}{}{}{}",
+        head_toml(Some(token)),
+        service_toml("web", "blue"),
+        cluster_toml("blue", &[("a", a), ("b", b)]),
+        cluster_toml("green", &[("g", g)])
+    );
+    start_from_file(&text).await
+}
+
 pub async fn start_from_file(text: &str) -> (Server, String, tempfile::NamedTempFile) {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), text).unwrap();
