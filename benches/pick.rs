@@ -1,5 +1,7 @@
-//! One pick of each algorithm over 3, 30 and 300 eligible nodes with unequal
-//! weights and (synthetic) live figures: `cargo bench --bench pick`.
+//! The hot paths that touch no socket: one pick of each algorithm over 3, 30
+//! and 300 eligible nodes with unequal weights and (synthetic) live figures,
+//! the per-connection snapshot load, and an affinity lookup among 10,000
+//! pins: `cargo bench --bench pick`.
 //!
 //! Measured in CPU time of the benchmarking thread, not wall-clock time: on a
 //! shared machine (CI, a busy workstation) wall time counts the slices other
@@ -118,9 +120,44 @@ fn load_rating(c: &mut Criterion<ThreadCpuTime>) {
     c.bench_function("load_rating/eval", |b| b.iter(|| rating.eval(black_box(&figures))));
 }
 
+/// What every connection does first: load the published snapshot and find
+/// its service's cluster.
+fn snapshot_load(c: &mut Criterion<ThreadCpuTime>) {
+    let published = arc_swap::ArcSwap::from_pointee(snapshot(AlgorithmKind::RoundRobin, 30));
+    c.bench_function("snapshot/load_and_find_cluster", |b| {
+        b.iter(|| {
+            let snapshot = published.load();
+            black_box(snapshot.cluster_of(black_box("s")).map(|(_, cluster)| cluster.clone()))
+        })
+    });
+}
+
+/// A client's pin among 10,000, found and not found.
+fn affinity_lookup(c: &mut Criterion<ThreadCpuTime>) {
+    let affinity = protobalance::affinity::Affinity::in_memory();
+    let ip = |i: u32| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | i));
+    for i in 0..10_000 {
+        affinity.pin("c", ip(i), &format!("n{}", i % 30));
+    }
+    let ttl = std::time::Duration::from_secs(3600);
+    let mut i = 0u32;
+    c.bench_function("affinity/pinned_hit", |b| {
+        b.iter(|| {
+            i = (i + 1) % 10_000;
+            black_box(affinity.pinned("c", black_box(ip(i)), ttl))
+        })
+    });
+    c.bench_function("affinity/pinned_miss", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            black_box(affinity.pinned("c", black_box(ip(20_000 + (i & 0xffff))), ttl))
+        })
+    });
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().with_measurement(ThreadCpuTime);
-    targets = pick, load_rating
+    targets = pick, load_rating, snapshot_load, affinity_lookup
 }
 criterion_main!(benches);
