@@ -51,12 +51,52 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         threads: Option<usize>,
     },
+    /// Talks to a running balancer's admin API.
+    Ctl {
+        /// The admin API: HOST:PORT or http://HOST:PORT.
+        #[arg(long, default_value = crate::config::DEFAULT_ADMIN_LISTEN, value_name = "ADDR")]
+        admin: String,
+        /// The admin token, if the balancer has one.
+        #[arg(long, env = "PROTOBALANCE_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+        token: Option<String>,
+        #[command(subcommand)]
+        action: CtlCommand,
+    },
     /// Starts three demo HTTP backends and a balancer in front of them.
     Demo {
         /// Where the balancer listens; a busy port falls back to a free one.
         #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
         listen: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CtlCommand {
+    /// Services, clusters and nodes with their state and figures.
+    Status,
+    /// Sets a node's state.
+    State {
+        cluster: String,
+        node: String,
+        #[arg(value_parser = ["green", "yellow", "red"])]
+        state: String,
+    },
+    /// Sends a service's new connections to another cluster (the file's cluster reverts).
+    Redirect { service: String, cluster: String },
+    /// Makes the balancer re-read its config file.
+    Reload,
+}
+
+impl From<CtlCommand> for crate::admin::ctl::Action {
+    fn from(c: CtlCommand) -> Self {
+        use crate::admin::ctl::Action;
+        match c {
+            CtlCommand::Status => Action::Status,
+            CtlCommand::State { cluster, node, state } => Action::State { cluster, node, state },
+            CtlCommand::Redirect { service, cluster } => Action::Redirect { service, cluster },
+            CtlCommand::Reload => Action::Reload,
+        }
+    }
 }
 
 /// Runs the parsed command line and returns the process exit code.
@@ -74,20 +114,29 @@ pub fn main(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config, threads } => match Config::load(&config) {
-            Ok(c) => serve(c, threads),
+        Command::Run { config: path, threads } => match Config::load(&path) {
+            Ok(c) => serve(c, Some(path), threads),
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::FAILURE
             }
         },
         Command::Forward { listen, nodes, threads } => match Config::forward(&listen, &nodes) {
-            Ok(c) => serve(c, threads),
+            Ok(c) => serve(c, None, threads),
             Err(e) => {
                 eprintln!("error: {}", e.message);
                 ExitCode::FAILURE
             }
         },
+        Command::Ctl { admin, token, action } => {
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(crate::admin::ctl::run(&admin, token.as_deref(), action.into())),
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Demo { listen } => match runtime(0) {
             Ok(rt) => rt.block_on(crate::demo::run(&listen)),
             Err(e) => {
@@ -142,8 +191,9 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Runs the balancer until SIGTERM/SIGINT, then shuts down gracefully.
-fn serve(config: Config, threads: Option<usize>) -> ExitCode {
+/// Runs the balancer and its admin API until SIGTERM/SIGINT, then shuts down
+/// gracefully. SIGHUP re-reads `path` (when there is one).
+fn serve(config: Config, path: Option<PathBuf>, threads: Option<usize>) -> ExitCode {
     raise_fd_limit();
     let rt = match runtime(threads.unwrap_or(config.threads)) {
         Ok(rt) => rt,
@@ -160,18 +210,50 @@ fn serve(config: Config, threads: Option<usize>) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        if let Some(path) = path {
+            server.set_config_path(path);
+        }
+        if let Err(e) = server.start_admin().await {
+            eprintln!("error: {e}");
+            server.shutdown(std::time::Duration::ZERO).await;
+            return ExitCode::FAILURE;
+        }
         info!(
             "protobalance {} running: {}",
             env!("CARGO_PKG_VERSION"),
             config.summary()
         );
-        if let Err(e) = stop_signal().await {
-            warn!("cannot wait for signals ({e}); stopping");
+        tokio::select! {
+            stopped = stop_signal() => if let Err(e) = stopped {
+                warn!("cannot wait for signals ({e}); stopping");
+            },
+            _ = reload_on_hangup(&server) => {}
         }
         let cut = server.shutdown(config.shutdown_grace).await;
         info!("stopped ({cut} connection(s) cut at the end of the grace period)");
         ExitCode::SUCCESS
     })
+}
+
+/// Reloads the config file on each SIGHUP; never returns (unless SIGHUP cannot be
+/// watched, in which case it waits forever so as not to stop the balancer).
+async fn reload_on_hangup(server: &Server) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                while hup.recv().await.is_some() {
+                    info!("SIGHUP received: reloading");
+                    if let Err(e) = server.reload().await {
+                        warn!("reload refused, running configuration unchanged: {e}");
+                    }
+                }
+            }
+            Err(e) => warn!("cannot watch SIGHUP ({e}): reload through the admin API only"),
+        }
+    }
+    std::future::pending::<()>().await
 }
 
 /// Waits for SIGTERM or SIGINT (Ctrl-C).

@@ -20,6 +20,8 @@ use toml::Spanned;
 use crate::balance::LoadRating;
 use crate::model::NodeState;
 
+pub mod diff;
+
 /// Default for `connect_timeout` when neither the cluster nor `[defaults]` sets it.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Default for `retry_interval`.

@@ -103,6 +103,10 @@ pub async fn run(listen: &str) -> ExitCode {
         list.join(", ")
     );
     println!("Try:   for i in 1 2 3 4 5 6; do curl -s http://{addr}/; done");
+    match server.start_admin().await {
+        Ok(admin) => println!("Dashboard: http://{admin}/   (protobalance ctl --admin {admin} status)"),
+        Err(e) => eprintln!("note: no dashboard: {e}"),
+    }
     println!("Press Ctrl-C to stop.");
     if let Err(e) = crate::cli::stop_signal().await {
         eprintln!("error: cannot wait for Ctrl-C: {e}");

@@ -5,6 +5,7 @@
 //! `model` holds the live snapshot and figures, `balance` chooses nodes,
 //! `proxy` moves bytes, `server` runs it all, `cli` and `demo` face the user.
 
+pub mod admin;
 pub mod balance;
 pub mod cli;
 pub mod config;

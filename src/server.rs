@@ -1,24 +1,40 @@
 //! The running balancer: owns the published snapshot, the listeners and the
 //! connection tasks, and knows how to stop them. The binary and the tests
 //! both start it through [`Server::start`].
+//!
+//! It is also the owner of run-time changes (the control state): reloads,
+//! controller redirects and node states all go through a `Server` method,
+//! which builds a whole new snapshot and swaps it in; the admin API only calls
+//! these methods.
+//!
+//! Rules for run-time changes across a reload (see docs/admin.md):
+//! - a redirect (`set_service_cluster`) is kept until the file changes that
+//!   service's `cluster` (or drops the service or the target cluster);
+//! - a node state set at run time is kept until the file changes that node's
+//!   `state` (a node whose address changes is a new node and takes the file's state).
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::config::Config;
-use crate::model::Snapshot;
+use crate::config::diff::{ListenerKey, diff};
+use crate::config::{Config, ConfigError};
+use crate::model::{NodeState, Snapshot};
 use crate::proxy::{self, DataPlane};
 
 /// A listening socket of a service.
 struct Listener {
     service: Arc<str>,
+    /// As the file names it (port 0 stays 0): the listener's identity across reloads.
+    configured: SocketAddr,
     addr: SocketAddr,
     stop: CancellationToken,
 }
@@ -31,12 +47,64 @@ pub enum StartError {
         addr: SocketAddr,
         source: io::Error,
     },
+    #[error("admin API: cannot listen on {addr}: {source}")]
+    AdminBind { addr: SocketAddr, source: io::Error },
 }
 
+/// Why a run-time change was refused; nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no service named \"{0}\"")]
+    UnknownService(String),
+    #[error("no cluster named \"{0}\"")]
+    UnknownCluster(String),
+    #[error("cluster \"{cluster}\" has no node named \"{node}\"")]
+    UnknownNode { cluster: String, node: String },
+    #[error("no config file to reload (the balancer was started without --config)")]
+    NoConfigFile,
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Bind(#[from] StartError),
+}
+
+/// What a reload did.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ReloadReport {
+    /// `service address` of each listener opened.
+    pub opened: Vec<String>,
+    /// `service address` of each listener closed.
+    pub closed: Vec<String>,
+    /// Redirects dropped because the file changed that service's cluster (or dropped the service or cluster).
+    pub redirects_dropped: Vec<String>,
+}
+
+/// The control state: the config as the file says it and the run-time
+/// redirects on top of it. Changed only under the lock, one change at a time.
+struct Control {
+    file: Config,
+    /// service → cluster, set through the admin API.
+    redirects: BTreeMap<String, String>,
+}
+
+/// A handle on the running balancer. Clones share it: the admin API holds one.
+#[derive(Clone)]
 pub struct Server {
+    shared: Arc<Shared>,
+}
+
+/// What every handle of one balancer shares.
+struct Shared {
     plane: Arc<DataPlane>,
-    listeners: Vec<Listener>,
+    listeners: Mutex<Vec<Listener>>,
     accept_loops: TaskTracker,
+    control: tokio::sync::Mutex<Control>,
+    /// The file `reload` reads; unset for `forward` and in-process configs.
+    config_path: OnceLock<PathBuf>,
+    /// The admin token of the config now in force, read per admin request.
+    admin_token: ArcSwap<Option<String>>,
+    /// Cancelled at shutdown: stops the admin API.
+    admin_stop: CancellationToken,
 }
 
 impl Server {
@@ -49,80 +117,306 @@ impl Server {
             connections: TaskTracker::new(),
             open_clients: Default::default(),
         });
-        let mut bound = Vec::new();
-        for service in &config.services {
-            for addr in service.listen.iter().flat_map(|l| l.addrs()) {
-                let listener = proxy::bind(addr).map_err(|source| StartError::Bind {
-                    service: service.name.clone(),
-                    addr,
-                    source,
-                })?;
-                bound.push((Arc::<str>::from(service.name.as_str()), listener));
-            }
-        }
-        tokio::spawn(crate::rates::sample_forever(Arc::downgrade(&plane)));
-        tokio::spawn(crate::health::agent::poll_forever(Arc::downgrade(&plane)));
-        let accept_loops = TaskTracker::new();
-        let mut listeners = Vec::with_capacity(bound.len());
-        for (service, listener) in bound {
-            let addr = listener.local_addr().expect("a bound listener has an address");
-            let stop = CancellationToken::new();
-            info!(service = %service, "listening on {addr}");
-            accept_loops.spawn(proxy::accept_loop(
-                listener,
-                service.clone(),
-                plane.clone(),
-                stop.clone(),
-            ));
-            listeners.push(Listener { service, addr, stop });
-        }
-        Ok(Server {
-            plane,
-            listeners,
-            accept_loops,
-        })
+        let server = Server {
+            shared: Arc::new(Shared {
+                plane,
+                listeners: Mutex::new(Vec::new()),
+                accept_loops: TaskTracker::new(),
+                control: tokio::sync::Mutex::new(Control {
+                    file: config.clone(),
+                    redirects: BTreeMap::new(),
+                }),
+                config_path: OnceLock::new(),
+                admin_token: ArcSwap::from_pointee(config.admin.token.clone()),
+                admin_stop: CancellationToken::new(),
+            }),
+        };
+        let keys = crate::config::diff::listeners(config);
+        let bound = bind_all(keys.iter())?;
+        tokio::spawn(crate::rates::sample_forever(Arc::downgrade(&server.shared.plane)));
+        tokio::spawn(crate::health::agent::poll_forever(Arc::downgrade(&server.shared.plane)));
+        server.start_listeners(bound);
+        Ok(server)
+    }
+
+    /// Starts the admin API on the config's `[admin] listen` and returns the
+    /// bound address. It stops at [`Server::shutdown`].
+    pub async fn start_admin(&self) -> Result<SocketAddr, StartError> {
+        let addr = self.shared.control.lock().await.file.admin.listen;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::AdminBind { addr, source })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| StartError::AdminBind { addr, source })?;
+        info!("admin listening on {bound}");
+        tokio::spawn(crate::admin::serve(
+            listener,
+            self.clone(),
+            self.shared.admin_stop.clone(),
+        ));
+        Ok(bound)
+    }
+
+    /// The run-time redirects in force: service → the file's cluster it overrides.
+    pub async fn redirects(&self) -> BTreeMap<String, String> {
+        let control = self.shared.control.lock().await;
+        control
+            .redirects
+            .keys()
+            .filter_map(|service| {
+                let file = control.file.services.iter().find(|s| &s.name == service)?;
+                Some((service.clone(), file.cluster.clone()))
+            })
+            .collect()
+    }
+
+    /// Remembers the file that [`Server::reload`] re-reads.
+    pub fn set_config_path(&self, path: PathBuf) {
+        let _ = self.shared.config_path.set(path);
+    }
+
+    /// The admin token in force now (a reload may change it).
+    pub fn admin_token(&self) -> Arc<Option<String>> {
+        self.shared.admin_token.load_full()
     }
 
     /// Every listening address, with its service (ports chosen by the kernel resolved).
-    pub fn listen_addrs(&self) -> Vec<(&str, SocketAddr)> {
-        self.listeners.iter().map(|l| (&*l.service, l.addr)).collect()
+    pub fn listen_addrs(&self) -> Vec<(String, SocketAddr)> {
+        let listeners = self.shared.listeners.lock().expect("listeners lock");
+        listeners.iter().map(|l| (l.service.to_string(), l.addr)).collect()
     }
 
     /// The first listening address of `service`.
     pub fn addr_of(&self, service: &str) -> Option<SocketAddr> {
-        self.listeners.iter().find(|l| &*l.service == service).map(|l| l.addr)
+        let listeners = self.shared.listeners.lock().expect("listeners lock");
+        listeners.iter().find(|l| &*l.service == service).map(|l| l.addr)
     }
 
     /// The snapshot the data plane uses now.
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.plane.snapshot.load_full()
+        self.shared.plane.snapshot.load_full()
     }
 
     /// Connections being served now.
     pub fn open_connections(&self) -> usize {
-        self.plane.connections.len()
+        self.shared.plane.connections.len()
+    }
+
+    /// Sets a node's state. The one place where a state changes at run time:
+    /// the admin API and reloads both come here.
+    pub fn set_node_state(&self, cluster: &str, node: &str, state: NodeState) -> Result<(), ControlError> {
+        let snapshot = self.shared.plane.snapshot.load();
+        let c = snapshot
+            .clusters
+            .get(cluster)
+            .ok_or_else(|| ControlError::UnknownCluster(cluster.into()))?;
+        let n = c.node(node).ok_or_else(|| ControlError::UnknownNode {
+            cluster: cluster.into(),
+            node: node.into(),
+        })?;
+        n.figures.set_state(state);
+        info!(cluster, node, "node state set to {state}");
+        Ok(())
+    }
+
+    /// Moves `service`'s new connections to `cluster` (a controller redirect);
+    /// open connections keep their node. Naming the file's cluster reverts.
+    pub async fn set_service_cluster(&self, service: &str, cluster: &str) -> Result<(), ControlError> {
+        let mut control = self.shared.control.lock().await;
+        let file_cluster = control
+            .file
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .map(|s| s.cluster.clone())
+            .ok_or_else(|| ControlError::UnknownService(service.into()))?;
+        if control.file.cluster(cluster).is_none() {
+            return Err(ControlError::UnknownCluster(cluster.into()));
+        }
+        if file_cluster == cluster {
+            control.redirects.remove(service);
+        } else {
+            control.redirects.insert(service.into(), cluster.into());
+        }
+        self.publish(&control);
+        info!(service, "new connections now go to cluster \"{cluster}\"");
+        Ok(())
+    }
+
+    /// Re-reads the config file (SIGHUP, `POST /api/v1/reload`).
+    pub async fn reload(&self) -> Result<ReloadReport, ControlError> {
+        let path = self.shared.config_path.get().ok_or(ControlError::NoConfigFile)?.clone();
+        let mut control = self.shared.control.lock().await;
+        // Reading the file and resolving node names block: off the runtime.
+        let source_name = path.display().to_string();
+        let config = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| ConfigError {
+                source_name,
+                line: None,
+                message: format!("loading stopped: {e}"),
+            })??;
+        self.apply(&mut control, config)
+    }
+
+    /// Builds everything the new config needs first (listeners bound, snapshot
+    /// built); only when nothing can fail any more does it swap and close.
+    fn apply(&self, control: &mut Control, new: Config) -> Result<ReloadReport, ControlError> {
+        let old = &control.file;
+        let listeners = diff(old, &new);
+        let bound = bind_all(listeners.open.iter())?;
+
+        let mut report = ReloadReport::default();
+        let redirects = std::mem::take(&mut control.redirects);
+        for (service, target) in redirects {
+            let file_before = old.services.iter().find(|s| s.name == service).map(|s| &s.cluster);
+            let file_now = new.services.iter().find(|s| s.name == service).map(|s| &s.cluster);
+            if file_now.is_some() && file_now == file_before && new.cluster(&target).is_some() {
+                control.redirects.insert(service, target);
+            } else {
+                report.redirects_dropped.push(service);
+            }
+        }
+        let states_changed: Vec<(String, String, NodeState)> = new
+            .clusters
+            .iter()
+            .flat_map(|c| c.nodes.iter().map(move |n| (c, n)))
+            .filter(|(c, n)| {
+                old.cluster(&c.name)
+                    .and_then(|oc| oc.nodes.iter().find(|on| on.name == n.name && on.address == n.address))
+                    .is_some_and(|on| on.state != n.state)
+            })
+            .map(|(c, n)| (c.name.clone(), n.name.clone(), n.state))
+            .collect();
+        if new.admin.listen != old.admin.listen {
+            warn!(
+                "[admin] listen changed to {}: takes effect at the next start",
+                new.admin.listen
+            );
+        }
+
+        control.file = new;
+        self.publish(control);
+        self.shared
+            .admin_token
+            .store(Arc::new(control.file.admin.token.clone()));
+        for (cluster, node, state) in states_changed {
+            // The node is in the snapshot just published: this cannot fail.
+            let _ = self.set_node_state(&cluster, &node, state);
+        }
+        self.shared.listeners.lock().expect("listeners lock").retain(|l| {
+            let closing = listeners
+                .close
+                .iter()
+                .any(|k| *k.service == *l.service && k.addr == l.configured);
+            if closing {
+                // The accept loop ends; connections it accepted keep going.
+                l.stop.cancel();
+                info!(service = %l.service, "closed listener on {}", l.addr);
+            }
+            !closing
+        });
+        report.closed = listeners
+            .close
+            .iter()
+            .map(|k| format!("{} {}", k.service, k.addr))
+            .collect();
+        report.opened = listeners
+            .open
+            .iter()
+            .map(|k| format!("{} {}", k.service, k.addr))
+            .collect();
+        self.start_listeners(bound);
+        info!(
+            "reloaded: {}; {} listener(s) opened, {} closed",
+            control.file.summary(),
+            report.opened.len(),
+            report.closed.len()
+        );
+        Ok(report)
+    }
+
+    /// Publishes the snapshot of the file's config with the run-time redirects
+    /// applied. Figures of nodes and services that stay carry over.
+    fn publish(&self, control: &Control) {
+        let mut effective = control.file.clone();
+        for service in &mut effective.services {
+            if let Some(target) = control.redirects.get(&service.name) {
+                service.cluster.clone_from(target);
+            }
+        }
+        let current = self.shared.plane.snapshot.load();
+        self.shared
+            .plane
+            .snapshot
+            .store(Arc::new(Snapshot::build(&effective, Some(&current))));
+    }
+
+    /// Starts an accept loop for each bound listener.
+    fn start_listeners(&self, bound: Vec<(ListenerKey, tokio::net::TcpListener)>) {
+        let mut listeners = self.shared.listeners.lock().expect("listeners lock");
+        for (key, listener) in bound {
+            let addr = listener.local_addr().expect("a bound listener has an address");
+            let service = Arc::<str>::from(key.service.as_str());
+            let stop = CancellationToken::new();
+            info!(service = %service, "listening on {addr}");
+            self.shared.accept_loops.spawn(proxy::accept_loop(
+                listener,
+                service.clone(),
+                self.shared.plane.clone(),
+                stop.clone(),
+            ));
+            listeners.push(Listener {
+                service,
+                configured: key.addr,
+                addr,
+                stop,
+            });
+        }
     }
 
     /// Stops accepting, lets open connections finish for up to `grace`, then
     /// cuts the rest. Returns how many were cut.
     pub async fn shutdown(self, grace: Duration) -> usize {
-        for l in &self.listeners {
+        self.shared.admin_stop.cancel();
+        for l in self.shared.listeners.lock().expect("listeners lock").iter() {
             l.stop.cancel();
         }
-        self.accept_loops.close();
-        self.accept_loops.wait().await;
-        let open = self.plane.connections.len();
+        self.shared.accept_loops.close();
+        self.shared.accept_loops.wait().await;
+        let open = self.shared.plane.connections.len();
         if open > 0 {
             info!("stopped accepting; waiting up to {grace:?} for {open} open connection(s)");
         }
-        self.plane.connections.close();
-        if tokio::time::timeout(grace, self.plane.connections.wait()).await.is_ok() {
+        self.shared.plane.connections.close();
+        if tokio::time::timeout(grace, self.shared.plane.connections.wait())
+            .await
+            .is_ok()
+        {
             return 0;
         }
-        let cut = self.plane.connections.len();
+        let cut = self.shared.plane.connections.len();
         info!("grace period over: cutting {cut} connection(s)");
-        self.plane.cut_all.cancel();
-        self.plane.connections.wait().await;
+        self.shared.plane.cut_all.cancel();
+        self.shared.plane.connections.wait().await;
         cut
     }
+}
+
+/// Binds every listener named, or none: on the first failure the ones already
+/// bound are dropped (closed) and the error says which address failed.
+fn bind_all<'a>(
+    keys: impl Iterator<Item = &'a ListenerKey>,
+) -> Result<Vec<(ListenerKey, tokio::net::TcpListener)>, StartError> {
+    keys.map(|key| {
+        proxy::bind(key.addr)
+            .map(|l| (key.clone(), l))
+            .map_err(|source| StartError::Bind {
+                service: key.service.clone(),
+                addr: key.addr,
+                source,
+            })
+    })
+    .collect()
 }

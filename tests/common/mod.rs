@@ -204,3 +204,109 @@ impl Drop for Running {
         let _ = self.child.wait();
     }
 }
+
+// ---------------------------------------------------------------------------
+// Control plane: config text, a balancer started from a file with its admin
+// API, and admin API calls.
+
+/// Connects to `addr` and reads the whole answer (trimmed), or the I/O error.
+pub async fn read_tag(addr: SocketAddr) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    Ok(text.trim_end().to_string())
+}
+
+/// `[[cluster]]` text with one node per `(name, address)`.
+pub fn cluster_toml(name: &str, nodes: &[(&str, SocketAddr)]) -> String {
+    let mut text = format!("[[cluster]]\nname = \"{name}\"\n");
+    for (node, addr) in nodes {
+        text.push_str(&format!("[[cluster.node]]\nname = \"{node}\"\naddress = \"{addr}\"\n"));
+    }
+    text
+}
+
+/// `[[service]]` text listening on a kernel-chosen loopback port.
+pub fn service_toml(name: &str, cluster: &str) -> String {
+    format!("[[service]]\nname = \"{name}\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"{cluster}\"\n")
+}
+
+/// The head of a config: no state, admin on a free loopback port, optional token.
+pub fn head_toml(token: Option<&str>) -> String {
+    let mut text = String::from("state_dir = \"\"\nshutdown_grace = \"5s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n");
+    if let Some(t) = token {
+        text.push_str(&format!("token = \"{t}\"\n"));
+    }
+    text
+}
+
+/// A balancer started from `text` written to a file (so that reloads re-read
+/// it), with its admin API: the server, the admin address and the file.
+pub async fn start_from_file(text: &str) -> (Server, String, tempfile::NamedTempFile) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), text).unwrap();
+    let config = Config::load(file.path()).unwrap();
+    let server = Server::start(&config).await.unwrap();
+    server.set_config_path(file.path().to_path_buf());
+    let admin = server.start_admin().await.unwrap().to_string();
+    (server, admin, file)
+}
+
+/// One admin API call; panics only if the API cannot be reached.
+pub async fn api(
+    admin: &str,
+    token: Option<&str>,
+    method: hyper::Method,
+    path: &str,
+    body: Option<&str>,
+) -> protobalance::admin::client::Reply {
+    protobalance::admin::client::request(admin, token, method, path, body)
+        .await
+        .unwrap()
+}
+
+/// `GET /api/v1/status` as JSON.
+pub async fn status(admin: &str, token: Option<&str>) -> serde_json::Value {
+    let reply = api(admin, token, hyper::Method::GET, "/api/v1/status", None).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.json()
+}
+
+/// The status entry of node `node` of cluster `cluster`.
+pub fn node_status<'a>(status: &'a serde_json::Value, cluster: &str, node: &str) -> &'a serde_json::Value {
+    let c = status["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == cluster)
+        .unwrap_or_else(|| panic!("no cluster {cluster} in {status}"));
+    c["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == node)
+        .unwrap_or_else(|| panic!("no node {node} in {c}"))
+}
+
+/// The status entry of service `service`.
+pub fn service_status<'a>(status: &'a serde_json::Value, service: &str) -> &'a serde_json::Value {
+    status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == service)
+        .unwrap_or_else(|| panic!("no service {service} in {status}"))
+}
+
+/// Polls `condition` every 20 ms until it holds, failing after [`PATIENCE`].
+pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

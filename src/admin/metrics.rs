@@ -1,0 +1,154 @@
+//! `GET /metrics`: the figures of the published snapshot in the Prometheus
+//! text format (OpenMetrics flavour), with the names of docs/admin.md.
+//!
+//! The figures already live in atomics owned by the model, so each scrape
+//! fills a fresh registry from them rather than keeping a second copy of
+//! every counter up to date on the hot path.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::model::{NodeState, Refusal, Snapshot};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    cluster: String,
+    node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    cluster: String,
+    node: String,
+    /// `in` = client→node, `out` = node→client.
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    cluster: String,
+    node: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    service: String,
+    reason: &'static str,
+}
+
+/// Renders every metric of `snapshot`.
+pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
+    let active = Family::<NodeLabels, Gauge>::default();
+    let connections = Family::<NodeLabels, Counter>::default();
+    let bytes = Family::<BytesLabels, Counter>::default();
+    let failures = Family::<NodeLabels, Counter>::default();
+    let available = Family::<NodeLabels, Gauge>::default();
+    let state = Family::<StateLabels, Gauge>::default();
+    let accepted = Family::<ServiceLabels, Counter>::default();
+    let refused = Family::<RefusedLabels, Counter>::default();
+
+    for cluster in snapshot.clusters.values() {
+        for node in &cluster.nodes {
+            let f = &node.figures;
+            let labels = NodeLabels {
+                cluster: cluster.name.clone(),
+                node: node.name.clone(),
+            };
+            active.get_or_create(&labels).set(gauge(f.active_connections()));
+            connections.get_or_create(&labels).inc_by(f.total_connections());
+            failures.get_or_create(&labels).inc_by(f.connect_failures());
+            available.get_or_create(&labels).set(i64::from(f.is_available()));
+            for (direction, n) in [("in", f.bytes_in()), ("out", f.bytes_out())] {
+                let labels = BytesLabels {
+                    cluster: cluster.name.clone(),
+                    node: node.name.clone(),
+                    direction,
+                };
+                bytes.get_or_create(&labels).inc_by(n);
+            }
+            for s in [NodeState::Green, NodeState::Yellow, NodeState::Red] {
+                let labels = StateLabels {
+                    cluster: cluster.name.clone(),
+                    node: node.name.clone(),
+                    state: s.name(),
+                };
+                state.get_or_create(&labels).set(i64::from(f.state() == s));
+            }
+        }
+    }
+    for service in snapshot.services.values() {
+        let f = &service.figures;
+        accepted
+            .get_or_create(&ServiceLabels {
+                service: service.name.clone(),
+            })
+            .inc_by(f.accepted());
+        for reason in Refusal::ALL {
+            let labels = RefusedLabels {
+                service: service.name.clone(),
+                reason: reason.name(),
+            };
+            refused.get_or_create(&labels).inc_by(f.refused(reason));
+        }
+    }
+
+    let mut registry = Registry::default();
+    // Counters get their `_total` suffix from the encoder.
+    registry.register(
+        "protobalance_node_active_connections",
+        "Connections open to the node now",
+        active,
+    );
+    registry.register(
+        "protobalance_node_connections",
+        "Connections forwarded to the node",
+        connections,
+    );
+    registry.register(
+        "protobalance_node_bytes",
+        "Bytes forwarded (in = client to node, out = node to client)",
+        bytes,
+    );
+    registry.register(
+        "protobalance_node_connect_failures",
+        "Failed connection attempts to the node",
+        failures,
+    );
+    registry.register(
+        "protobalance_node_available",
+        "1 when health checks find the node available",
+        available,
+    );
+    registry.register(
+        "protobalance_node_state",
+        "1 for the node's current operator state",
+        state,
+    );
+    registry.register(
+        "protobalance_service_accepted",
+        "Clients accepted by the service",
+        accepted,
+    );
+    registry.register(
+        "protobalance_service_refused",
+        "Clients turned away, by reason (see docs/configuration.md)",
+        refused,
+    );
+    let mut text = String::new();
+    encode(&mut text, &registry)?;
+    Ok(text)
+}
+
+fn gauge(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,233 @@
+//! The admin side: the HTTP API (JSON), the Prometheus metrics, the live
+//! dashboard page and the `ctl` client that talks to them.
+//!
+//! The API never touches the proxy's sockets: every change goes through a
+//! [`Server`] method (which publishes a new snapshot), and every read comes
+//! from the published snapshot and the node figures.
+//!
+//! Authentication: with `[admin] token` set, every request, the dashboard page
+//! included, needs `Authorization: Bearer TOKEN`. Browsers may send the token
+//! as the password of HTTP Basic authentication instead (any user name): the
+//! 401 answer offers Basic, so a browser asks for it once and then sends it
+//! with the page's own API calls. Tokens are compared in constant time and
+//! never logged.
+
+pub mod client;
+pub mod ctl;
+mod metrics;
+pub mod status;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post, put};
+use base64::Engine;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::model::NodeState;
+use crate::server::{ControlError, Server};
+
+/// The largest request body accepted: the API's bodies are a few dozen bytes.
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// The dashboard: one page, its CSS and JS inline, nothing fetched from elsewhere.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// Serves the admin API on `listener` until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, server: Server, stop: CancellationToken) {
+    if let Err(e) = axum::serve(listener, router(server))
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+    {
+        warn!("admin API stopped: {e}");
+    }
+}
+
+/// Every route of the admin API, behind the token check.
+pub fn router(server: Server) -> Router {
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/clusters/{cluster}/nodes/{node}/state", put(set_node_state))
+        .route("/api/v1/services/{service}/cluster", put(set_service_cluster))
+        .route("/api/v1/reload", post(reload))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route: see docs/admin.md") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
+        })
+        .layer(middleware::from_fn_with_state(server.clone(), authorize))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(server)
+}
+
+/// An error answer: `{"error": "..."}` with a 4xx status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(json!({ "error": self.message }))).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"protobalance\", charset=\"UTF-8\""),
+            );
+        }
+        response
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> ApiError {
+        let status = match e {
+            ControlError::UnknownService(_) | ControlError::UnknownCluster(_) | ControlError::UnknownNode { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            ControlError::NoConfigFile => StatusCode::CONFLICT,
+            ControlError::Config(_) | ControlError::Bind(_) => StatusCode::BAD_REQUEST,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+/// Refuses a request without the configured token (401).
+async fn authorize(State(server): State<Server>, request: Request, next: Next) -> Response {
+    let token = server.admin_token();
+    if let Some(token) = token.as_deref()
+        && !presented_token(request.headers()).is_some_and(|t| bool::from(t.as_bytes().ct_eq(token.as_bytes())))
+    {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong token: send Authorization: Bearer TOKEN",
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// The token a request carries: `Bearer TOKEN`, or the password of `Basic`.
+fn presented_token(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, credentials) = value.split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(credentials.trim().to_string());
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(credentials.trim())
+            .ok()?;
+        let decoded = String::from_utf8(decoded).ok()?;
+        return decoded.split_once(':').map(|(_, password)| password.to_string());
+    }
+    None
+}
+
+/// Parses a JSON body, turning every failure into a 4xx `{"error"}` answer.
+fn json_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let bad = |e: serde_json::Error| ApiError::new(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}"));
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(bad)?;
+    // serde would also read a struct from an array; the API takes objects only.
+    if !value.is_object() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad JSON body: expected an object",
+        ));
+    }
+    serde_json::from_value(value).map_err(bad)
+}
+
+async fn dashboard() -> impl IntoResponse {
+    ([(header::CACHE_CONTROL, "no-store")], Html(DASHBOARD))
+}
+
+async fn status(State(server): State<Server>) -> impl IntoResponse {
+    axum::Json(status::Status::of(&server).await)
+}
+
+async fn metrics(State(server): State<Server>) -> Response {
+    match metrics::render(&server.snapshot()) {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode metrics: {e}")).into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateBody {
+    state: String,
+}
+
+async fn set_node_state(
+    State(server): State<Server>,
+    Path((cluster, node)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let StateBody { state } = json_body(body)?;
+    let state = NodeState::parse(&state).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("bad state {state:?}: expected green, yellow or red"),
+        )
+    })?;
+    server.set_node_state(&cluster, &node, state)?;
+    Ok(axum::Json(
+        json!({ "cluster": cluster, "node": node, "state": state.name() }),
+    ))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterBody {
+    cluster: String,
+}
+
+async fn set_service_cluster(
+    State(server): State<Server>,
+    Path(service): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let ClusterBody { cluster } = json_body(body)?;
+    server.set_service_cluster(&service, &cluster).await?;
+    Ok(axum::Json(json!({ "service": service, "cluster": cluster })))
+}
+
+async fn reload(State(server): State<Server>) -> Result<impl IntoResponse, ApiError> {
+    info!("reload asked through the admin API");
+    match server.reload().await {
+        Ok(report) => Ok(axum::Json(report)),
+        Err(e) => {
+            warn!("reload refused, running configuration unchanged: {e}");
+            Err(e.into())
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! The shape of `GET /api/v1/status` (docs/admin.md), built from the
+//! published snapshot and the node figures. `ctl` parses the same types.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Node, Refusal, Snapshot};
+use crate::server::Server;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub services: Vec<ServiceStatus>,
+    pub clusters: Vec<ClusterStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    /// As configured (`ADDR:PORT` or `ADDR:LOW-HIGH`).
+    pub listen: Vec<String>,
+    /// The sockets bound now (port 0 resolved).
+    pub bound: Vec<String>,
+    /// The cluster serving new connections now.
+    pub cluster: String,
+    /// The file's cluster, when a run-time redirect overrides it.
+    pub redirected_from: Option<String>,
+    pub active_connections: u64,
+    pub total_connections: u64,
+    /// Clients turned away, all reasons together.
+    pub refused_connections: u64,
+    /// Clients turned away, by reason (the `reason` labels of the metrics).
+    pub refused: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub name: String,
+    pub algorithm: String,
+    pub affinity: bool,
+    pub nodes: Vec<NodeStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub address: String,
+    pub weight: u32,
+    pub fallover: Option<String>,
+    /// green, yellow or red (set by an operator).
+    pub state: String,
+    /// available or unavailable (observed).
+    pub health: String,
+    pub active_connections: u64,
+    pub total_connections: u64,
+    /// Client → node.
+    pub bytes_in: u64,
+    /// Node → client.
+    pub bytes_out: u64,
+    pub connect_failures: u64,
+    /// New connections per second.
+    pub connection_rate: f64,
+    /// Bytes per second, both ways.
+    pub traffic_rate: f64,
+}
+
+impl Status {
+    /// The status now, sorted by name.
+    pub async fn of(server: &Server) -> Status {
+        let snapshot = server.snapshot();
+        let redirects = server.redirects().await;
+        let bound = server.listen_addrs();
+        let mut services: Vec<ServiceStatus> = snapshot
+            .services
+            .values()
+            .map(|s| ServiceStatus {
+                name: s.name.clone(),
+                listen: s.listen.iter().map(|l| l.to_string()).collect(),
+                bound: bound
+                    .iter()
+                    .filter(|(name, _)| *name == s.name)
+                    .map(|(_, a)| a.to_string())
+                    .collect(),
+                cluster: s.cluster.clone(),
+                redirected_from: redirects.get(&s.name).cloned(),
+                active_connections: s.figures.active_connections(),
+                total_connections: s.figures.accepted(),
+                refused_connections: Refusal::ALL.iter().map(|r| s.figures.refused(*r)).sum(),
+                refused: Refusal::ALL
+                    .iter()
+                    .map(|r| (r.name().to_string(), s.figures.refused(*r)))
+                    .collect(),
+            })
+            .collect();
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        Status {
+            services,
+            clusters: clusters(&snapshot),
+        }
+    }
+}
+
+fn clusters(snapshot: &Snapshot) -> Vec<ClusterStatus> {
+    let mut clusters: Vec<ClusterStatus> = snapshot
+        .clusters
+        .values()
+        .map(|c| ClusterStatus {
+            name: c.name.clone(),
+            algorithm: c.algorithm.name().to_string(),
+            affinity: c.affinity,
+            nodes: c
+                .nodes
+                .iter()
+                .map(|n| node(n, n.fallover.map(|i| c.nodes[i].name.clone())))
+                .collect(),
+        })
+        .collect();
+    clusters.sort_by(|a, b| a.name.cmp(&b.name));
+    clusters
+}
+
+fn node(n: &Node, fallover: Option<String>) -> NodeStatus {
+    let f = &n.figures;
+    let (connection_rate, traffic_rate) = rates(n);
+    NodeStatus {
+        name: n.name.clone(),
+        address: n.address_text.clone(),
+        weight: n.weight,
+        fallover,
+        state: f.state().name().to_string(),
+        health: if f.is_available() { "available" } else { "unavailable" }.to_string(),
+        active_connections: f.active_connections(),
+        total_connections: f.total_connections(),
+        bytes_in: f.bytes_in(),
+        bytes_out: f.bytes_out(),
+        connect_failures: f.connect_failures(),
+        connection_rate,
+        traffic_rate,
+    }
+}
+
+/// A node's connection and traffic rates (per second): the EWMA figures that
+/// `crate::rates` samples for the rate-based algorithms.
+fn rates(node: &Node) -> (f64, f64) {
+    (node.figures.connection_rate(), node.figures.traffic_rate())
+}

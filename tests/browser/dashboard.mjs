@@ -1,0 +1,71 @@
+// Drives Debian's chromium against the live dashboard:
+//   node dashboard.mjs URL SCREENSHOT CLUSTER NODE
+// waits for live numbers that move, clicks "yellow" on CLUSTER/NODE (accepting
+// the confirmation), waits for the page to show it, saves a screenshot, and
+// prints one JSON line with what it saw. Exit 0 on success, 1 otherwise.
+import { chromium } from "playwright-core";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+
+const [url, screenshot, cluster, node] = process.argv.slice(2);
+if (!url || !screenshot || !cluster || !node) {
+  console.error("usage: node dashboard.mjs URL SCREENSHOT CLUSTER NODE");
+  process.exit(2);
+}
+const TIMEOUT = 90_000;
+const profile = mkdtempSync(join(tmpdir(), "protobalance-chromium-"));
+let context;
+const result = { ok: false };
+try {
+  context = await chromium.launchPersistentContext(profile, {
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    headless: true,
+    viewport: { width: 1440, height: 640 },
+    timeout: TIMEOUT,
+    args: [
+      "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    ],
+  });
+  const page = context.pages()[0] || (await context.newPage());
+  page.setDefaultTimeout(TIMEOUT);
+  const dialogs = [];
+  page.on("dialog", (d) => { dialogs.push(d.message()); d.accept(); });
+  await page.goto(url);
+
+  const row = page.locator(`tr[data-node="${cluster}/${node}"]`);
+  await row.waitFor();
+  const total = async () => Number(await row.locator(".total").textContent());
+  const first = await total();
+  // Live numbers: the total grows under load, and the page's rate is above zero.
+  await page.waitForFunction(
+    ([sel, before]) => Number(document.querySelector(sel + " .total").textContent) > before,
+    [`tr[data-node="${cluster}/${node}"]`, first], { timeout: TIMEOUT, polling: 200 });
+  await page.waitForFunction(
+    (sel) => parseFloat(document.querySelector(sel + " .crate").textContent) > 0,
+    `tr[data-node="${cluster}/${node}"]`, { timeout: TIMEOUT, polling: 200 });
+  result.total_before = first;
+  result.total_after = await total();
+  result.connection_rate = await row.locator(".crate").textContent();
+  result.traffic_rate = await row.locator(".trate").textContent();
+
+  await row.locator('button[data-set-state="yellow"]').click();
+  await page.waitForFunction(
+    (sel) => document.querySelector(sel + " .state").textContent === "yellow",
+    `tr[data-node="${cluster}/${node}"]`, { timeout: TIMEOUT, polling: 200 });
+  result.dialogs = dialogs;
+  result.state_shown = await row.locator(".state").textContent();
+  // Let the charts gather a few more points for the picture, scrolled back home.
+  await page.waitForTimeout(6000);
+  await page.evaluate(() => { for (const c of document.querySelectorAll(".card")) c.scrollLeft = 0; window.scrollTo(0, 0); });
+  await page.screenshot({ path: screenshot, fullPage: true });
+  result.ok = true;
+} catch (e) {
+  result.error = String(e && e.stack || e);
+} finally {
+  if (context) await context.close().catch(() => {});
+  rmSync(profile, { recursive: true, force: true });
+}
+console.log(JSON.stringify(result));
+process.exit(result.ok ? 0 : 1);
