@@ -7,9 +7,12 @@ mod common;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use common::*;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 
@@ -106,7 +109,6 @@ async fn stoppable_backend(name: &'static str) -> (SocketAddr, JoinHandle<()>) {
     let task = tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                use tokio::io::AsyncWriteExt;
                 let _ = s.write_all(name.as_bytes()).await;
                 let _ = s.shutdown().await;
             });
@@ -148,7 +150,6 @@ async fn single_port_forward() {
         let (mut r, mut w) = s.into_split();
         let (_, got) = tokio::join!(
             async {
-                use tokio::io::AsyncWriteExt;
                 w.write_all(&sent).await.unwrap();
                 w.shutdown().await.unwrap();
             },
@@ -251,4 +252,128 @@ async fn twin_balancers_choose_the_same_node_for_each_client() {
         chosen.insert(via_east);
     }
     assert_eq!(chosen.len(), 3, "the clients spread over all nodes: {chosen:?}");
+}
+
+/// Client load for the controller test: connections opened one after another,
+/// a few milliseconds apart, until `stop` (or a minute, or 10 000 connections);
+/// every one must be served. The name of each serving node is appended to `seen`.
+async fn load(addr: SocketAddr, stop: Arc<AtomicBool>, seen: Arc<Mutex<Vec<String>>>) -> usize {
+    let started = std::time::Instant::now();
+    let mut served = 0;
+    while !stop.load(Ordering::Relaxed) && served < 10_000 && started.elapsed() < Duration::from_secs(60) {
+        let name = read_all(addr).await;
+        assert!(!name.is_empty(), "a client connection under load was not served");
+        seen.lock().unwrap().push(name);
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    served
+}
+
+/// Waits until the load has been served by a node of `cluster` after the
+/// first `since` connections; returns how many it has seen now.
+async fn load_reaches(seen: &Mutex<Vec<String>>, since: usize, cluster: &str) -> usize {
+    within(&format!("the load reaches {cluster}"), async {
+        loop {
+            {
+                let seen = seen.lock().unwrap();
+                if seen[since.min(seen.len())..].iter().any(|n| n.starts_with(cluster)) {
+                    return seen.len();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+/// `PUT /api/v1/services/{service}/cluster` on the admin API; returns the answer.
+async fn put_service_cluster(admin: SocketAddr, service: &str, cluster: &str) -> String {
+    within("PUT /api/v1/services/{service}/cluster", async {
+        let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+        let body = format!(r#"{{"cluster":"{cluster}"}}"#);
+        let request = format!(
+            "PUT /api/v1/services/{service}/cluster HTTP/1.1\r\nHost: {admin}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        answer
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_redirects_a_service_and_back_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = dead_addr();
+    let mut replace = vec![
+        ("0.0.0.0:9000", "127.0.0.1:0".to_string()),
+        ("127.0.0.1:9900", admin.to_string()),
+    ];
+    for (placeholder, name) in [
+        ("192.0.2.31:9000", "blue-1"),
+        ("192.0.2.32:9000", "blue-2"),
+        ("192.0.2.41:9000", "green-1"),
+        ("192.0.2.42:9000", "green-2"),
+    ] {
+        replace.push((placeholder, name_backend(name).await.to_string()));
+    }
+    let file = example("controller.toml", dir.path(), &replace);
+    let (_balancer, addr) = run(&file);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(load(addr, stop.clone(), seen.clone())))
+        .collect();
+    let before = load_reaches(&seen, 0, "blue-").await;
+
+    // The controller redirects to green with ctl: from then on new connections go to green.
+    let admin_arg = admin.to_string();
+    let ctl = within(
+        "ctl redirect",
+        tokio::task::spawn_blocking(move || {
+            Command::new(BIN)
+                .args(["ctl", "--admin", &admin_arg, "redirect", "api", "green"])
+                .output()
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        ctl.status.success(),
+        "ctl redirect: {}",
+        String::from_utf8_lossy(&ctl.stderr)
+    );
+    for _ in 0..3 {
+        let name = read_all(addr).await;
+        assert!(
+            name.starts_with("green-"),
+            "after the redirect a new connection goes to green, got {name:?}"
+        );
+    }
+    let on_green = load_reaches(&seen, before, "green-").await;
+
+    // And back to blue through the admin API itself.
+    let answer = put_service_cluster(admin, "api", "blue").await;
+    assert!(answer.starts_with("HTTP/1.1 2"), "redirect back to blue: {answer}");
+    for _ in 0..3 {
+        let name = read_all(addr).await;
+        assert!(
+            name.starts_with("blue-"),
+            "after the redirect back a new connection goes to blue, got {name:?}"
+        );
+    }
+    load_reaches(&seen, on_green, "blue-").await;
+
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        within("a load client", client)
+            .await
+            .expect("no client connection under load failed");
+    }
 }

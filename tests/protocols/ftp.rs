@@ -56,6 +56,7 @@ async fn start_balancer(cluster: &str) -> (Server, u16, (u16, u16)) {
         match Server::start(&cfg).await {
             Ok(server) => return (server, control, (low, high)),
             Err(StartError::Bind { .. }) => continue,
+            Err(e) => panic!("balancer does not start: {e}"),
         }
     }
     panic!("no free control port and passive range found in 20 tries");
