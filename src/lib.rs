@@ -6,6 +6,7 @@
 //! `proxy` moves bytes, `server` runs it all, `cli` and `demo` face the user.
 
 pub mod admin;
+pub mod affinity;
 pub mod balance;
 pub mod cli;
 pub mod config;

@@ -91,6 +91,10 @@ pub struct NodeFigures {
     state: AtomicU8,
     /// EWMA rates and agent load; kept by `crate::rates`, which adds their getters.
     pub(crate) load: LoadFigures,
+    /// Times the node went from available to unavailable or back.
+    health_transitions: AtomicU64,
+    /// Wakes the node's open connections when it turns red, so they are cut.
+    turned_red: tokio::sync::Notify,
 }
 
 impl NodeFigures {
@@ -104,6 +108,8 @@ impl NodeFigures {
             available: AtomicBool::new(true),
             state: AtomicU8::new(state.to_u8()),
             load: LoadFigures::default(),
+            health_transitions: AtomicU64::new(0),
+            turned_red: tokio::sync::Notify::new(),
         }
     }
 
@@ -133,6 +139,9 @@ impl NodeFigures {
     }
     pub fn set_state(&self, state: NodeState) {
         self.state.store(state.to_u8(), Relaxed);
+        if state == NodeState::Red {
+            self.turned_red.notify_waiters();
+        }
     }
     /// Whether the node may take a new connection: green and available.
     pub fn is_eligible(&self) -> bool {
@@ -147,6 +156,31 @@ impl NodeFigures {
     }
     pub fn count_connect_failure(&self) {
         self.connect_failures.fetch_add(1, Relaxed);
+    }
+
+    /// Sets the node's health; returns whether it changed, and counts the change.
+    pub fn mark_available(&self, available: bool) -> bool {
+        let changed = self.available.swap(available, Relaxed) != available;
+        if changed {
+            self.health_transitions.fetch_add(1, Relaxed);
+        }
+        changed
+    }
+    pub fn health_transitions(&self) -> u64 {
+        self.health_transitions.load(Relaxed)
+    }
+    /// Resolves once the node is red: at once if it is red now, else when it turns red.
+    pub async fn red(&self) {
+        loop {
+            let turned = self.turned_red.notified();
+            tokio::pin!(turned);
+            // Registered before the check, so a change between the two is not missed.
+            turned.as_mut().enable();
+            if self.state() == NodeState::Red {
+                return;
+            }
+            turned.await;
+        }
     }
 
     /// Counts a connection as open until the returned guard drops.

@@ -25,8 +25,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::affinity::{self, Affinity};
 use crate::config::diff::{ListenerKey, diff};
 use crate::config::{Config, ConfigError};
+use crate::health;
 use crate::model::{NodeState, Snapshot};
 use crate::proxy::{self, DataPlane};
 
@@ -105,17 +107,30 @@ struct Shared {
     admin_token: ArcSwap<Option<String>>,
     /// Cancelled at shutdown: stops the admin API.
     admin_stop: CancellationToken,
+    /// The health prober and the affinity flusher, stopped after the connections.
+    background: TaskTracker,
+    stop_background: CancellationToken,
 }
 
 impl Server {
     /// Binds every listener of `config` and starts accepting. Fails, having
     /// started nothing, if any address cannot be bound.
     pub async fn start(config: &Config) -> Result<Server, StartError> {
+        let affinity = {
+            let (dir, config) = (config.state_dir.clone(), config.clone());
+            tokio::task::spawn_blocking(move || Affinity::open(&dir, &config, affinity::MAX_PINS_PER_CLUSTER))
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::error!("opening the affinity store failed ({e}); keeping pins in memory only");
+                    Affinity::in_memory()
+                })
+        };
         let plane = Arc::new(DataPlane {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
             cut_all: CancellationToken::new(),
             connections: TaskTracker::new(),
             open_clients: Default::default(),
+            affinity: Arc::new(affinity),
         });
         let server = Server {
             shared: Arc::new(Shared {
@@ -129,12 +144,21 @@ impl Server {
                 config_path: OnceLock::new(),
                 admin_token: ArcSwap::from_pointee(config.admin.token.clone()),
                 admin_stop: CancellationToken::new(),
+                background: TaskTracker::new(),
+                stop_background: CancellationToken::new(),
             }),
         };
         let keys = crate::config::diff::listeners(config);
         let bound = bind_all(keys.iter())?;
         tokio::spawn(crate::rates::sample_forever(Arc::downgrade(&server.shared.plane)));
         tokio::spawn(crate::health::agent::poll_forever(Arc::downgrade(&server.shared.plane)));
+        let (shared, stop) = (&server.shared, &server.shared.stop_background);
+        shared
+            .background
+            .spawn(health::probe::run(shared.plane.clone(), stop.clone()));
+        shared
+            .background
+            .spawn(affinity::run_flusher(shared.plane.affinity.clone(), stop.clone()));
         server.start_listeners(bound);
         Ok(server)
     }
@@ -216,8 +240,22 @@ impl Server {
             node: node.into(),
         })?;
         n.figures.set_state(state);
-        info!(cluster, node, "node state set to {state}");
+        if state == NodeState::Red {
+            // Red moves pins for good: the clients of a red node are pinned anew.
+            let moved = self.shared.plane.affinity.forget_node(cluster, node);
+            info!(
+                cluster,
+                node, "node state set to {state}; {moved} client pin(s) dropped"
+            );
+        } else {
+            info!(cluster, node, "node state set to {state}");
+        }
         Ok(())
+    }
+
+    /// The client pins of every cluster.
+    pub fn affinity(&self) -> &Affinity {
+        &self.shared.plane.affinity
     }
 
     /// Moves `service`'s new connections to `cluster` (a controller redirect);
@@ -390,16 +428,22 @@ impl Server {
             info!("stopped accepting; waiting up to {grace:?} for {open} open connection(s)");
         }
         self.shared.plane.connections.close();
-        if tokio::time::timeout(grace, self.shared.plane.connections.wait())
+        let cut = if tokio::time::timeout(grace, self.shared.plane.connections.wait())
             .await
             .is_ok()
         {
-            return 0;
-        }
-        let cut = self.shared.plane.connections.len();
-        info!("grace period over: cutting {cut} connection(s)");
-        self.shared.plane.cut_all.cancel();
-        self.shared.plane.connections.wait().await;
+            0
+        } else {
+            let cut = self.shared.plane.connections.len();
+            info!("grace period over: cutting {cut} connection(s)");
+            self.shared.plane.cut_all.cancel();
+            self.shared.plane.connections.wait().await;
+            cut
+        };
+        // Last: the affinity flusher writes the pins of the connections just ended.
+        self.shared.stop_background.cancel();
+        self.shared.background.close();
+        self.shared.background.wait().await;
         cut
     }
 }

@@ -94,10 +94,21 @@ fn score(h: u64, weight: u32) -> f64 {
 
 impl Balancer for IpHash {
     fn pick(&self, client: IpAddr, nodes: &[Node]) -> Option<usize> {
+        self.best(client, nodes, true)
+    }
+
+    fn home(&self, client: IpAddr, nodes: &[Node]) -> Option<usize> {
+        self.best(client, nodes, false)
+    }
+}
+
+impl IpHash {
+    /// The highest-scoring node for `client`, among the eligible ones only or all.
+    fn best(&self, client: IpAddr, nodes: &[Node], eligible_only: bool) -> Option<usize> {
         let digest = self.client_digest(client);
         let mut best: Option<(usize, f64)> = None;
         for (i, node) in nodes.iter().enumerate() {
-            if !node.is_eligible() {
+            if eligible_only && !node.is_eligible() {
                 continue;
             }
             // Seeds are built from the same cluster config as the nodes;

@@ -33,6 +33,14 @@ pub use traffic_rate::TrafficRate;
 pub trait Balancer: Send + Sync {
     /// The node to try first for `client`, or `None` when no node is eligible.
     fn pick(&self, client: IpAddr, nodes: &[Node]) -> Option<usize>;
+
+    /// The node `client` belongs to whatever the nodes' state and health, for
+    /// algorithms that assign clients to nodes (ip-hash); `None` for the others.
+    /// When that node cannot take the client, its fall-over chain comes first
+    /// (see docs/availability.md).
+    fn home(&self, _client: IpAddr, _nodes: &[Node]) -> Option<usize> {
+        None
+    }
 }
 
 /// Whether this build implements `kind` (config validation refuses the others).

@@ -4,6 +4,7 @@
 
 mod admission;
 mod candidates;
+mod connect;
 mod pump;
 
 use std::io;
@@ -21,7 +22,8 @@ use tracing::{debug, info, warn};
 pub use candidates::Candidates;
 pub use pump::{PumpError, Side};
 
-use crate::model::{NodeFigures, Refusal, Snapshot};
+use crate::affinity::Affinity;
+use crate::model::{Cluster, NodeFigures, NodeState, Refusal, Snapshot};
 use admission::Admitted;
 
 /// Where the access log goes: `RUST_LOG=protobalance::access=info`.
@@ -35,6 +37,8 @@ pub struct DataPlane {
     pub connections: TaskTracker,
     /// Client connections admitted and not yet closed, all services together.
     pub open_clients: Arc<AtomicU64>,
+    /// Client pins of every cluster; outlives snapshots.
+    pub affinity: Arc<Affinity>,
 }
 
 /// Binds a listening socket with the options a server wants.
@@ -168,36 +172,53 @@ async fn serve_client(
     let started = Instant::now();
     let cluster = &admitted.cluster;
 
-    let mut connected = None;
-    for i in Candidates::new(&cluster.nodes, cluster.pick(peer.ip())) {
-        let node = &cluster.nodes[i];
-        let target = node.address.target(local_port);
-        match connect(target, cluster.connect_timeout).await {
-            Ok(stream) => {
-                connected = Some((i, stream));
-                break;
-            }
-            Err(e) if is_exhaustion(&e) => {
-                // Our fault, not the node's: no other node would do better.
-                admitted.service.count_refused(Refusal::Exhausted);
-                admission::log_refusal(&admitted.service, service, peer.ip(), Refusal::Exhausted);
-                debug!(
-                    service,
-                    "no descriptor or memory for a node connection: {e}; closing {peer}"
-                );
-                return;
-            }
-            Err(e) => {
-                node.figures.count_connect_failure();
-                warn!(service, cluster = %cluster.name, node = %node.name, "connect to {target} failed: {e}; trying the next node");
-            }
-        }
-    }
-    let Some((i, upstream)) = connected else {
-        admitted.service.count_refused(Refusal::NoNode);
-        warn!(service, cluster = %cluster.name, "no node could take client {peer}; closing it");
-        return;
+    let pinned = pinned_node(&plane.affinity, cluster, peer);
+    // A client's home node (ip-hash), even when it cannot take the client, so
+    // that its fall-over chain comes first; else the algorithm's pick.
+    let first = pinned
+        .or_else(|| cluster.balancer.home(peer.ip(), &cluster.nodes))
+        .or_else(|| cluster.pick(peer.ip()));
+    // Boxed: the connect phase's state (probation, timers) is large and short-lived;
+    // inline, every open connection's task would keep room for it.
+    let outcome = tokio::select! {
+        outcome = Box::pin(connect::connect_client(&client, cluster, first, local_port, admitted.idle_timeout)) => outcome,
+        _ = plane.cut_all.cancelled() => return,
     };
+    let (i, upstream, forwarded) = match outcome {
+        connect::Outcome::Connected {
+            node,
+            stream,
+            forwarded,
+        } => (node, stream, forwarded),
+        connect::Outcome::NoNode => {
+            admitted.service.count_refused(Refusal::NoNode);
+            warn!(service, cluster = %cluster.name, "no node could take client {peer}; closing it");
+            return;
+        }
+        connect::Outcome::Exhausted(e) => {
+            // Our fault, not the node's: no other node would do better.
+            admitted.service.count_refused(Refusal::Exhausted);
+            admission::log_refusal(&admitted.service, service, peer.ip(), Refusal::Exhausted);
+            debug!(
+                service,
+                "no descriptor or memory for a node connection: {e}; closing {peer}"
+            );
+            return;
+        }
+        connect::Outcome::Idle => {
+            debug!(service, cluster = %cluster.name, "client {peer}: idle timeout before the node answered; closing");
+            return;
+        }
+        connect::Outcome::ClientGone(e) => {
+            debug!(service, cluster = %cluster.name, "client {peer} went away while connecting: {e}");
+            return;
+        }
+    };
+    if cluster.affinity {
+        // A pin stays on its node while the client is served by the node's fall-over chain.
+        let pin_to = &cluster.nodes[pinned.unwrap_or(i)].name;
+        plane.affinity.pin(&cluster.name, peer.ip(), pin_to);
+    }
     let node = &cluster.nodes[i];
     let _in_node = node.figures.open_connection();
 
@@ -217,12 +238,17 @@ async fn serve_client(
             None => std::future::pending().await,
         }
     };
+    pump::Counter::bytes_in(&bytes, forwarded);
     let result = tokio::select! {
         r = pump::pump(&client, &upstream, admitted.forwarding, &bytes) => r,
         _ = idle => Err(PumpError { side: Side::Balancer, error: io::Error::new(io::ErrorKind::TimedOut, "idle timeout") }),
         _ = plane.cut_all.cancelled() => Err(PumpError { side: Side::Balancer, error: io::Error::other("cut at shutdown") }),
+        _ = node.figures.red() => Err(abort_both(&client, &upstream, "cut: the node turned red")),
     };
     drop(idle_watch);
+    if cluster.affinity {
+        plane.affinity.touch(&cluster.name, peer.ip());
+    }
     info!(
         target: ACCESS_LOG,
         "{peer} service={service} cluster={} node={} in={} out={} ms={} end=\"{}\"",
@@ -235,6 +261,33 @@ async fn serve_client(
     );
 }
 
+/// The node `peer` is pinned to, if the cluster keeps affinity and the pin
+/// still holds. A pin to a node no longer configured, or to a red one (pins
+/// are dropped when a node turns red; this catches a race with that), moves
+/// for good: the caller pins the client anew.
+fn pinned_node(affinity: &Affinity, cluster: &Cluster, peer: SocketAddr) -> Option<usize> {
+    if !cluster.affinity {
+        return None;
+    }
+    let node = affinity.pinned(&cluster.name, peer.ip(), cluster.affinity_ttl)?;
+    cluster
+        .nodes
+        .iter()
+        .position(|n| *n.name == *node && n.figures.state() != NodeState::Red)
+}
+
+/// Makes dropping `client` and `node` reset both connections (SO_LINGER 0),
+/// for a cut that must not wait for buffered data.
+fn abort_both(client: &TcpStream, node: &TcpStream, why: &str) -> PumpError {
+    for s in [client, node] {
+        let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+    }
+    PumpError {
+        side: Side::Balancer,
+        error: io::Error::other(why.to_string()),
+    }
+}
+
 /// Whether an error means the balancer ran out of descriptors or memory.
 fn is_exhaustion(e: &io::Error) -> bool {
     #[cfg(unix)]
@@ -242,15 +295,6 @@ fn is_exhaustion(e: &io::Error) -> bool {
         return [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM].contains(&code);
     }
     e.kind() == io::ErrorKind::OutOfMemory
-}
-
-/// Connects to a node within `timeout`, with TCP_NODELAY set.
-async fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(target))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
 }
 
 #[cfg(test)]
@@ -279,6 +323,7 @@ mod future_sizes {
             cut_all: Default::default(),
             connections: Default::default(),
             open_clients: Default::default(),
+            affinity: std::sync::Arc::new(crate::affinity::Affinity::in_memory()),
         });
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -295,7 +340,7 @@ mod future_sizes {
             let pump = super::pump::pump(&c, &c, crate::config::ForwardMode::Auto, &Nop);
             println!("pump future: {} bytes", std::mem::size_of_val(&pump));
             drop(pump);
-            let connect = super::connect("127.0.0.1:1".parse().unwrap(), std::time::Duration::from_secs(1));
+            let connect = super::connect::connect("127.0.0.1:1".parse().unwrap(), std::time::Duration::from_secs(1));
             println!("connect future: {} bytes", std::mem::size_of_val(&connect));
             let peer: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
             let admitted = super::admission::admit(&plane, "forward", peer.ip()).ok().unwrap();

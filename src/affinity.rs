@@ -1,0 +1,633 @@
+//! Client affinity: pins, their time to live, and their persistence.
+//!
+//! A **pin** ties a client IP to a node of a cluster. Pins belong to the
+//! cluster, not to a listener, so every listener of a service (a passive-FTP
+//! data port included) finds the same pin. This module keeps pins and never
+//! chooses nodes: the proxy asks [`Affinity::pinned`] and tells
+//! [`Affinity::pin`] what it chose (see docs/availability.md for the rules).
+//!
+//! - The hot path is an in-memory map per cluster behind one short mutex: a
+//!   lookup and an update per connection, no I/O.
+//! - Each cluster keeps at most [`MAX_PINS_PER_CLUSTER`] pins; beyond that the
+//!   least recently seen client is forgotten.
+//! - A pin lives for the cluster's `affinity_ttl` after its client was last seen
+//!   (at the start and at the end of each of its connections). Time is wall-clock
+//!   (Unix milliseconds), because pins outlive the process.
+//! - Persistence: `state_dir/affinity.redb`, a redb file. Changed pins are
+//!   marked dirty and written in one transaction per [`FLUSH_INTERVAL`] by a
+//!   background task (and once more at shutdown), never on a connection's path.
+//!   A damaged file is logged, moved aside to `affinity.redb.corrupt` and
+//!   replaced by an empty one. A file that cannot be used for another reason
+//!   (held by another process, no permission) is left alone and pins are kept
+//!   in memory only. The balancer never refuses to start because of this file.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::panic::{self, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lru::LruCache;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::model::NodeState;
+
+/// The store's file name inside `state_dir`.
+pub const STORE_FILE: &str = "affinity.redb";
+/// How often changed pins are written to the store.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// Most pins a cluster keeps (memory: roughly 100 bytes each).
+pub const MAX_PINS_PER_CLUSTER: usize = 1_000_000;
+
+/// (cluster, client IP octets: 4 or 16) → (node name, last seen in Unix ms).
+const PINS: TableDefinition<(&str, &[u8]), (&str, u64)> = TableDefinition::new("pins");
+
+#[derive(Debug, Clone)]
+struct Pin {
+    node: Arc<str>,
+    last_seen_ms: u64,
+}
+
+/// One cluster's pins, most recently seen last.
+struct ClusterPins {
+    pins: LruCache<IpAddr, Pin>,
+    /// Clients whose pin changed (or went) since the last flush.
+    dirty: HashSet<IpAddr>,
+}
+
+impl ClusterPins {
+    fn new() -> ClusterPins {
+        ClusterPins {
+            pins: LruCache::unbounded(),
+            dirty: HashSet::new(),
+        }
+    }
+}
+
+/// The pins of every cluster, and the file they are kept in.
+pub struct Affinity {
+    clusters: Mutex<HashMap<String, ClusterPins>>,
+    limit: usize,
+    /// `None`: pins live in memory only (no `state_dir`, or the store failed).
+    store: Mutex<Option<Arc<Database>>>,
+}
+
+/// A pin to write to the store (cluster, client, pin); `None`: delete it.
+type Change = (String, IpAddr, Option<(Arc<str>, u64)>);
+/// A pin read from the store: cluster, client, pin.
+type StoredPin = (String, IpAddr, Pin);
+
+impl Affinity {
+    /// Pins kept in memory only.
+    pub fn in_memory() -> Affinity {
+        Affinity::with_limit(MAX_PINS_PER_CLUSTER)
+    }
+
+    /// In memory only, keeping at most `limit` pins per cluster.
+    pub fn with_limit(limit: usize) -> Affinity {
+        Affinity {
+            clusters: Mutex::new(HashMap::new()),
+            limit: limit.max(1),
+            store: Mutex::new(None),
+        }
+    }
+
+    /// Opens (or creates) the store under `state_dir` and loads the pins that
+    /// `config` still honours: their cluster has affinity, their node still
+    /// exists, their TTL has not run out. An empty `state_dir` means no store.
+    /// Never fails: problems are logged and pins are then kept in memory.
+    /// Blocking (file I/O): call it from a blocking context.
+    pub fn open(state_dir: &Path, config: &Config, limit: usize) -> Affinity {
+        let affinity = Affinity::with_limit(limit);
+        if state_dir.as_os_str().is_empty() {
+            return affinity;
+        }
+        if let Err(e) = std::fs::create_dir_all(state_dir) {
+            error!(
+                "cannot create state_dir {}: {e}; client affinity will not survive a restart",
+                state_dir.display()
+            );
+            return affinity;
+        }
+        let path = state_dir.join(STORE_FILE);
+        let loaded = match open_and_read(&path) {
+            Ok(loaded) => Some(loaded),
+            Err(StoreError::Unusable(e)) => {
+                // Not the file's fault (another process holds it, no permission...): leave it be.
+                error!(
+                    "cannot open affinity store {}: {e}; client affinity will not survive a restart",
+                    path.display()
+                );
+                None
+            }
+            Err(StoreError::Damaged(e)) => {
+                let aside = PathBuf::from(format!("{}.corrupt", path.display()));
+                error!(
+                    "affinity store {} is damaged ({e}); moving it to {} and starting an empty one",
+                    path.display(),
+                    aside.display()
+                );
+                match std::fs::rename(&path, &aside) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => error!("cannot move {} aside: {e}", path.display()),
+                }
+                match open_and_read(&path) {
+                    Ok(loaded) => Some(loaded),
+                    Err(StoreError::Damaged(e) | StoreError::Unusable(e)) => {
+                        error!(
+                            "cannot create a fresh affinity store at {}: {e}; client affinity will not survive a restart",
+                            path.display()
+                        );
+                        None
+                    }
+                }
+            }
+        };
+        let Some((db, mut entries)) = loaded else {
+            return affinity;
+        };
+        let now = now_ms();
+        entries.sort_by_key(|(_, _, pin)| pin.last_seen_ms);
+        let mut kept = 0;
+        {
+            let mut clusters = affinity.lock();
+            for (cluster_name, ip, pin) in entries {
+                let honoured = config.cluster(&cluster_name).is_some_and(|c| {
+                    c.affinity
+                        && c.nodes
+                            .iter()
+                            .any(|n| *n.name == *pin.node && n.state != NodeState::Red)
+                        && !expired(pin.last_seen_ms, c.affinity_ttl, now)
+                });
+                let table = clusters.entry(cluster_name).or_insert_with(ClusterPins::new);
+                if honoured {
+                    table.pins.put(ip, pin);
+                    kept += 1;
+                }
+                // Dropped pins (and those evicted below) are deleted at the first flush.
+                table.dirty.insert(ip);
+            }
+            for table in clusters.values_mut() {
+                while table.pins.len() > affinity.limit {
+                    table.pins.pop_lru();
+                    kept -= 1;
+                }
+                let ClusterPins { pins, dirty } = table;
+                dirty.retain(|ip| !pins.contains(ip));
+            }
+        }
+        info!("affinity store {}: {kept} pin(s) restored", path.display());
+        *affinity.store.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db));
+        affinity
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, ClusterPins>> {
+        // A panic elsewhere while holding the lock leaves the map consistent (every
+        // update is one call on it): keep serving.
+        self.clusters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The node `client` is pinned to in `cluster`, if its pin is younger than
+    /// `ttl`. An expired pin is forgotten.
+    pub fn pinned(&self, cluster: &str, client: IpAddr, ttl: Duration) -> Option<Arc<str>> {
+        let mut clusters = self.lock();
+        let table = clusters.get_mut(cluster)?;
+        let pin = table.pins.get(&client)?;
+        if !expired(pin.last_seen_ms, ttl, now_ms()) {
+            return Some(pin.node.clone());
+        }
+        table.pins.pop(&client);
+        table.dirty.insert(client);
+        None
+    }
+
+    /// Pins `client` to `node` in `cluster` (or refreshes the pin), seen now.
+    pub fn pin(&self, cluster: &str, client: IpAddr, node: &str) {
+        let now = now_ms();
+        let mut clusters = self.lock();
+        let table = match clusters.get_mut(cluster) {
+            Some(t) => t,
+            None => clusters.entry(cluster.to_string()).or_insert_with(ClusterPins::new),
+        };
+        match table.pins.get_mut(&client) {
+            Some(pin) if *pin.node == *node => pin.last_seen_ms = now,
+            _ => {
+                table.pins.put(
+                    client,
+                    Pin {
+                        node: node.into(),
+                        last_seen_ms: now,
+                    },
+                );
+                if table.pins.len() > self.limit
+                    && let Some((evicted, _)) = table.pins.pop_lru()
+                {
+                    table.dirty.insert(evicted);
+                }
+            }
+        }
+        table.dirty.insert(client);
+    }
+
+    /// Marks `client` as seen now, if it has a pin in `cluster`.
+    pub fn touch(&self, cluster: &str, client: IpAddr) {
+        let mut clusters = self.lock();
+        if let Some(table) = clusters.get_mut(cluster)
+            && let Some(pin) = table.pins.get_mut(&client)
+        {
+            pin.last_seen_ms = now_ms();
+            table.dirty.insert(client);
+        }
+    }
+
+    /// Drops every pin to `node` in `cluster` (the node turned red): its
+    /// clients are pinned anew on their next connection. Returns how many.
+    pub fn forget_node(&self, cluster: &str, node: &str) -> usize {
+        let mut clusters = self.lock();
+        let Some(table) = clusters.get_mut(cluster) else {
+            return 0;
+        };
+        let gone: Vec<IpAddr> = table
+            .pins
+            .iter()
+            .filter(|(_, pin)| *pin.node == *node)
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in &gone {
+            table.pins.pop(ip);
+            table.dirty.insert(*ip);
+        }
+        gone.len()
+    }
+
+    /// How many pins `cluster` holds now (expired ones not yet noticed included).
+    pub fn len(&self, cluster: &str) -> usize {
+        self.lock().get(cluster).map_or(0, |t| t.pins.len())
+    }
+
+    pub fn is_empty(&self, cluster: &str) -> bool {
+        self.len(cluster) == 0
+    }
+
+    /// Whether pins are written to a file.
+    pub fn is_persistent(&self) -> bool {
+        self.store.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Writes every pin changed since the last flush, in one transaction.
+    /// Blocking. Returns how many pins were written or deleted. On failure the
+    /// changes stay dirty for the next flush.
+    pub fn flush(&self) -> Result<usize, redb::Error> {
+        let Some(db) = self.store.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return Ok(0);
+        };
+        let changes = self.take_dirty();
+        if changes.is_empty() {
+            return Ok(0);
+        }
+        match write(&db, &changes) {
+            Ok(()) => Ok(changes.len()),
+            Err(e) => {
+                let mut clusters = self.lock();
+                for (cluster, ip, _) in changes {
+                    if let Some(t) = clusters.get_mut(&cluster) {
+                        t.dirty.insert(ip);
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn take_dirty(&self) -> Vec<Change> {
+        let mut clusters = self.lock();
+        let mut changes = Vec::new();
+        for (name, table) in clusters.iter_mut() {
+            for ip in table.dirty.drain() {
+                let pin = table.pins.peek(&ip).map(|p| (p.node.clone(), p.last_seen_ms));
+                changes.push((name.clone(), ip, pin));
+            }
+        }
+        changes
+    }
+
+    /// Flushes once more and closes the store; later pins stay in memory.
+    pub fn close(&self) {
+        if let Err(e) = self.flush() {
+            error!("affinity store: last write failed: {e}");
+        }
+        self.store.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+/// Flushes `affinity` every [`FLUSH_INTERVAL`] until `stop` is cancelled, then
+/// flushes a last time and closes the store.
+pub async fn run_flusher(affinity: Arc<Affinity>, stop: CancellationToken) {
+    if !affinity.is_persistent() {
+        return;
+    }
+    let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let a = affinity.clone();
+        match tokio::task::spawn_blocking(move || a.flush()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!("affinity store: write failed ({e}); will retry"),
+            Err(e) => error!("affinity store: flush task failed: {e}"),
+        }
+    }
+    let a = affinity.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || a.close()).await {
+        error!("affinity store: closing failed: {e}");
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn expired(last_seen_ms: u64, ttl: Duration, now_ms: u64) -> bool {
+    now_ms.saturating_sub(last_seen_ms) > ttl.as_millis() as u64
+}
+
+fn ip_octets(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+fn ip_from_octets(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+        _ => None,
+    }
+}
+
+/// Why the store could not be opened.
+enum StoreError {
+    /// The file's contents are unreadable: it is moved aside and replaced.
+    Damaged(String),
+    /// The file may be fine but cannot be used now (held by another process,
+    /// no permission, disk error): it is left alone.
+    Unusable(String),
+}
+
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> StoreError {
+        use std::io::ErrorKind::{InvalidData, UnexpectedEof};
+        let damaged = match &e {
+            redb::Error::Corrupted(_)
+            | redb::Error::UpgradeRequired(_)
+            | redb::Error::RepairAborted
+            | redb::Error::ValueTooLarge(_)
+            | redb::Error::TableTypeMismatch { .. }
+            | redb::Error::TypeDefinitionChanged { .. }
+            | redb::Error::TableIsMultimap(_) => true,
+            redb::Error::Io(io) => matches!(io.kind(), InvalidData | UnexpectedEof),
+            _ => false,
+        };
+        if damaged {
+            StoreError::Damaged(e.to_string())
+        } else {
+            StoreError::Unusable(e.to_string())
+        }
+    }
+}
+
+/// Opens or creates the store at `path` and reads every pin in it. A panic
+/// inside the store library on a damaged file counts as damage too.
+fn open_and_read(path: &Path) -> Result<(Database, Vec<StoredPin>), StoreError> {
+    panic::catch_unwind(AssertUnwindSafe(|| -> Result<_, redb::Error> {
+        let db = Database::create(path)?;
+        // Make sure the table exists, so that reading a fresh file works.
+        let txn = db.begin_write()?;
+        txn.open_table(PINS)?;
+        txn.commit()?;
+        let mut entries = Vec::new();
+        let txn = db.begin_read()?;
+        let table = txn.open_table(PINS)?;
+        for row in table.iter()? {
+            let (key, value) = row?;
+            let (cluster, ip) = key.value();
+            let (node, last_seen_ms) = value.value();
+            if let Some(ip) = ip_from_octets(ip) {
+                let pin = Pin {
+                    node: node.into(),
+                    last_seen_ms,
+                };
+                entries.push((cluster.to_string(), ip, pin));
+            }
+        }
+        drop(table);
+        drop(txn);
+        Ok((db, entries))
+    }))
+    .map_err(|_| StoreError::Damaged("the store library panicked while reading it".to_string()))?
+    .map_err(StoreError::from)
+}
+
+fn write(db: &Database, changes: &[Change]) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    {
+        let mut table = txn.open_table(PINS)?;
+        for (cluster, ip, pin) in changes {
+            let octets = ip_octets(*ip);
+            let key = (cluster.as_str(), octets.as_slice());
+            match pin {
+                Some((node, last_seen_ms)) => {
+                    table.insert(key, (&**node, *last_seen_ms))?;
+                }
+                None => {
+                    table.remove(key)?;
+                }
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(ttl: &str) -> Config {
+        let text = format!(
+            "state_dir = \"\"\n[[service]]\nname = \"s\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"c\"\n\
+             [[cluster]]\nname = \"c\"\naffinity = true\naffinity_ttl = \"{ttl}\"\n\
+             [[cluster.node]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n\
+             [[cluster.node]]\nname = \"b\"\naddress = \"127.0.0.1:2\"\n"
+        );
+        Config::parse(&text, "test").unwrap()
+    }
+
+    fn ip(i: u32) -> IpAddr {
+        IpAddr::from(std::net::Ipv4Addr::from(0x7f00_0000 + i))
+    }
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    #[test]
+    fn ten_thousand_pins_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config("1d");
+        let store = Affinity::open(dir.path(), &config, MAX_PINS_PER_CLUSTER);
+        assert!(store.is_persistent());
+        for i in 1..=10_000 {
+            store.pin("c", ip(i), if i % 3 == 0 { "a" } else { "b" });
+        }
+        store.close();
+        drop(store);
+
+        let store = Affinity::open(dir.path(), &config, MAX_PINS_PER_CLUSTER);
+        assert_eq!(store.len("c"), 10_000);
+        for i in 1..=10_000 {
+            let want = if i % 3 == 0 { "a" } else { "b" };
+            assert_eq!(store.pinned("c", ip(i), DAY).as_deref(), Some(want), "client {}", ip(i));
+        }
+    }
+
+    #[test]
+    fn the_least_recently_seen_client_is_evicted() {
+        let store = Affinity::with_limit(3);
+        for i in 1..=3 {
+            store.pin("c", ip(i), "a");
+        }
+        store.pinned("c", ip(1), DAY); // seen again: now the most recent
+        store.pin("c", ip(4), "b");
+        assert_eq!(store.len("c"), 3);
+        assert!(store.pinned("c", ip(2), DAY).is_none(), "oldest evicted");
+        for i in [1, 3, 4] {
+            assert!(store.pinned("c", ip(i), DAY).is_some(), "client {i} kept");
+        }
+    }
+
+    #[test]
+    fn eviction_is_persisted_and_the_bound_holds_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config("1d");
+        let store = Affinity::open(dir.path(), &config, 10);
+        for i in 1..=20 {
+            store.pin("c", ip(i), "a");
+        }
+        store.close();
+        let store = Affinity::open(dir.path(), &config, 5);
+        assert_eq!(store.len("c"), 5);
+        for i in 16..=20 {
+            assert!(store.pinned("c", ip(i), DAY).is_some(), "most recent client {i} kept");
+        }
+    }
+
+    #[test]
+    fn pins_of_removed_nodes_and_clusters_without_affinity_are_dropped_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Affinity::open(dir.path(), &config("1d"), 100);
+        store.pin("c", ip(1), "a");
+        store.pin("c", ip(2), "gone");
+        store.pin("other", ip(3), "a");
+        store.close();
+        let store = Affinity::open(dir.path(), &config("1d"), 100);
+        assert_eq!(store.pinned("c", ip(1), DAY).as_deref(), Some("a"));
+        assert!(store.pinned("c", ip(2), DAY).is_none());
+        assert!(store.pinned("other", ip(3), DAY).is_none());
+    }
+
+    #[test]
+    fn forgetting_a_node_drops_its_pins_only() {
+        let store = Affinity::in_memory();
+        store.pin("c", ip(1), "a");
+        store.pin("c", ip(2), "b");
+        store.pin("c", ip(3), "a");
+        assert_eq!(store.forget_node("c", "a"), 2);
+        assert!(store.pinned("c", ip(1), DAY).is_none());
+        assert_eq!(store.pinned("c", ip(2), DAY).as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn expired_pins_are_forgotten() {
+        let store = Affinity::in_memory();
+        store.pin("c", ip(1), "a");
+        assert!(store.pinned("c", ip(1), DAY).is_some());
+        // Wait comfortably past a 1 ms TTL.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(store.pinned("c", ip(1), Duration::from_millis(1)).is_none());
+        assert!(store.pinned("c", ip(1), DAY).is_none(), "forgotten once expired");
+    }
+
+    #[test]
+    fn a_corrupt_file_is_moved_aside_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(STORE_FILE),
+            b"this is not a redb file at all, not even close",
+        )
+        .unwrap();
+        let store = Affinity::open(dir.path(), &config("1d"), 100);
+        assert!(store.is_persistent(), "a fresh store replaces the corrupt one");
+        assert!(dir.path().join("affinity.redb.corrupt").exists());
+        store.pin("c", ip(1), "b");
+        store.close();
+        let store = Affinity::open(dir.path(), &config("1d"), 100);
+        assert_eq!(store.pinned("c", ip(1), DAY).as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn a_truncated_file_is_damaged_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Affinity::open(dir.path(), &config("1d"), 100);
+        store.pin("c", ip(1), "b");
+        store.close();
+        drop(store);
+        let path = dir.path().join(STORE_FILE);
+        let len = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len / 3)
+            .unwrap();
+        let store = Affinity::open(dir.path(), &config("1d"), 100);
+        assert!(store.is_persistent());
+        assert!(dir.path().join("affinity.redb.corrupt").exists(), "moved aside");
+    }
+
+    #[test]
+    fn a_store_held_by_another_owner_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Affinity::open(dir.path(), &config("1d"), 100);
+        first.pin("c", ip(1), "b");
+        let second = Affinity::open(dir.path(), &config("1d"), 100);
+        assert!(!second.is_persistent(), "the second owner keeps pins in memory");
+        assert!(
+            !dir.path().join("affinity.redb.corrupt").exists(),
+            "the file was not moved"
+        );
+        first.close();
+        let again = Affinity::open(dir.path(), &config("1d"), 100);
+        assert_eq!(again.pinned("c", ip(1), DAY).as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn an_unusable_state_dir_means_memory_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let store = Affinity::open(&file, &config("1d"), 100);
+        assert!(!store.is_persistent());
+        store.pin("c", ip(1), "a");
+        assert_eq!(store.pinned("c", ip(1), DAY).as_deref(), Some("a"));
+    }
+}

@@ -1,0 +1,269 @@
+//! Connecting a client to a node, with fall-over: try the candidates in order
+//! until one **takes** the client.
+//!
+//! A node fails, is marked unavailable, and the next candidate is tried, when:
+//! - the TCP connect fails (refused, unreachable, reset) or does not complete
+//!   within the cluster's `connect_timeout`; or
+//! - it is **on probation** and closes (FIN) or resets (RST) the connection.
+//!
+//! A connected node is on probation until it has sent its first byte to the
+//! client. While on probation, the client's first bytes (up to
+//! [`HELD_BYTES`]) are forwarded to the node *and kept*, so that a node that
+//! fails can be replaced by the next candidate, which gets the same bytes,
+//! byte for byte. Probation also ends (the node is kept, whatever it does
+//! next) when:
+//! - the client sends more than [`HELD_BYTES`] before the node answers: those
+//!   bytes could no longer be replayed;
+//! - the client has finished sending (half-close) and then the node closes
+//!   without a word: a node may legitimately read a request and hang up.
+//!
+//! A node that turns red while on probation is left (not marked unavailable)
+//! and the held bytes go to the next candidate.
+//!
+//! Server-speaks-first protocols (SMTP, IMAP, POP3, FTP): the greeting is the
+//! node's first byte, so a node that greets has taken the client; if it later
+//! closes, that is its answer and no fall-over happens. A node that accepts and
+//! closes before greeting fails over like any other.
+//!
+//! The happy path costs a peek at the node's socket and, when the client
+//! speaks first, one buffer of [`HELD_BYTES`] for the first bytes; the pump
+//! takes over as soon as the node answers.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::Candidates;
+use crate::health::probe;
+use crate::model::{Cluster, NodeFigures};
+
+/// Most client bytes kept for replay while a node is on probation.
+pub const HELD_BYTES: usize = 16 * 1024;
+
+/// How a connection attempt ended.
+pub enum Outcome {
+    /// `stream` to `cluster.nodes[node]` has taken the client; `forwarded`
+    /// client bytes were already written to it.
+    Connected {
+        node: usize,
+        stream: TcpStream,
+        forwarded: u64,
+    },
+    /// Every candidate failed (or there was none).
+    NoNode,
+    /// The balancer ran out of descriptors or memory: no node would do better.
+    Exhausted(io::Error),
+    /// The client failed or went away while we were connecting.
+    ClientGone(io::Error),
+    /// No byte moved either way for the service's idle timeout while the node
+    /// was on probation.
+    Idle,
+}
+
+/// The client's first bytes, kept until a node takes the client.
+#[derive(Default)]
+struct FirstBytes {
+    /// Allocated (not zeroed) on the client's first byte, with room for [`HELD_BYTES`].
+    buf: Vec<u8>,
+    /// The client has half-closed (sent EOF).
+    client_done: bool,
+}
+
+impl FirstBytes {
+    fn is_full(&self) -> bool {
+        self.buf.len() >= HELD_BYTES
+    }
+}
+
+/// Who ended a probation that did not keep the node.
+enum Fault {
+    Node(io::Error),
+    /// The node turned red: it takes the client no more, but is not unavailable.
+    Red,
+    /// Neither side sent a byte for the idle timeout: not the node's fault.
+    Idle,
+    Client(io::Error),
+}
+
+/// What the client did while a node was on probation.
+enum ClientEvent {
+    Read(usize),
+    /// More bytes than we keep: probation ends.
+    More,
+    Eof,
+}
+
+/// Connects `client` (who reached us on `local_port`) to the first candidate,
+/// starting with `first`, that takes it. Failed nodes are marked unavailable.
+/// `idle`: the service's idle timeout, which applies on probation too.
+pub async fn connect_client(
+    client: &TcpStream,
+    cluster: &Cluster,
+    first: Option<usize>,
+    local_port: u16,
+    idle: Option<Duration>,
+) -> Outcome {
+    let mut held = FirstBytes::default();
+    for i in Candidates::new(&cluster.nodes, first) {
+        let node = &cluster.nodes[i];
+        let target = node.address.target(local_port);
+        let stream = match connect(target, cluster.connect_timeout).await {
+            Ok(stream) => stream,
+            Err(e) if super::is_exhaustion(&e) => return Outcome::Exhausted(e),
+            Err(e) => {
+                node.figures.count_connect_failure();
+                probe::mark_unavailable(cluster, node, format_args!("connect to {target} failed: {e}"));
+                continue;
+            }
+        };
+        match probation(client, &stream, &node.figures, &mut held, idle).await {
+            Ok(()) => {
+                return Outcome::Connected {
+                    node: i,
+                    stream,
+                    forwarded: held.buf.len() as u64,
+                };
+            }
+            Err(Fault::Node(e)) => {
+                node.figures.count_connect_failure();
+                probe::mark_unavailable(
+                    cluster,
+                    node,
+                    format_args!("{target} ended the connection before answering: {e}"),
+                );
+            }
+            Err(Fault::Red) => {}
+            Err(Fault::Idle) => return Outcome::Idle,
+            Err(Fault::Client(e)) => return Outcome::ClientGone(e),
+        }
+    }
+    Outcome::NoNode
+}
+
+/// Connects to a node within `timeout`, with TCP_NODELAY set.
+pub(super) async fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(target))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Replays the held bytes (and the client's half-close) to `node`, then
+/// forwards the client's first bytes until the node answers (`Ok`) or fails.
+async fn probation(
+    client: &TcpStream,
+    node: &TcpStream,
+    figures: &NodeFigures,
+    held: &mut FirstBytes,
+    idle: Option<Duration>,
+) -> Result<(), Fault> {
+    if !held.buf.is_empty() {
+        ensure_open(node).map_err(Fault::Node)?;
+        write_all(node, &held.buf).await.map_err(Fault::Node)?;
+    }
+    if held.client_done {
+        half_close(node).map_err(Fault::Node)?;
+    }
+    let mut peeked = [0u8; 1];
+    let mut idle_deadline = idle.map(|d| Instant::now() + d);
+    loop {
+        let idle_over = async {
+            match idle_deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            // The client first: a half-close that already arrived must be seen
+            // before the node's close is judged.
+            biased;
+            event = client_event(client, held), if !held.client_done => {
+                match event.map_err(Fault::Client)? {
+                    ClientEvent::Read(n) => {
+                        idle_deadline = idle.map(|d| Instant::now() + d);
+                        let start = held.buf.len() - n;
+                        ensure_open(node).map_err(Fault::Node)?;
+                        write_all(node, &held.buf[start..]).await.map_err(Fault::Node)?;
+                    }
+                    ClientEvent::More => return Ok(()),
+                    ClientEvent::Eof => {
+                        // The node may answer only after the client's EOF: pass it on.
+                        held.client_done = true;
+                        half_close(node).map_err(Fault::Node)?;
+                    }
+                }
+            }
+            answer = node.peek(&mut peeked) => {
+                return match answer {
+                    Ok(0) if held.client_done => Ok(()),
+                    Ok(0) => Err(Fault::Node(io::Error::new(io::ErrorKind::UnexpectedEof, "closed"))),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(Fault::Node(e)),
+                };
+            }
+            _ = figures.red() => return Err(Fault::Red),
+            _ = idle_over => return Err(Fault::Idle),
+        }
+    }
+}
+
+/// Waits for the client's next bytes and keeps them in `held` (cancel-safe:
+/// bytes are only taken from the socket when the read completes).
+async fn client_event(client: &TcpStream, held: &mut FirstBytes) -> io::Result<ClientEvent> {
+    if held.is_full() {
+        let mut peeked = [0u8; 1];
+        return Ok(match client.peek(&mut peeked).await? {
+            0 => ClientEvent::Eof,
+            _ => ClientEvent::More,
+        });
+    }
+    if held.buf.capacity() == 0 {
+        held.buf = Vec::with_capacity(HELD_BYTES);
+    }
+    loop {
+        client.readable().await?;
+        // Reads into the spare capacity only: never more than HELD_BYTES in all.
+        match client.try_read_buf(&mut held.buf) {
+            Ok(0) => return Ok(ClientEvent::Eof),
+            Ok(n) => return Ok(ClientEvent::Read(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Fails if `node` has already closed or reset the connection: then it
+/// closed before these bytes were sent to it, and they go to the next node.
+fn ensure_open(node: &TcpStream) -> io::Result<()> {
+    let mut peeked = [std::mem::MaybeUninit::uninit(); 1];
+    // The socket is non-blocking: this returns at once.
+    match socket2::SockRef::from(node).peek(&mut peeked) {
+        Ok(0) => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "closed before any byte was sent to it",
+        )),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn half_close(stream: &TcpStream) -> io::Result<()> {
+    socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write)
+}
+
+async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,869 @@
+//! Availability with real sockets: fall-over chains, unavailable nodes and the
+//! probe that brings them back, green/yellow/red at run time, and client
+//! affinity that survives restarts. Every backend is a real listener on
+//! 127.0.0.1; client source addresses are 127.x.y.z.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::time::Duration;
+
+use protobalance::config::Config;
+use protobalance::model::{NodeFigures, NodeState};
+use protobalance::server::Server;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinSet;
+
+/// Generous: the suite runs on a loaded two-core machine.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------
+// Backends
+
+/// How a test backend treats each connection.
+#[derive(Clone, Copy)]
+enum Behaviour {
+    /// Waits for the client's first bytes, answers "NAME\n" followed by them,
+    /// then echoes everything.
+    Echo,
+    /// Accepts and closes at once, reading nothing.
+    CloseAtOnce,
+    /// Reads the client's first bytes and closes without a word.
+    ReadAndClose,
+    /// Resets the connection (RST) as soon as the client's bytes arrive, unread.
+    ResetOnData,
+    /// Reads until the client's EOF, then answers "NAME got N bytes".
+    AnswerAfterEof,
+    /// Greets "220 NAME\r\n" first, then echoes.
+    Greet,
+    /// Greets "220 NAME\r\n" and closes.
+    GreetAndClose,
+}
+
+/// A backend listening on 127.0.0.1. Dropping it (or [`Backend::kill`]) closes
+/// its listener and every connection it holds.
+struct Backend {
+    addr: SocketAddr,
+    /// Connections open now.
+    open: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    async fn start(name: &str, behaviour: Behaviour) -> Backend {
+        Backend::start_on(name, behaviour, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    async fn start_on(name: &str, behaviour: Behaviour, addr: SocketAddr) -> Backend {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind(addr).unwrap();
+        let listener = socket.listen(128).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(serve(listener, name.to_string(), behaviour, open.clone()));
+        Backend { addr, open, task }
+    }
+
+    /// Closes the listener and every open connection, as a crash would.
+    async fn kill(mut self) -> SocketAddr {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+        self.addr
+    }
+
+    fn open_connections(&self) -> usize {
+        self.open.load(SeqCst)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(listener: TcpListener, name: String, behaviour: Behaviour, open: Arc<AtomicUsize>) {
+    let mut connections = JoinSet::new();
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let name = name.clone();
+        let open = open.clone();
+        open.fetch_add(1, SeqCst);
+        connections.spawn(async move {
+            let _ = answer(&mut stream, &name, behaviour).await;
+            open.fetch_sub(1, SeqCst);
+        });
+    }
+}
+
+async fn answer(stream: &mut TcpStream, name: &str, behaviour: Behaviour) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    match behaviour {
+        Behaviour::CloseAtOnce => return Ok(()),
+        Behaviour::ResetOnData => {
+            stream.readable().await?;
+            socket2::SockRef::from(&*stream).set_linger(Some(Duration::ZERO))?;
+            return Ok(());
+        }
+        Behaviour::AnswerAfterEof => {
+            let mut got = Vec::new();
+            stream.read_to_end(&mut got).await?;
+            stream
+                .write_all(format!("{name} got {} bytes", got.len()).as_bytes())
+                .await?;
+            return Ok(());
+        }
+        Behaviour::ReadAndClose => {
+            let _first_bytes = stream.read(&mut buf).await?;
+            return Ok(());
+        }
+        Behaviour::GreetAndClose => {
+            stream.write_all(format!("220 {name}\r\n").as_bytes()).await?;
+            return Ok(());
+        }
+        Behaviour::Greet => stream.write_all(format!("220 {name}\r\n").as_bytes()).await?,
+        Behaviour::Echo => {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            stream.write_all(format!("{name}\n").as_bytes()).await?;
+            stream.write_all(&buf[..n]).await?;
+        }
+    }
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        stream.write_all(&buf[..n]).await?;
+    }
+}
+
+/// A port where nothing listens (connect is refused).
+fn dead_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A listener that never accepts, with its accept queue full: a connect to it
+/// gets no answer at all. Keep the returned sockets alive.
+fn never_accepts() -> (SocketAddr, Vec<socket2::Socket>) {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    listener
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let mut keep = vec![listener];
+    // Backlog 0 queues one connection; the rest wait in SYN-SENT. Either way the
+    // queue is full and further SYNs are dropped.
+    for _ in 0..8 {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let _ = s.connect(&addr.into());
+        keep.push(s);
+    }
+    (addr, keep)
+}
+
+// ---------------------------------------------------------------------------
+// Clients
+
+/// Connects to `to` from source address `from` (any port).
+async fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    tokio::time::timeout(PATIENCE, socket.connect(to))
+        .await
+        .expect("connect in time")
+        .expect("connect")
+}
+
+/// Which node serves a connection from `from`: sends "ping\n", reads the
+/// backend's name line and the echo.
+async fn who_from(from: IpAddr, to: SocketAddr) -> String {
+    let stream = connect_from(from, to).await;
+    let (name, _) = exchange(stream, b"ping\n").await;
+    name
+}
+
+async fn who(to: SocketAddr) -> String {
+    who_from(IpAddr::V4(Ipv4Addr::LOCALHOST), to).await
+}
+
+/// Sends `payload` to an [`Behaviour::Echo`] backend through the balancer;
+/// returns the backend's name and the echoed bytes.
+async fn exchange(stream: TcpStream, payload: &[u8]) -> (String, Vec<u8>) {
+    tokio::time::timeout(PATIENCE, async {
+        let mut stream = BufReader::new(stream);
+        stream.get_mut().write_all(payload).await.unwrap();
+        let mut name = String::new();
+        stream.read_line(&mut name).await.unwrap();
+        assert!(name.ends_with('\n'), "no name line, got {name:?}");
+        let mut echo = vec![0u8; payload.len()];
+        stream.read_exact(&mut echo).await.unwrap();
+        (name.trim_end().to_string(), echo)
+    })
+    .await
+    .expect("answered in time")
+}
+
+fn ip(a: u8, b: u8, c: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, a, b, c))
+}
+
+/// Waits (bounded) until `cond` holds; for conditions without a signal to await.
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The balancer
+
+struct NodeSpec<'a> {
+    name: &'a str,
+    addr: SocketAddr,
+    weight: u32,
+    fallover: Option<&'a str>,
+}
+
+fn node<'a>(name: &'a str, addr: SocketAddr) -> NodeSpec<'a> {
+    NodeSpec {
+        name,
+        addr,
+        weight: 1,
+        fallover: None,
+    }
+}
+
+impl<'a> NodeSpec<'a> {
+    fn fallover(mut self, to: &'a str) -> Self {
+        self.fallover = Some(to);
+        self
+    }
+    fn weight(mut self, w: u32) -> Self {
+        self.weight = w;
+        self
+    }
+}
+
+/// One service "s" (listening on `listeners` kernel-chosen ports) served by
+/// cluster "c"; `cluster_keys` are extra TOML lines for the cluster.
+fn config(state_dir: &Path, listeners: usize, cluster_keys: &str, nodes: &[NodeSpec<'_>]) -> Config {
+    let listen = vec!["\"127.0.0.1:0\""; listeners].join(", ");
+    let mut text = format!(
+        "state_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[service]]\nname = \"s\"\nlisten = [{listen}]\ncluster = \"c\"\n\
+         [[cluster]]\nname = \"c\"\nretry_interval = \"100ms\"\n{cluster_keys}\n",
+        state_dir.display().to_string()
+    );
+    for n in nodes {
+        text.push_str(&format!(
+            "[[cluster.node]]\nname = \"{}\"\naddress = \"{}\"\nweight = {}\n",
+            n.name, n.addr, n.weight
+        ));
+        if let Some(f) = n.fallover {
+            text.push_str(&format!("fallover = \"{f}\"\n"));
+        }
+    }
+    Config::parse(&text, "test").unwrap()
+}
+
+async fn start(config: &Config) -> (Server, SocketAddr) {
+    let server = Server::start(config).await.expect("balancer starts");
+    let addr = server.addr_of("s").unwrap();
+    (server, addr)
+}
+
+fn figures(server: &Server, node: &str) -> Arc<NodeFigures> {
+    server.snapshot().clusters["c"].node(node).unwrap().figures.clone()
+}
+
+fn no_state() -> &'static Path {
+    Path::new("")
+}
+
+// ---------------------------------------------------------------------------
+// Fall-over
+
+#[tokio::test]
+async fn a_node_killed_mid_test_is_skipped_then_probed_back() {
+    let a = Backend::start("a", Behaviour::Echo).await;
+    let b = Backend::start("b", Behaviour::Echo).await;
+    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
+    let (server, addr) = start(&cfg).await;
+
+    let mut served = Vec::new();
+    for _ in 0..4 {
+        served.push(who(addr).await);
+    }
+    assert_eq!(served, ["a", "b", "a", "b"]);
+
+    let a_addr = a.kill().await;
+    // Every client is served, by b, although a's address refuses connections.
+    for i in 0..20 {
+        assert_eq!(who(addr).await, "b", "client {i} after a died");
+    }
+    let fa = figures(&server, "a");
+    assert!(!fa.is_available());
+    assert_eq!(fa.health_transitions(), 1, "one transition to unavailable");
+    assert_eq!(fa.connect_failures(), 1, "a left selection after its first failure");
+
+    // a comes back on the same address: the background probe (not a client) notices.
+    let _a = Backend::start_on("a", Behaviour::Echo, a_addr).await;
+    eventually("the probe marks a available", || fa.is_available()).await;
+    assert_eq!(fa.health_transitions(), 2);
+    let mut served: Vec<String> = Vec::new();
+    for _ in 0..4 {
+        served.push(who(addr).await);
+    }
+    assert!(served.iter().any(|n| n == "a"), "a takes clients again: {served:?}");
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_node_that_closes_at_once_gets_the_client_bytes_replayed_to_the_next() {
+    let a = Backend::start("a", Behaviour::CloseAtOnce).await;
+    let b = Backend::start("b", Behaviour::Echo).await;
+    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
+    let (server, addr) = start(&cfg).await;
+
+    // 10,000 bytes: under the held limit, sent in one write before any answer.
+    let payload: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let (name, echo) = exchange(TcpStream::connect(addr).await.unwrap(), &payload).await;
+    assert_eq!(name, "b");
+    assert!(echo == payload, "the replayed bytes arrive byte for byte");
+    let fa = figures(&server, "a");
+    assert!(!fa.is_available(), "a node that closes before answering is unavailable");
+    assert_eq!(figures(&server, "b").bytes_in(), payload.len() as u64);
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_half_closed_client_is_replayed_with_its_eof() {
+    // The client sends and half-closes at once; a resets on seeing the bytes;
+    // b gets the same bytes and the EOF, and answers after the EOF.
+    let a = Backend::start("a", Behaviour::ResetOnData).await;
+    let b = Backend::start("b", Behaviour::AnswerAfterEof).await;
+    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
+    let (server, addr) = start(&cfg).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"hello").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer, "b got 5 bytes");
+    assert!(!figures(&server, "a").is_available());
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_node_that_reads_and_hangs_up_without_a_word_falls_over() {
+    let a = Backend::start("a", Behaviour::ReadAndClose).await;
+    let b = Backend::start("b", Behaviour::Echo).await;
+    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
+    let (server, addr) = start(&cfg).await;
+    assert_eq!(who(addr).await, "b");
+    assert!(!figures(&server, "a").is_available());
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_node_that_hangs_up_after_the_client_finished_sending_is_kept() {
+    // The client sends its request and half-closes: the node's silent close is
+    // its answer (fire-and-forget), not a failure; nothing is sent twice.
+    let a = Backend::start("a", Behaviour::ReadAndClose).await;
+    let b = Backend::start("b", Behaviour::Echo).await;
+    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
+    let (server, addr) = start(&cfg).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"log line\n").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.is_empty(), "no answer, no fall-over: {answer:?}");
+    assert!(figures(&server, "a").is_available());
+    assert_eq!(figures(&server, "b").total_connections(), 0);
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_node_whose_accept_queue_is_full_times_out_and_falls_over() {
+    let (a_addr, _queue) = never_accepts();
+    let b = Backend::start("b", Behaviour::Echo).await;
+    let cfg = config(
+        no_state(),
+        1,
+        "connect_timeout = \"300ms\"",
+        &[node("a", a_addr).fallover("b"), node("b", b.addr)],
+    );
+    let (server, addr) = start(&cfg).await;
+    assert_eq!(who(addr).await, "b");
+    let fa = figures(&server, "a");
+    assert!(!fa.is_available());
+    assert_eq!(fa.connect_failures(), 1);
+    assert_eq!(who(addr).await, "b");
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_chain_of_three_is_followed_before_the_other_nodes() {
+    // a (picked: heaviest) refuses, its fall-over b closes at once, b's fall-over
+    // c serves; d, not in the chain, would come after c.
+    let b = Backend::start("b", Behaviour::CloseAtOnce).await;
+    let c = Backend::start("c", Behaviour::Echo).await;
+    let d = Backend::start("d", Behaviour::Echo).await;
+    let cfg = config(
+        no_state(),
+        1,
+        "",
+        &[
+            node("d", d.addr),
+            node("a", dead_port()).weight(100).fallover("b"),
+            node("b", b.addr).fallover("c"),
+            node("c", c.addr),
+        ],
+    );
+    let (server, addr) = start(&cfg).await;
+    assert_eq!(who(addr).await, "c");
+    assert!(!figures(&server, "a").is_available());
+    assert!(!figures(&server, "b").is_available());
+    assert!(figures(&server, "c").is_available());
+    assert_eq!(figures(&server, "d").total_connections(), 0);
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn no_client_sees_an_error_while_one_node_can_serve() {
+    let a = Backend::start("a", Behaviour::CloseAtOnce).await;
+    let c = Backend::start("c", Behaviour::Echo).await;
+    let cfg = config(
+        no_state(),
+        1,
+        "",
+        &[node("a", a.addr), node("b", dead_port()), node("c", c.addr)],
+    );
+    let (server, addr) = start(&cfg).await;
+    for i in 0..10 {
+        assert_eq!(who(addr).await, "c", "client {i}");
+    }
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+// ---------------------------------------------------------------------------
+// Server-speaks-first protocols
+
+#[tokio::test]
+async fn a_node_that_closes_before_its_greeting_falls_over() {
+    let a = Backend::start("a", Behaviour::CloseAtOnce).await;
+    let b = Backend::start("b", Behaviour::Greet).await;
+    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
+    let (server, addr) = start(&cfg).await;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let mut stream = BufReader::new(stream);
+    let mut greeting = String::new();
+    tokio::time::timeout(PATIENCE, stream.read_line(&mut greeting))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(greeting, "220 b\r\n");
+    assert!(!figures(&server, "a").is_available());
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_node_that_greets_then_closes_is_answering_not_failing() {
+    let a = Backend::start("a", Behaviour::GreetAndClose).await;
+    let b = Backend::start("b", Behaviour::Greet).await;
+    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
+    let (server, addr) = start(&cfg).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut all = String::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut all))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(all, "220 a\r\n", "the client sees a's greeting and a's close");
+    let fa = figures(&server, "a");
+    assert!(fa.is_available(), "closing after the greeting is a's answer");
+    assert_eq!(fa.health_transitions(), 0);
+    assert_eq!(figures(&server, "b").total_connections(), 0, "no fall-over");
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+// ---------------------------------------------------------------------------
+// States
+
+#[tokio::test]
+async fn yellow_drains_while_an_open_connection_keeps_streaming() {
+    let a = Backend::start("a", Behaviour::Echo).await;
+    let b = Backend::start("b", Behaviour::Echo).await;
+    let c = Backend::start("c", Behaviour::Echo).await;
+    let cfg = config(
+        no_state(),
+        1,
+        "",
+        &[node("a", a.addr).fallover("c"), node("b", b.addr), node("c", c.addr)],
+    );
+    let (server, addr) = start(&cfg).await;
+
+    let mut open = BufReader::new(TcpStream::connect(addr).await.unwrap());
+    open.get_mut().write_all(b"hello\n").await.unwrap();
+    let mut line = String::new();
+    open.read_line(&mut line).await.unwrap();
+    assert_eq!(line, "a\n");
+    line.clear();
+    open.read_line(&mut line).await.unwrap();
+
+    server.set_node_state("c", "a", NodeState::Yellow).unwrap();
+    assert_eq!(figures(&server, "a").state(), NodeState::Yellow);
+    // New connections avoid a; the ones that would have gone to a go to its fall-over node c.
+    let mut served = Vec::new();
+    for _ in 0..6 {
+        served.push(who(addr).await);
+    }
+    assert!(
+        !served.iter().any(|n| n == "a"),
+        "yellow a takes no new client: {served:?}"
+    );
+    // The open connection to a keeps streaming, both ways.
+    for i in 0..200 {
+        let msg = format!("message {i}\n");
+        open.get_mut().write_all(msg.as_bytes()).await.unwrap();
+        line.clear();
+        tokio::time::timeout(PATIENCE, open.read_line(&mut line))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(line, msg);
+    }
+    assert_eq!(figures(&server, "a").active_connections(), 1);
+    assert_eq!(a.open_connections(), 1);
+    drop(open);
+    eventually("a drained", || figures(&server, "a").active_connections() == 0).await;
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn yellow_sends_a_pinned_client_to_the_fall_over_node_first() {
+    let a = Backend::start("a", Behaviour::Echo).await;
+    let b = Backend::start("b", Behaviour::Echo).await;
+    let c = Backend::start("c", Behaviour::Echo).await;
+    let cfg = config(
+        no_state(),
+        1,
+        "affinity = true",
+        &[node("a", a.addr), node("b", b.addr).fallover("c"), node("c", c.addr)],
+    );
+    let (server, addr) = start(&cfg).await;
+    assert_eq!(who_from(ip(0, 0, 2), addr).await, "a");
+    assert_eq!(who_from(ip(0, 0, 3), addr).await, "b");
+    server.set_node_state("c", "b", NodeState::Yellow).unwrap();
+    for _ in 0..3 {
+        assert_eq!(who_from(ip(0, 0, 3), addr).await, "c", "b's fall-over node first");
+    }
+    server.set_node_state("c", "b", NodeState::Green).unwrap();
+    assert_eq!(who_from(ip(0, 0, 3), addr).await, "b", "the pin stayed on b");
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn red_cuts_open_connections_at_once_and_takes_no_new_ones() {
+    let a = Backend::start("a", Behaviour::Echo).await;
+    let b = Backend::start("b", Behaviour::Echo).await;
+    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
+    let (server, addr) = start(&cfg).await;
+
+    let mut open = TcpStream::connect(addr).await.unwrap();
+    open.write_all(b"x").await.unwrap();
+    let mut answer = [0u8; 3];
+    open.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"a\nx");
+    assert_eq!(a.open_connections(), 1);
+
+    server.set_node_state("c", "a", NodeState::Red).unwrap();
+    // The client sees its connection end (EOF or reset), without sending anything.
+    let mut rest = [0u8; 16];
+    let ended = tokio::time::timeout(PATIENCE, open.read(&mut rest))
+        .await
+        .expect("the client's connection is cut");
+    assert!(matches!(ended, Ok(0) | Err(_)), "cut, not data: {ended:?}");
+    // And the node's side is closed too.
+    eventually("a's side of the connection is closed", || a.open_connections() == 0).await;
+    assert_eq!(figures(&server, "a").active_connections(), 0);
+    for _ in 0..3 {
+        assert_eq!(who(addr).await, "b");
+    }
+    assert!(server.set_node_state("c", "nope", NodeState::Red).is_err());
+    assert!(server.set_node_state("nope", "a", NodeState::Red).is_err());
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_node_that_turns_red_before_answering_hands_the_client_to_the_next() {
+    let a = Backend::start("a", Behaviour::Echo).await;
+    let b = Backend::start("b", Behaviour::Echo).await;
+    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
+    let (server, addr) = start(&cfg).await;
+    // Connected to a, which waits for the client's first bytes: on probation.
+    let stream = TcpStream::connect(addr).await.unwrap();
+    eventually("a has the connection", || a.open_connections() == 1).await;
+    server.set_node_state("c", "a", NodeState::Red).unwrap();
+    eventually("a's connection is closed", || a.open_connections() == 0).await;
+    let (name, echo) = exchange(stream, b"ping\n").await;
+    assert_eq!((name.as_str(), echo.as_slice()), ("b", &b"ping\n"[..]));
+    assert!(figures(&server, "a").is_available(), "red is not a failure");
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn ip_hash_sends_the_clients_of_a_yellow_or_dead_node_to_its_fall_over_node_first() {
+    let a = Backend::start("a", Behaviour::Echo).await;
+    let b = Backend::start("b", Behaviour::Echo).await;
+    let c = Backend::start("c", Behaviour::Echo).await;
+    let sources: Vec<IpAddr> = (1..=60).map(|i| ip(0, 1, i)).collect();
+    let hashed = |fallover: bool| {
+        let a = node("a", a.addr);
+        let a = if fallover { a.fallover("c") } else { a };
+        config(
+            no_state(),
+            1,
+            "algorithm = \"ip-hash\"",
+            &[a, node("b", b.addr), node("c", c.addr)],
+        )
+    };
+    // Where the hash alone sends a's clients once a is out: the runner-up.
+    let (plain, plain_addr) = start(&hashed(false)).await;
+    let mut home_a = Vec::new();
+    for &src in &sources {
+        if who_from(src, plain_addr).await == "a" {
+            home_a.push(src);
+        }
+    }
+    plain.set_node_state("c", "a", NodeState::Yellow).unwrap();
+    let mut runner_up_b = Vec::new();
+    for &src in &home_a {
+        if who_from(src, plain_addr).await == "b" {
+            runner_up_b.push(src);
+        }
+    }
+    plain.shutdown(Duration::from_secs(5)).await;
+    assert!(
+        !runner_up_b.is_empty(),
+        "some of a's clients would go to b by hash alone"
+    );
+
+    // With a.fallover = c, those clients go to c: a's chain comes first.
+    let (server, addr) = start(&hashed(true)).await;
+    server.set_node_state("c", "a", NodeState::Yellow).unwrap();
+    for &src in &runner_up_b {
+        assert_eq!(who_from(src, addr).await, "c", "yellow a's client {src}");
+    }
+    server.set_node_state("c", "a", NodeState::Green).unwrap();
+    a.kill().await;
+    for &src in &runner_up_b {
+        assert_eq!(who_from(src, addr).await, "c", "dead a's client {src}");
+    }
+    assert!(!figures(&server, "a").is_available());
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+// ---------------------------------------------------------------------------
+// Affinity
+
+#[tokio::test]
+async fn affinity_is_kept_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Backend::start("a", Behaviour::Echo).await;
+    let b = Backend::start("b", Behaviour::Echo).await;
+    let cfg = config(
+        dir.path(),
+        1,
+        "affinity = true",
+        &[node("a", a.addr), node("b", b.addr)],
+    );
+
+    let (server, addr) = start(&cfg).await;
+    assert_eq!(who_from(ip(0, 0, 2), addr).await, "a");
+    assert_eq!(who_from(ip(0, 0, 3), addr).await, "b");
+    for _ in 0..3 {
+        assert_eq!(who_from(ip(0, 0, 3), addr).await, "b", "pinned, not round robin");
+        assert_eq!(who_from(ip(0, 0, 2), addr).await, "a");
+    }
+    server.shutdown(Duration::from_secs(5)).await;
+
+    // A fresh round robin would give a first; the pin says b.
+    let (server, addr) = start(&cfg).await;
+    assert_eq!(who_from(ip(0, 0, 3), addr).await, "b");
+    assert_eq!(who_from(ip(0, 0, 2), addr).await, "a");
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_pin_expires_after_its_ttl() {
+    let a = Backend::start("a", Behaviour::Echo).await;
+    let b = Backend::start("b", Behaviour::Echo).await;
+    let cfg = config(
+        no_state(),
+        1,
+        "affinity = true\naffinity_ttl = \"300ms\"",
+        &[node("a", a.addr), node("b", b.addr)],
+    );
+    let (server, addr) = start(&cfg).await;
+    assert_eq!(who_from(ip(0, 0, 2), addr).await, "a");
+    assert_eq!(who_from(ip(0, 0, 3), addr).await, "b");
+    assert_eq!(who_from(ip(0, 0, 3), addr).await, "b", "pinned within the TTL");
+    eventually("b's connections ended", || b.open_connections() == 0).await;
+    // Comfortably past the TTL (the pin is refreshed when a connection ends).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        who_from(ip(0, 0, 3), addr).await,
+        "a",
+        "expired: the algorithm picks again (round robin's turn is a)"
+    );
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_corrupt_state_file_means_a_fresh_store_not_a_failed_start() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("affinity.redb"), vec![0xA5u8; 8192]).unwrap();
+    let a = Backend::start("a", Behaviour::Echo).await;
+    let b = Backend::start("b", Behaviour::Echo).await;
+    let cfg = config(
+        dir.path(),
+        1,
+        "affinity = true",
+        &[node("a", a.addr), node("b", b.addr)],
+    );
+    let (server, addr) = start(&cfg).await;
+    assert!(server.affinity().is_persistent());
+    assert!(
+        dir.path().join("affinity.redb.corrupt").exists(),
+        "the bad file is kept aside"
+    );
+    assert_eq!(who_from(ip(0, 0, 2), addr).await, "a");
+    assert_eq!(who_from(ip(0, 0, 3), addr).await, "b");
+    server.shutdown(Duration::from_secs(5)).await;
+    let (server, addr) = start(&cfg).await;
+    assert_eq!(who_from(ip(0, 0, 3), addr).await, "b", "the fresh store works");
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn hundreds_of_client_ips_are_pinned_and_restored_after_a_restart() {
+    // The store itself is tested with 10,000 clients (src/affinity.rs); end to
+    // end, 300 distinct sources keep the test quick on two loaded cores.
+    const CLIENTS: u16 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let backends = [
+        Backend::start("a", Behaviour::Echo).await,
+        Backend::start("b", Behaviour::Echo).await,
+        Backend::start("c", Behaviour::Echo).await,
+    ];
+    let cfg = config(
+        dir.path(),
+        1,
+        "affinity = true",
+        &[
+            node("a", backends[0].addr),
+            node("b", backends[1].addr),
+            node("c", backends[2].addr),
+        ],
+    );
+    let source = |i: u16| ip(1 + (i / 250) as u8, 0, (i % 250) as u8 + 1);
+
+    let (server, addr) = start(&cfg).await;
+    let mut first = Vec::new();
+    for i in 0..CLIENTS {
+        first.push(who_from(source(i), addr).await);
+    }
+    assert_eq!(server.affinity().len("c"), usize::from(CLIENTS));
+    server.shutdown(Duration::from_secs(5)).await;
+
+    let (server, addr) = start(&cfg).await;
+    assert_eq!(server.affinity().len("c"), usize::from(CLIENTS));
+    // Walk in reverse, so that round robin alone would not reproduce the order.
+    for i in (0..CLIENTS).rev() {
+        assert_eq!(
+            who_from(source(i), addr).await,
+            first[usize::from(i)],
+            "client {}",
+            source(i)
+        );
+    }
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn pins_are_shared_by_every_listener_of_the_service() {
+    let a = Backend::start("a", Behaviour::Echo).await;
+    let b = Backend::start("b", Behaviour::Echo).await;
+    let cfg = config(
+        no_state(),
+        2,
+        "affinity = true",
+        &[node("a", a.addr), node("b", b.addr)],
+    );
+    let server = Server::start(&cfg).await.unwrap();
+    let ports: Vec<SocketAddr> = server.listen_addrs().into_iter().map(|(_, a)| a).collect();
+    assert_eq!(ports.len(), 2);
+    assert_eq!(who_from(ip(0, 0, 2), ports[0]).await, "a");
+    assert_eq!(who_from(ip(0, 0, 3), ports[0]).await, "b");
+    // The "data connection" on the other port reaches the same node.
+    assert_eq!(who_from(ip(0, 0, 3), ports[1]).await, "b");
+    assert_eq!(who_from(ip(0, 0, 2), ports[1]).await, "a");
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_pin_survives_its_node_being_unavailable_and_moves_when_it_turns_red() {
+    let a = Backend::start("a", Behaviour::Echo).await;
+    let b = Backend::start("b", Behaviour::Echo).await;
+    let cfg = config(
+        no_state(),
+        1,
+        "affinity = true",
+        &[node("a", a.addr), node("b", b.addr).fallover("a")],
+    );
+    let (server, addr) = start(&cfg).await;
+    assert_eq!(who_from(ip(0, 0, 2), addr).await, "a");
+    assert_eq!(who_from(ip(0, 0, 3), addr).await, "b");
+
+    // b dies: its client is served by b's fall-over node, and stays pinned to b.
+    let b_addr = b.kill().await;
+    assert_eq!(who_from(ip(0, 0, 3), addr).await, "a");
+    let fb = figures(&server, "b");
+    assert!(!fb.is_available());
+    let _b = Backend::start_on("b", Behaviour::Echo, b_addr).await;
+    eventually("the probe marks b available", || fb.is_available()).await;
+    assert_eq!(who_from(ip(0, 0, 3), addr).await, "b", "back to its pinned node");
+
+    // Red moves the pin for good, even if b is green again before the client returns.
+    server.set_node_state("c", "b", NodeState::Red).unwrap();
+    server.set_node_state("c", "b", NodeState::Green).unwrap();
+    assert_eq!(
+        who_from(ip(0, 0, 3), addr).await,
+        "a",
+        "pinned anew (round robin's turn is a)"
+    );
+    assert_eq!(who_from(ip(0, 0, 3), addr).await, "a", "the pin moved to a");
+    server.shutdown(Duration::from_secs(5)).await;
+}
