@@ -144,3 +144,8 @@ async fn passive_ftp_through_two_vsftpd(cluster: &str) {
 async fn passive_ftp_with_ip_hash() {
     passive_ftp_through_two_vsftpd("algorithm = \"ip-hash\"").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passive_ftp_with_round_robin_and_affinity() {
+    passive_ftp_through_two_vsftpd("algorithm = \"round-robin\"\naffinity = true").await;
+}
