@@ -24,29 +24,6 @@ async fn setup() -> (protobalance::server::Server, String, tempfile::NamedTempFi
     start_from_file(&text).await
 }
 
-/// What a bad request must leave alone: states, clusters, listeners.
-fn control_view(status: &Value) -> Value {
-    let nodes: Vec<Value> = status["clusters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|c| {
-            c["nodes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(move |n| serde_json::json!([c["name"], n["name"], n["address"], n["state"]]))
-        })
-        .collect();
-    let services: Vec<Value> = status["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| serde_json::json!([s["name"], s["cluster"], s["bound"]]))
-        .collect();
-    serde_json::json!({ "nodes": nodes, "services": services })
-}
-
 fn assert_error(reply: &protobalance::admin::client::Reply, status: u16) {
     assert_eq!(reply.status, status, "{}", reply.text());
     assert!(

@@ -120,6 +120,8 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
 pub struct Running {
     pub child: Child,
     lines: mpsc::Receiver<String>,
+    /// Every line the process wrote, read or not.
+    history: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Running {
@@ -139,18 +141,20 @@ impl Running {
             .spawn()
             .unwrap();
         let (tx, lines) = mpsc::channel();
+        let history = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         for stream in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
             Box::new(child.stderr.take().unwrap()),
         ] {
-            let tx = tx.clone();
+            let (tx, history) = (tx.clone(), history.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    history.lock().unwrap().push(line.clone());
                     let _ = tx.send(line);
                 }
             });
         }
-        Running { child, lines }
+        Running { child, lines, history }
     }
 
     /// Waits for an output line containing `needle` and returns it.
@@ -162,6 +166,12 @@ impl Running {
                 Err(_) => panic!("no output line containing {needle:?}"),
             }
         }
+    }
+
+    /// Every line the process wrote, once it has closed its output.
+    pub fn all_output(&self) -> Vec<String> {
+        while let Ok(_line) = self.lines.recv_timeout(PATIENCE) {}
+        self.history.lock().unwrap().clone()
     }
 
     /// Whether an output line seen so far, or arriving within a second, contains `needle`.
@@ -309,4 +319,27 @@ where
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// What a bad request must leave alone: states, clusters, listeners.
+pub fn control_view(status: &serde_json::Value) -> serde_json::Value {
+    let nodes: Vec<serde_json::Value> = status["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| {
+            c["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(move |n| serde_json::json!([c["name"], n["name"], n["address"], n["state"]]))
+        })
+        .collect();
+    let services: Vec<serde_json::Value> = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| serde_json::json!([s["name"], s["cluster"], s["bound"]]))
+        .collect();
+    serde_json::json!({ "nodes": nodes, "services": services })
 }

@@ -1,0 +1,308 @@
+//! Chaos: while clients run echo exchanges with end-to-end checks, nodes are
+//! killed, restarted and switched between green, yellow and red at random
+//! for a bounded time. No client may see an error unless the node serving it
+//! was killed or cut (red) during its connection; no byte may change; and
+//! the figures must add up.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use common::*;
+use protobalance::model::{NodeState, Refusal};
+use rand::RngExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+const NODES: usize = 4;
+const CLIENTS: usize = 8;
+const CHAOS: Duration = Duration::from_secs(6);
+
+/// A node that greets with its index, then echoes; it can be killed (every
+/// connection dropped, listener closed) and restarted on the same port.
+struct Node {
+    index: u8,
+    addr: SocketAddr,
+    /// Bumped before every disruption (kill or red): a client that saw its
+    /// connection fail checks whether its node was disrupted meanwhile.
+    disruptions: AtomicU64,
+    running: std::sync::Mutex<Option<JoinSet<()>>>,
+}
+
+impl Node {
+    async fn start(index: u8) -> Arc<Node> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let node = Arc::new(Node {
+            index,
+            addr: listener.local_addr().unwrap(),
+            disruptions: AtomicU64::new(0),
+            running: std::sync::Mutex::new(None),
+        });
+        node.run(listener);
+        node
+    }
+
+    fn run(&self, listener: TcpListener) {
+        let index = self.index;
+        let mut set = JoinSet::new();
+        set.spawn(async move {
+            let mut conns = JoinSet::new();
+            while let Ok((mut s, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    if s.write_all(&[index]).await.is_err() {
+                        return;
+                    }
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        *self.running.lock().unwrap() = Some(set);
+    }
+
+    fn is_running(&self) -> bool {
+        self.running.lock().unwrap().is_some()
+    }
+
+    fn kill(&self) {
+        self.disruptions.fetch_add(1, SeqCst);
+        // Dropping the set aborts the accept loop and, with it, every connection.
+        self.running.lock().unwrap().take();
+    }
+
+    async fn restart(&self) {
+        // The port may linger a moment after the kill; retry briefly.
+        for _ in 0..100 {
+            if let Ok(listener) = TcpListener::bind(self.addr).await {
+                self.run(listener);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("node {} could not rebind {}", self.index, self.addr);
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    /// Every disruption of any node, for failures before the client knows its node.
+    disruptions: AtomicU64,
+    attempts: AtomicU64,
+    ok: AtomicU64,
+    cut: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// Whether `counter` moved past `before`. The chaos driver bumps a node's
+/// counter before disrupting it and again one round later, once the
+/// disruption has surely taken effect, so a failure it caused is seen here
+/// within a round (at most 250 ms) even if the first bump preceded `before`.
+async fn disrupted_since(counter: &AtomicU64, before: u64) -> bool {
+    for _ in 0..60 {
+        if counter.load(SeqCst) != before {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// One exchange: read the node's index, send a random payload, read it back.
+/// Returns Ok(true) when clean, Ok(false) when it failed because its node was
+/// disrupted, Err(description) for any other failure.
+async fn exchange(addr: SocketAddr, nodes: &[Arc<Node>], tally: &Tally) -> Result<bool, String> {
+    tally.attempts.fetch_add(1, SeqCst);
+    let any_before = tally.disruptions.load(SeqCst);
+    let before: Vec<u64> = nodes.iter().map(|n| n.disruptions.load(SeqCst)).collect();
+    let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let mut id = [0u8; 1];
+    if let Err(e) = s.read_exact(&mut id).await {
+        // The node had greeted the balancer and was disrupted before the
+        // greeting reached the client: the client cannot tell which node it
+        // was, so any disruption meanwhile accounts for it.
+        if disrupted_since(&tally.disruptions, any_before).await {
+            tally.cut.fetch_add(1, SeqCst);
+            return Ok(false);
+        }
+        return Err(format!("no greeting and no disruption meanwhile: {e}"));
+    }
+    let node = &nodes[id[0] as usize];
+    let len = rand::rng().random_range(1..64 * 1024);
+    let payload = random_bytes(len);
+    let (mut r, mut w) = s.into_split();
+    let send = async {
+        w.write_all(&payload).await?;
+        w.shutdown().await
+    };
+    let mut back = Vec::with_capacity(len);
+    let (sent, got) = tokio::join!(send, r.read_to_end(&mut back));
+    if sent.is_ok() && got.is_ok() && back.len() == len {
+        assert!(back == payload, "bytes changed through node {}", node.index);
+        tally.ok.fetch_add(1, SeqCst);
+        tally.bytes.fetch_add(len as u64, SeqCst);
+        return Ok(true);
+    }
+    // Any difference other than a truncation is corruption.
+    assert!(payload.starts_with(&back), "bytes changed through node {}", node.index);
+    if disrupted_since(&node.disruptions, before[node.index as usize]).await {
+        tally.cut.fetch_add(1, SeqCst);
+        Ok(false)
+    } else {
+        Err(format!(
+            "node {} failed without being disrupted: {sent:?} {got:?}, {} of {len} bytes",
+            node.index,
+            back.len()
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_keeps_every_client_served_while_a_green_node_can() {
+    let mut nodes = Vec::new();
+    for i in 0..NODES {
+        nodes.push(Node::start(i as u8).await);
+    }
+    let mut text = String::from(
+        "[[service]]\nname = \"svc\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"pool\"\n\
+         [[cluster]]\nname = \"pool\"\nconnect_timeout = \"500ms\"\nretry_interval = \"100ms\"\n",
+    );
+    for n in &nodes {
+        text.push_str(&format!(
+            "[[cluster.node]]\nname = \"n{}\"\naddress = \"{}\"\nfallover = \"n{}\"\n",
+            n.index,
+            n.addr,
+            (n.index as usize + 1) % NODES
+        ));
+    }
+    // A ring of fall-over nodes is a loop; chain them instead: n0 -> n1 -> n2 -> n3.
+    let text = text.replace("fallover = \"n0\"\n", "");
+    let (server, addr) = start(&config(&text)).await;
+    let server = Arc::new(server);
+
+    let nodes = Arc::new(nodes);
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = JoinSet::new();
+    for _ in 0..CLIENTS {
+        let (nodes, tally, stop) = (nodes.clone(), tally.clone(), stop.clone());
+        clients.spawn(async move {
+            while !stop.load(SeqCst) {
+                exchange(addr, &nodes, &tally).await?;
+            }
+            Ok::<(), String>(())
+        });
+    }
+
+    // The chaos: never disrupt the last node that is running and green.
+    let started = Instant::now();
+    let mut states = [NodeState::Green; NODES];
+    let mut actions = Vec::new();
+    let mut disrupted_last_round: Option<usize> = None;
+    while started.elapsed() < CHAOS {
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(50..250))).await;
+        if let Some(j) = disrupted_last_round.take() {
+            nodes[j].disruptions.fetch_add(1, SeqCst);
+            tally.disruptions.fetch_add(1, SeqCst);
+        }
+        let i = rand::rng().random_range(0..NODES);
+        let healthy_others = (0..NODES)
+            .filter(|&j| j != i && nodes[j].is_running() && states[j] == NodeState::Green)
+            .count();
+        let action = rand::rng().random_range(0..4);
+        match action {
+            0 if nodes[i].is_running() && healthy_others > 0 => {
+                tally.disruptions.fetch_add(1, SeqCst);
+                nodes[i].kill();
+                disrupted_last_round = Some(i);
+                actions.push(format!("kill n{i}"));
+            }
+            0 if !nodes[i].is_running() => {
+                nodes[i].restart().await;
+                actions.push(format!("restart n{i}"));
+            }
+            1 if healthy_others > 0 => {
+                tally.disruptions.fetch_add(1, SeqCst);
+                nodes[i].disruptions.fetch_add(1, SeqCst);
+                server.set_node_state("pool", &format!("n{i}"), NodeState::Red).unwrap();
+                disrupted_last_round = Some(i);
+                states[i] = NodeState::Red;
+                actions.push(format!("red n{i}"));
+            }
+            2 if healthy_others > 0 => {
+                server
+                    .set_node_state("pool", &format!("n{i}"), NodeState::Yellow)
+                    .unwrap();
+                states[i] = NodeState::Yellow;
+                actions.push(format!("yellow n{i}"));
+            }
+            _ => {
+                server
+                    .set_node_state("pool", &format!("n{i}"), NodeState::Green)
+                    .unwrap();
+                states[i] = NodeState::Green;
+                actions.push(format!("green n{i}"));
+            }
+        }
+    }
+    stop.store(true, SeqCst);
+    while let Some(result) = within("clients finish", clients.join_next()).await {
+        if let Err(e) = result.unwrap() {
+            panic!("{e}\nchaos so far: {}", actions.join(", "));
+        }
+    }
+
+    // The figures add up: every accepted connection finished and is counted.
+    let figures = server.snapshot().services["svc"].figures.clone();
+    within("connections drain", async {
+        while figures.active_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let attempts = tally.attempts.load(SeqCst);
+    assert_eq!(
+        figures.accepted(),
+        attempts,
+        "every client connection was accepted and counted once"
+    );
+    assert_eq!(
+        figures.refused(Refusal::NoNode),
+        0,
+        "no client was turned away while a green node could serve it"
+    );
+    let snapshot = server.snapshot();
+    let served: u64 = snapshot.clusters["pool"]
+        .nodes
+        .iter()
+        .map(|n| n.figures.total_connections())
+        .sum();
+    let bytes_in: u64 = snapshot.clusters["pool"]
+        .nodes
+        .iter()
+        .map(|n| n.figures.bytes_in())
+        .sum();
+    assert_eq!(
+        served, attempts,
+        "each accepted connection was served by exactly one node"
+    );
+    assert!(
+        bytes_in >= tally.bytes.load(SeqCst),
+        "the nodes' byte counts cover every byte the clients sent"
+    );
+    let (ok, cut) = (tally.ok.load(SeqCst), tally.cut.load(SeqCst));
+    assert!(ok > 100, "the load ran ({ok} clean exchanges)");
+    eprintln!(
+        "chaos: {} actions, {attempts} connections, {ok} clean, {cut} cut with their node",
+        actions.len()
+    );
+    Arc::try_unwrap(server)
+        .ok()
+        .expect("no other handle")
+        .shutdown(Duration::ZERO)
+        .await;
+}

@@ -1,0 +1,209 @@
+//! Hostile admin requests over real sockets: random methods, paths, headers,
+//! tokens, bodies and raw garbage. Never a 5xx, never a dropped server, and a
+//! refused request changes nothing. Bounded: a few hundred requests per run.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::{Config as RunnerConfig, TestRunner};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const TOKEN: &str = "fuzz-admin-token";
+
+/// One request as raw bytes.
+fn request() -> impl Strategy<Value = Vec<u8>> {
+    let method = prop_oneof![
+        Just("GET"),
+        Just("PUT"),
+        Just("POST"),
+        Just("DELETE"),
+        Just("PATCH"),
+        Just("OPTIONS"),
+        Just("G\u{0}T"),
+    ];
+    let path = prop_oneof![
+        Just("/".to_string()),
+        Just("/metrics".to_string()),
+        Just("/api/v1/status".to_string()),
+        Just("/api/v1/reload".to_string()),
+        Just("/api/v1/clusters/blue/nodes/a/state".to_string()),
+        Just("/api/v1/clusters/blue/nodes/zz/state".to_string()),
+        Just("/api/v1/services/web/cluster".to_string()),
+        Just("/api/v1/services/../../etc/passwd/cluster".to_string()),
+        "/[a-z0-9/%._-]{0,40}",
+    ];
+    let auth = prop_oneof![
+        Just(String::new()),
+        Just(format!("Authorization: Bearer {TOKEN}\r\n")),
+        Just("Authorization: Bearer wrong-token\r\n".to_string()),
+        Just("Authorization: Basic Og==\r\n".to_string()),
+        "Authorization: [ -~]{0,30}\r\n",
+    ];
+    let body = prop_oneof![
+        Just(String::new()),
+        Just("{\"state\":\"yellow\"}".to_string()),
+        Just("{\"state\":\"purple\"}".to_string()),
+        Just("{\"cluster\":\"nowhere\"}".to_string()),
+        Just("{\"state\":\"red\",\"extra\":1}".to_string()),
+        Just("{\"state\":".to_string()),
+        Just("[1,2,3]".to_string()),
+        "\\PC{0,64}",
+    ];
+    let garbage = proptest::collection::vec(any::<u8>(), 0..200);
+    prop_oneof![
+        4 => (method, path, auth, body, any::<bool>()).prop_map(|(m, p, a, b, lie)| {
+            // Sometimes the Content-Length lies.
+            let len = if lie { b.len() + 7 } else { b.len() };
+            format!("{m} {p} HTTP/1.1\r\nHost: admin\r\n{a}Content-Type: application/json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n{b}").into_bytes()
+        }),
+        1 => garbage,
+    ]
+}
+
+/// Sends `raw`, half-closes, returns the HTTP status code if a response came.
+async fn send(admin: &str, raw: &[u8]) -> Option<u16> {
+    let mut s = TcpStream::connect(admin).await.expect("the admin API still listens");
+    let _ = s.write_all(raw).await;
+    let _ = s.shutdown().await;
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut reply)).await;
+    let text = String::from_utf8_lossy(&reply);
+    text.strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_admin_requests_never_panic_or_change_state_when_refused() {
+    let (a, b, g) = (echo_backend().await, echo_backend().await, echo_backend().await);
+    let text = format!(
+        "{}{}{}{}",
+        head_toml(Some(TOKEN)),
+        service_toml("web", "blue"),
+        cluster_toml("blue", &[("a", a), ("b", b)]),
+        cluster_toml("green", &[("g", g)])
+    );
+    let (server, admin, _file) = start_from_file(&text).await;
+
+    let mut runner = TestRunner::new(RunnerConfig {
+        cases: 300,
+        failure_persistence: None,
+        ..RunnerConfig::default()
+    });
+    let mut requests = Vec::new();
+    for _ in 0..300 {
+        requests.push(request().new_tree(&mut runner).unwrap().current());
+    }
+    let mut codes = std::collections::BTreeMap::new();
+    for raw in requests {
+        let before = control_view(&status(&admin, Some(TOKEN)).await);
+        let code = send(&admin, &raw).await;
+        assert!(
+            code.is_none_or(|c| c < 500),
+            "a 5xx answer to {:?}",
+            String::from_utf8_lossy(&raw)
+        );
+        let after = control_view(&status(&admin, Some(TOKEN)).await);
+        if code.is_none_or(|c| c >= 400) {
+            assert_eq!(
+                before,
+                after,
+                "a refused request changed state: {:?}",
+                String::from_utf8_lossy(&raw)
+            );
+        }
+        *codes.entry(code.unwrap_or(0)).or_insert(0) += 1;
+    }
+    eprintln!("admin fuzz: answers by status code (0 = no answer): {codes:?}");
+    assert!(
+        codes.keys().any(|&c| c == 401),
+        "some requests went without a valid token"
+    );
+    drop(server);
+}
+
+/// The token never appears in the balancer's output, whatever is asked of it
+/// and at any log level; the admin API is on loopback unless a token is set.
+#[test]
+fn no_secret_is_ever_logged() {
+    let node = dead_addr();
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\
+         [[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"blue\"\n\
+         [[cluster]]\nname = \"blue\"\n[[cluster.node]]\nname = \"a\"\naddress = \"{node}\"\n"
+    );
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(file.path(), &text).unwrap();
+    let mut command = std::process::Command::new(BIN);
+    command
+        .args(["--log-level", "trace", "run", "--config"])
+        .arg(file.path());
+    let mut proc = Running::start(command);
+    let line = proc.wait_for("admin listening on ");
+    let admin = line
+        .split("admin listening on ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        for raw in [
+            format!(
+                "GET /api/v1/status HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+            ),
+            format!(
+                "GET /api/v1/status HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}x\r\nConnection: close\r\n\r\n"
+            ),
+            "POST /api/v1/reload HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".to_string(),
+            format!(
+                "POST /api/v1/reload HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+            ),
+        ] {
+            send(&admin, raw.as_bytes()).await;
+        }
+    });
+    // A reload that fails on a bad token value must not echo it either.
+    std::fs::write(
+        file.path(),
+        text.replace(&format!("token = \"{TOKEN}\""), "token = \"short\""),
+    )
+    .unwrap();
+    proc.signal(libc::SIGHUP);
+    proc.wait_for("reload refused");
+    proc.signal(libc::SIGTERM);
+    assert_eq!(proc.wait_exit().code(), Some(0));
+    let output = proc.all_output();
+    assert!(output.len() > 5, "the balancer logged at trace level: {output:?}");
+    assert!(
+        output.iter().any(|l| l.contains("token")),
+        "the refused reload names the key: {output:?}"
+    );
+    for line in &output {
+        assert!(
+            !line.contains(TOKEN) && !line.contains("short\""),
+            "a secret in the log: {line}"
+        );
+    }
+
+    // Off loopback without a token the balancer refuses to start.
+    std::fs::write(
+        file.path(),
+        text.replace("listen = \"127.0.0.1:0\"\ntoken", "listen = \"0.0.0.0:0\"\n#token"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(file.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("token is required"));
+}
