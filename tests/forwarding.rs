@@ -384,11 +384,12 @@ async fn refused_node_is_skipped_and_no_node_closes_the_client() {
 }
 
 /// Three consecutive ports held on 127.0.0.2 (the node side) while the
-/// balancer holds the same three on 127.0.0.1. Other tests take ephemeral
-/// ports at the same time, so a range is retried until both sides bind it.
+/// balancer holds the same three on 127.0.0.1. The ports lie below the
+/// kernel's range for outgoing connections (32768 and up by default), which
+/// busy tests can exhaust; a range is retried until both sides bind it.
 async fn paired_port_range() -> (u16, Vec<std::net::TcpListener>, protobalance::server::Server) {
     for attempt in 0..200u16 {
-        let base = 41_000 + attempt * 37;
+        let base = 25_000 + attempt * 37;
         let nodes: Vec<_> = (0..3)
             .filter_map(|i| std::net::TcpListener::bind(("127.0.0.2", base + i)).ok())
             .collect();
