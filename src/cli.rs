@@ -168,7 +168,9 @@ fn init_logging(filter: Option<&str>) -> tracing_appender::non_blocking::WorkerG
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(4096)
         .lossy(false)
-        .finish(std::io::stderr());
+        // Buffered: the writer thread drains every queued line, then flushes,
+        // so a burst of access-log lines costs one write(2), not one each.
+        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
     let format = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));

@@ -9,11 +9,12 @@
 //! thousand idle connections cost no pipes and no buffers.
 
 use std::cell::RefCell;
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::task::{Context, Poll, ready};
 
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::config::ForwardMode;
@@ -312,16 +313,51 @@ impl Channel for Buffer {
     }
 
     fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
-        let n = src.try_read(&mut self.bytes)?;
+        let len = self.bytes.len();
+        let n = partial_io(src, Interest::READABLE, len, || {
+            (&*SockRef::from(src)).read(&mut self.bytes)
+        })?;
         (self.start, self.end) = (0, n);
         Ok(n)
     }
 
     fn drain(&mut self, dst: &TcpStream, len: usize) -> io::Result<usize> {
         debug_assert_eq!(len, self.end - self.start);
-        let n = dst.try_write(&self.bytes[self.start..self.end])?;
+        let (start, end) = (self.start, self.end);
+        let n = partial_io(dst, Interest::WRITABLE, len, || {
+            (&*SockRef::from(dst)).write(&self.bytes[start..end])
+        })?;
         self.start += n;
         Ok(n)
+    }
+}
+
+/// Runs one read or write of up to `len` bytes on `socket` and, when it moved
+/// fewer, clears the socket's readiness as tokio's own `poll_read` does: a
+/// short read means the receive queue is empty (a short write, the send
+/// buffer full), so the next call would only fail with EAGAIN. That saves a
+/// syscall per chunk of request/response traffic. The readiness is cleared
+/// through `try_io` with the event seen *before* the operation, so an edge
+/// that arrived meanwhile is never lost.
+fn partial_io(
+    socket: &TcpStream,
+    interest: Interest,
+    len: usize,
+    mut op: impl FnMut() -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut moved = None;
+    let result = socket.try_io(interest, || {
+        let n = op()?;
+        moved = Some(n);
+        if n > 0 && n < len {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match (result, moved) {
+        (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
+        (result, _) => result,
     }
 }
 
