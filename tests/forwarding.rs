@@ -42,12 +42,7 @@ async fn ten_mb_each_way(forwarding: &str) {
     let upstream = random_bytes(TEN_MB);
     let downstream = random_bytes(TEN_MB);
     let (node, mut received) = exchange_backend(downstream.clone()).await;
-    let cfg = one_service(&[("a", node, 1)], "");
-    let cfg = Config {
-        forwarding: forwarding_mode(forwarding),
-        ..cfg
-    };
-    let (server, addr) = start(&cfg).await;
+    let (server, addr) = start_one_node(node, forwarding).await;
 
     let client = TcpStream::connect(addr).await.unwrap();
     let (mut r, mut w) = client.into_split();
@@ -85,6 +80,15 @@ async fn ten_mb_each_way(forwarding: &str) {
     assert_eq!(figures.bytes_in(), TEN_MB as u64);
     assert_eq!(figures.bytes_out(), TEN_MB as u64);
     server.shutdown(PATIENCE).await;
+}
+
+/// A balancer with one node and the named forwarding path.
+async fn start_one_node(node: SocketAddr, forwarding: &str) -> (protobalance::server::Server, SocketAddr) {
+    start(&Config {
+        forwarding: forwarding_mode(forwarding),
+        ..one_service(&[("a", node, 1)], "")
+    })
+    .await
 }
 
 fn forwarding_mode(name: &str) -> protobalance::config::ForwardMode {
@@ -135,11 +139,7 @@ async fn client_half_close(forwarding: &str) {
             .unwrap();
     })
     .await;
-    let cfg = Config {
-        forwarding: forwarding_mode(forwarding),
-        ..one_service(&[("a", node, 1)], "")
-    };
-    let (server, addr) = start(&cfg).await;
+    let (server, addr) = start_one_node(node, forwarding).await;
     let reply = within("client half-close", async {
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(b"hello").await.unwrap();
@@ -171,11 +171,7 @@ async fn node_half_close(forwarding: &str) {
         }
     })
     .await;
-    let cfg = Config {
-        forwarding: forwarding_mode(forwarding),
-        ..one_service(&[("a", node, 1)], "")
-    };
-    let (server, addr) = start(&cfg).await;
+    let (server, addr) = start_one_node(node, forwarding).await;
     within("node half-close", async {
         let mut s = TcpStream::connect(addr).await.unwrap();
         let mut greeting = String::new();
@@ -235,11 +231,7 @@ async fn client_reset_reaches_node(forwarding: &str) {
         }
     })
     .await;
-    let cfg = Config {
-        forwarding: forwarding_mode(forwarding),
-        ..one_service(&[("a", node, 1)], "")
-    };
-    let (server, addr) = start(&cfg).await;
+    let (server, addr) = start_one_node(node, forwarding).await;
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut buf = [0u8; 5];
     within("greeting", s.read_exact(&mut buf)).await.unwrap();
@@ -257,11 +249,7 @@ async fn node_reset_reaches_client(forwarding: &str) {
         reset(s);
     })
     .await;
-    let cfg = Config {
-        forwarding: forwarding_mode(forwarding),
-        ..one_service(&[("a", node, 1)], "")
-    };
-    let (server, addr) = start(&cfg).await;
+    let (server, addr) = start_one_node(node, forwarding).await;
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut buf = [0u8; 5];
     within("greeting", s.read_exact(&mut buf)).await.unwrap();
