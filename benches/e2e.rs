@@ -11,6 +11,9 @@
 //! requests/s over 32 connections, `bulk` Gbit/s over one stream. The ratio
 //! column is balancer / direct. Every loop is bounded in time.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -18,8 +21,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
+use common::serve;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
 const BODY_SIZE: usize = 1024;
@@ -111,22 +115,6 @@ async fn sink_backend() -> SocketAddr {
         }
     })
     .await
-}
-
-async fn serve<F, Fut>(handler: F) -> SocketAddr
-where
-    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            let _ = s.set_nodelay(true);
-            tokio::spawn(handler(s));
-        }
-    });
-    addr
 }
 
 /// One request, read the whole response (headers + 1 KiB body).

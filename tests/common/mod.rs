@@ -76,7 +76,8 @@ pub async fn echo_backend() -> SocketAddr {
     .await
 }
 
-/// A backend on a free loopback port running `handler` for every connection.
+/// A backend on a free loopback port running `handler` for every connection
+/// (TCP_NODELAY set, as a real server would for request/response traffic).
 pub async fn serve<F, Fut>(handler: F) -> SocketAddr
 where
     F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
@@ -86,6 +87,7 @@ where
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
             tokio::spawn(handler(stream));
         }
     });
