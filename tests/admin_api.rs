@@ -291,6 +291,7 @@ async fn metrics_route() {
     has(r#"protobalance_node_bytes_total{cluster="blue",node="a",direction="in"} 6"#);
     has(r#"protobalance_node_bytes_total{cluster="blue",node="a",direction="out"} 6"#);
     has(r#"protobalance_node_connect_failures_total{cluster="blue",node="a"} 0"#);
+    has(r#"protobalance_node_health_transitions_total{cluster="blue",node="a"} 0"#);
     has(r#"protobalance_node_available{cluster="blue",node="a"} 1"#);
     has(r#"protobalance_node_state{cluster="green",node="g",state="red"} 1"#);
     has(r#"protobalance_node_state{cluster="green",node="g",state="green"} 0"#);

@@ -52,6 +52,7 @@ pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
     let connections = Family::<NodeLabels, Counter>::default();
     let bytes = Family::<BytesLabels, Counter>::default();
     let failures = Family::<NodeLabels, Counter>::default();
+    let transitions = Family::<NodeLabels, Counter>::default();
     let available = Family::<NodeLabels, Gauge>::default();
     let state = Family::<StateLabels, Gauge>::default();
     let accepted = Family::<ServiceLabels, Counter>::default();
@@ -67,6 +68,7 @@ pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
             active.get_or_create(&labels).set(gauge(f.active_connections()));
             connections.get_or_create(&labels).inc_by(f.total_connections());
             failures.get_or_create(&labels).inc_by(f.connect_failures());
+            transitions.get_or_create(&labels).inc_by(f.health_transitions());
             available.get_or_create(&labels).set(i64::from(f.is_available()));
             for (direction, n) in [("in", f.bytes_in()), ("out", f.bytes_out())] {
                 let labels = BytesLabels {
@@ -123,6 +125,11 @@ pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
         "protobalance_node_connect_failures",
         "Failed connection attempts to the node",
         failures,
+    );
+    registry.register(
+        "protobalance_node_health_transitions",
+        "Changes of the node's health (available <-> unavailable)",
+        transitions,
     );
     registry.register(
         "protobalance_node_available",

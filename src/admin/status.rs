@@ -58,6 +58,7 @@ pub struct NodeStatus {
     /// Node → client.
     pub bytes_out: u64,
     pub connect_failures: u64,
+    pub health_transitions: u64,
     /// New connections per second.
     pub connection_rate: f64,
     /// Bytes per second, both ways.
@@ -134,6 +135,7 @@ fn node(n: &Node, fallover: Option<String>) -> NodeStatus {
         bytes_in: f.bytes_in(),
         bytes_out: f.bytes_out(),
         connect_failures: f.connect_failures(),
+        health_transitions: f.health_transitions(),
         connection_rate,
         traffic_rate,
     }
