@@ -419,14 +419,21 @@ async fn port_range_forwards_each_port_to_the_same_port_on_the_node() {
     server.shutdown(PATIENCE).await;
 }
 
-#[tokio::test]
-async fn shutdown_stops_accepting_and_lets_open_connections_finish() {
+/// A balancer in front of an echo node, and a client connection through it
+/// that has had its first echo (so it is fully established).
+async fn echoed_connection() -> (protobalance::server::Server, SocketAddr, TcpStream) {
     let node = echo_backend().await;
     let (server, addr) = start(&one_service(&[("a", node, 1)], "")).await;
     let mut open = TcpStream::connect(addr).await.unwrap();
     open.write_all(b"ping").await.unwrap();
     let mut buf = [0u8; 4];
     within("echo", open.read_exact(&mut buf)).await.unwrap();
+    (server, addr, open)
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_lets_open_connections_finish() {
+    let (server, addr, mut open) = echoed_connection().await;
 
     let stopping = tokio::spawn(server.shutdown(PATIENCE));
     // New clients are refused once the listener is closed.
@@ -437,6 +444,7 @@ async fn shutdown_stops_accepting_and_lets_open_connections_finish() {
     })
     .await;
     // The open connection still works, then ends normally.
+    let mut buf = [0u8; 4];
     open.write_all(b"pong").await.unwrap();
     within("echo after shutdown began", open.read_exact(&mut buf))
         .await
@@ -450,12 +458,7 @@ async fn shutdown_stops_accepting_and_lets_open_connections_finish() {
 
 #[tokio::test]
 async fn shutdown_cuts_connections_still_open_after_the_grace_period() {
-    let node = echo_backend().await;
-    let (server, addr) = start(&one_service(&[("a", node, 1)], "")).await;
-    let mut open = TcpStream::connect(addr).await.unwrap();
-    open.write_all(b"ping").await.unwrap();
-    let mut buf = [0u8; 4];
-    within("echo", open.read_exact(&mut buf)).await.unwrap();
+    let (server, _addr, mut open) = echoed_connection().await;
     assert_eq!(within("shutdown", server.shutdown(Duration::from_millis(100))).await, 1);
     let mut rest = Vec::new();
     assert_eq!(within("cut", open.read_to_end(&mut rest)).await.unwrap(), 0);

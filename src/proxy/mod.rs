@@ -279,9 +279,7 @@ fn pinned_node(affinity: &Affinity, cluster: &Cluster, peer: SocketAddr) -> Opti
 /// Makes dropping `client` and `node` reset both connections (SO_LINGER 0),
 /// for a cut that must not wait for buffered data.
 fn abort_both(client: &TcpStream, node: &TcpStream, why: &str) -> PumpError {
-    for s in [client, node] {
-        let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
-    }
+    pump::reset_on_drop(&[client, node]);
     PumpError {
         side: Side::Balancer,
         error: io::Error::other(why.to_string()),

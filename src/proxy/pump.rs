@@ -76,11 +76,18 @@ pub async fn pump(
             Side::Node => &[client],
             Side::Balancer => &[client, node],
         };
-        for other in others {
-            let _ = SockRef::from(*other).set_linger(Some(std::time::Duration::ZERO));
-        }
+        reset_on_drop(others);
     }
     result
+}
+
+/// Makes dropping each of `streams` send RST instead of FIN (SO_LINGER 0):
+/// the peer learns at once that the connection failed, and unsent data is
+/// discarded rather than waited for.
+pub fn reset_on_drop(streams: &[&TcpStream]) {
+    for s in streams {
+        let _ = SockRef::from(*s).set_linger(Some(std::time::Duration::ZERO));
+    }
 }
 
 /// Both directions, polled by hand from one small future: no per-direction
