@@ -102,7 +102,7 @@ impl From<CtlCommand> for crate::admin::ctl::Action {
 /// Runs the parsed command line and returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
     // Held to the end: dropping it flushes the log lines still queued.
-    let _log_writer = init_logging(cli.log_level.as_deref());
+    let _log_writer = crate::logging::init(cli.log_level.as_deref());
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
@@ -128,16 +128,14 @@ pub fn main(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Ctl { admin, token, action } => {
-            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt.block_on(crate::admin::ctl::run(&admin, token.as_deref(), action.into())),
-                Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
-                    ExitCode::FAILURE
-                }
+        Command::Ctl { admin, token, action } => match control_runtime() {
+            Ok(rt) => rt.block_on(crate::admin::ctl::run(&admin, token.as_deref(), action.into())),
+            Err(e) => {
+                eprintln!("error: cannot start the runtime: {e}");
+                ExitCode::FAILURE
             }
-        }
-        Command::Demo { listen } => match runtime(0) {
+        },
+        Command::Demo { listen } => match control_runtime() {
             Ok(rt) => rt.block_on(crate::demo::run(&listen)),
             Err(e) => {
                 eprintln!("error: cannot start the runtime: {e}");
@@ -147,57 +145,20 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
-/// Logs to stderr through a background writer thread, so a connection task
-/// never waits on a write(2) of its access-log line. The filter takes
-/// `LEVEL` or `TARGET=LEVEL` directives separated by commas (e.g.
-/// `info,protobalance::access=off`), from the flag or else `RUST_LOG`.
-fn init_logging(filter: Option<&str>) -> tracing_appender::non_blocking::WorkerGuard {
-    use tracing_subscriber::filter::Targets;
-    use tracing_subscriber::prelude::*;
-    let text = filter.map(str::to_string).or_else(|| std::env::var("RUST_LOG").ok());
-    let filter = text
-        .as_deref()
-        .unwrap_or("info")
-        .parse::<Targets>()
-        .unwrap_or_else(|e| {
-            eprintln!("warning: bad log filter {text:?} ({e}); using \"info\"");
-            Targets::new().with_default(tracing::Level::INFO)
-        });
-    // 4096 queued lines at most (the default, 128,000, preallocates megabytes);
-    // when full, loggers wait rather than lose lines.
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(4096)
-        .lossy(false)
-        // Buffered: the writer thread drains every queued line, then flushes,
-        // so a burst of access-log lines costs one write(2), not one each.
-        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
-    let format = tracing_subscriber::fmt::layer()
-        .with_writer(writer)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = tracing_subscriber::registry()
-        .with(format.with_filter(filter))
-        .try_init();
-    guard
-}
-
-/// A multi-threaded runtime with `threads` workers (0: one per CPU).
-pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let threads = if threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        threads
-    };
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
+/// The control plane's runtime: signals, the admin API, health probes. One
+/// thread; the data plane has its own workers (`proxy::Workers`).
+fn control_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
 }
 
 /// Runs the balancer and its admin API until SIGTERM/SIGINT, then shuts down
 /// gracefully. SIGHUP re-reads `path` (when there is one).
-fn serve(config: Config, path: Option<PathBuf>, threads: Option<usize>) -> ExitCode {
+fn serve(mut config: Config, path: Option<PathBuf>, threads: Option<usize>) -> ExitCode {
     raise_fd_limit();
-    let rt = match runtime(threads.unwrap_or(config.threads)) {
+    if let Some(threads) = threads {
+        config.threads = threads;
+    }
+    let rt = match control_runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod health;
+pub mod logging;
 pub mod model;
 pub mod proxy;
 pub mod rates;

@@ -51,6 +51,8 @@ pub enum StartError {
     },
     #[error("admin API: cannot listen on {addr}: {source}")]
     AdminBind { addr: SocketAddr, source: io::Error },
+    #[error("cannot start the worker threads: {0}")]
+    Workers(io::Error),
 }
 
 /// Why a run-time change was refused; nothing changed.
@@ -98,6 +100,8 @@ pub struct Server {
 /// What every handle of one balancer shares.
 struct Shared {
     plane: Arc<DataPlane>,
+    /// The data plane's threads: every accept loop and connection runs there.
+    workers: proxy::Workers,
     listeners: Mutex<Vec<Listener>>,
     accept_loops: TaskTracker,
     control: tokio::sync::Mutex<Control>,
@@ -113,9 +117,14 @@ struct Shared {
 }
 
 impl Server {
-    /// Binds every listener of `config` and starts accepting. Fails, having
-    /// started nothing, if any address cannot be bound.
+    /// Starts the worker threads (`config.threads`), binds every listener of
+    /// `config` and starts accepting. Fails, having started nothing, if any
+    /// address cannot be bound. The control plane (admin API, health probes,
+    /// the affinity flusher) runs on the caller's runtime.
     pub async fn start(config: &Config) -> Result<Server, StartError> {
+        let workers = proxy::Workers::start(config.threads).map_err(StartError::Workers)?;
+        let keys = crate::config::diff::listeners(config);
+        let bound = bind_all(keys.iter(), workers.count())?;
         let affinity = {
             let (dir, config) = (config.state_dir.clone(), config.clone());
             tokio::task::spawn_blocking(move || Affinity::open(&dir, &config, affinity::MAX_PINS_PER_CLUSTER))
@@ -135,6 +144,7 @@ impl Server {
         let server = Server {
             shared: Arc::new(Shared {
                 plane,
+                workers,
                 listeners: Mutex::new(Vec::new()),
                 accept_loops: TaskTracker::new(),
                 control: tokio::sync::Mutex::new(Control {
@@ -148,8 +158,6 @@ impl Server {
                 stop_background: CancellationToken::new(),
             }),
         };
-        let keys = crate::config::diff::listeners(config);
-        let bound = bind_all(keys.iter())?;
         tokio::spawn(crate::rates::sample_forever(Arc::downgrade(&server.shared.plane)));
         tokio::spawn(crate::health::agent::poll_forever(Arc::downgrade(&server.shared.plane)));
         let (shared, stop) = (&server.shared, &server.shared.stop_background);
@@ -303,7 +311,7 @@ impl Server {
     fn apply(&self, control: &mut Control, new: Config) -> Result<ReloadReport, ControlError> {
         let old = &control.file;
         let listeners = diff(old, &new);
-        let bound = bind_all(listeners.open.iter())?;
+        let bound = bind_all(listeners.open.iter(), self.shared.workers.count())?;
 
         let mut report = ReloadReport::default();
         let redirects = std::mem::take(&mut control.redirects);
@@ -327,6 +335,13 @@ impl Server {
             })
             .map(|(c, n)| (c.name.clone(), n.name.clone(), n.state))
             .collect();
+        if new.threads != old.threads {
+            warn!(
+                "threads = {} in the file: the {} worker threads running stay until the next start",
+                new.threads,
+                self.shared.workers.count()
+            );
+        }
         if new.admin.listen != old.admin.listen {
             warn!(
                 "[admin] listen changed to {}: takes effect at the next start",
@@ -391,20 +406,20 @@ impl Server {
             .store(Arc::new(Snapshot::build(&effective, Some(&current))));
     }
 
-    /// Starts an accept loop for each bound listener.
-    fn start_listeners(&self, bound: Vec<(ListenerKey, tokio::net::TcpListener)>) {
+    /// Starts the accept loops of each bound listener, one per worker.
+    fn start_listeners(&self, bound: Vec<(ListenerKey, Vec<std::net::TcpListener>)>) {
         let mut listeners = self.shared.listeners.lock().expect("listeners lock");
-        for (key, listener) in bound {
-            let addr = listener.local_addr().expect("a bound listener has an address");
+        for (key, group) in bound {
+            let addr = group[0].local_addr().expect("a bound listener has an address");
             let service = Arc::<str>::from(key.service.as_str());
             let stop = CancellationToken::new();
             info!(service = %service, "listening on {addr}");
-            self.shared.accept_loops.spawn(proxy::accept_loop(
-                listener,
-                service.clone(),
-                self.shared.plane.clone(),
-                stop.clone(),
-            ));
+            for (worker, listener) in group.into_iter().enumerate() {
+                let accept = proxy::accept_loop(listener, service.clone(), self.shared.plane.clone(), stop.clone());
+                self.shared
+                    .workers
+                    .spawn_on(worker, self.shared.accept_loops.track_future(accept));
+            }
             listeners.push(Listener {
                 service,
                 configured: key.addr,
@@ -444,17 +459,21 @@ impl Server {
         self.shared.stop_background.cancel();
         self.shared.background.close();
         self.shared.background.wait().await;
+        // Last: a worker hands over its batched access-log lines as it ends.
+        self.shared.workers.stop().await;
         cut
     }
 }
 
-/// Binds every listener named, or none: on the first failure the ones already
-/// bound are dropped (closed) and the error says which address failed.
+/// Binds every listener named, one socket per worker each, or none: on the
+/// first failure the ones already bound are dropped (closed) and the error
+/// says which address failed.
 fn bind_all<'a>(
     keys: impl Iterator<Item = &'a ListenerKey>,
-) -> Result<Vec<(ListenerKey, tokio::net::TcpListener)>, StartError> {
+    workers: usize,
+) -> Result<Vec<(ListenerKey, Vec<std::net::TcpListener>)>, StartError> {
     keys.map(|key| {
-        proxy::bind(key.addr)
+        proxy::bind_group(key.addr, workers)
             .map(|l| (key.clone(), l))
             .map_err(|source| StartError::Bind {
                 service: key.service.clone(),

@@ -293,6 +293,60 @@ fn run_serves_and_exits_0_on_sigterm_after_open_connections_finish() {
     assert_eq!(proc.wait_exit().code(), Some(0));
 }
 
+/// The names of `pid`'s threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| {
+            std::fs::read_to_string(t.unwrap().path().join("comm"))
+                .unwrap()
+                .trim()
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn run_uses_exactly_the_worker_threads_asked_for_however_many_clients() {
+    let nodes = name_backends(&["a"]);
+    let listen = nodes[0].to_string();
+    let mut proc = Running::spawn(&["forward", "--threads", "3", "127.0.0.1:0", &listen]);
+    let addr = proc.listen_addr();
+    let workers = |pid| {
+        thread_names(pid)
+            .iter()
+            .filter(|n| n.starts_with("protobalance-w"))
+            .count()
+    };
+    assert_eq!(workers(proc.child.id()), 3);
+    let before = thread_names(proc.child.id()).len();
+    let clients: Vec<_> = (0..100).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+    for _ in 0..100 {
+        assert_eq!(fetch(addr), "a");
+    }
+    assert_eq!(workers(proc.child.id()), 3);
+    assert_eq!(thread_names(proc.child.id()).len(), before, "no thread per client");
+    drop(clients);
+    proc.signal(libc::SIGTERM);
+    assert_eq!(proc.wait_exit().code(), Some(0));
+}
+
+#[test]
+fn every_connection_gets_its_access_log_line_even_when_stopped_right_after() {
+    let nodes = name_backends(&["a"]);
+    let listen = nodes[0].to_string();
+    let mut proc = Running::spawn(&["forward", "127.0.0.1:0", &listen]);
+    let addr = proc.listen_addr();
+    for _ in 0..300 {
+        assert_eq!(fetch(addr), "a");
+    }
+    proc.signal(libc::SIGTERM);
+    assert_eq!(proc.wait_exit().code(), Some(0));
+    let lines = proc.all_output();
+    let access = lines.iter().filter(|l| l.contains("protobalance::access")).count();
+    assert_eq!(access, 300, "one access-log line per connection, none lost at exit");
+}
+
 #[test]
 fn demo_answers_from_alternating_backends_through_the_printed_curl_line() {
     let proc = Running::spawn(&["demo", "--listen", "127.0.0.1:0"]);

@@ -6,6 +6,7 @@ mod admission;
 mod candidates;
 mod connect;
 mod pump;
+mod workers;
 
 use std::io;
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use tracing::{debug, info, warn};
 
 pub use candidates::Candidates;
 pub use pump::{PumpError, Side};
+pub use workers::{Workers, bind_group};
 
 use crate::affinity::Affinity;
 use crate::model::{Cluster, NodeFigures, NodeState, Refusal, Snapshot};
@@ -41,25 +43,26 @@ pub struct DataPlane {
     pub affinity: Arc<Affinity>,
 }
 
-/// Binds a listening socket with the options a server wants.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one
-    // setsockopt per listener instead of one per client.
-    socket.set_tcp_nodelay(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(4096)?;
-    TcpListener::from_std(socket.into())
-}
-
 /// Pause after a failed accept (out of descriptors, usually).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Accepts clients of `service` on `listener` until `stop` is cancelled.
-pub async fn accept_loop(listener: TcpListener, service: Arc<str>, plane: Arc<DataPlane>, stop: CancellationToken) {
+/// Accepts clients of `service` on `listener` until `stop` is cancelled. Run
+/// on a worker: the listener and every client it accepts live on that worker's
+/// runtime.
+pub async fn accept_loop(
+    listener: std::net::TcpListener,
+    service: Arc<str>,
+    plane: Arc<DataPlane>,
+    stop: CancellationToken,
+) {
     let local = listener.local_addr().ok();
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(service = %service, "cannot watch the listener on {local:?}: {e}");
+            return;
+        }
+    };
     // Each listener has one port: the port clients reached us on, which a node
     // address without a port forwards to.
     let local_port = local.map_or(0, |a| a.port());
@@ -295,19 +298,6 @@ fn is_exhaustion(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::OutOfMemory
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn accepted_clients_inherit_tcp_nodelay_from_the_listener() {
-        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let _client = TcpStream::connect(addr).await.unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        assert!(accepted.nodelay().unwrap());
-    }
-}
 /// What an idle connection costs is mostly its task: this prints the sizes of
 /// the futures involved. `cargo test --release --lib future_sizes -- --ignored --nocapture`
 #[cfg(test)]

@@ -1,0 +1,118 @@
+//! Where log lines go: stderr, through a background writer thread, so that
+//! no thread of the balancer ever waits on a write(2).
+//!
+//! The access log writes a line per connection, so its path is kept cheap:
+//! a worker thread of the data plane appends its lines to a buffer of its
+//! own, and hands the buffer to the writer thread in one piece when it is
+//! about to sleep (nothing left to do) or when it holds [`BATCH_BYTES`]. A
+//! busy worker thus pays one hand-off per batch instead of one per line (a
+//! channel send, and often a futex wake-up of the writer). Lines of an idle
+//! balancer still appear at once, since an idle worker sleeps right after
+//! writing them; under load a line waits at most until its worker's batch
+//! fills. Every other thread (control plane, start-up) writes each line
+//! through at once.
+
+use std::cell::RefCell;
+use std::io::{self, Write};
+use std::sync::OnceLock;
+
+use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
+
+/// A worker's batch is handed over once it holds this much.
+const BATCH_BYTES: usize = 32 * 1024;
+
+/// Lines the writer thread holds at most; when full, threads that log wait
+/// rather than lose lines. (tracing-appender's default, 128,000, preallocates
+/// megabytes.)
+const QUEUED_LINES: usize = 4096;
+
+/// The writer thread's end of the queue, once logging is set up.
+static SINK: OnceLock<NonBlocking> = OnceLock::new();
+
+thread_local! {
+    /// The batch of a thread that batches its lines (a worker); `None` elsewhere.
+    static BATCH: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
+}
+
+/// Sets up logging to stderr with `filter`: `LEVEL` or `TARGET=LEVEL`
+/// directives separated by commas (e.g. `info,protobalance::access=off`),
+/// else `RUST_LOG`, else `info`. Lines are written until the guard is dropped.
+pub fn init(filter: Option<&str>) -> WorkerGuard {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let text = filter.map(str::to_string).or_else(|| std::env::var("RUST_LOG").ok());
+    let filter = text
+        .as_deref()
+        .unwrap_or("info")
+        .parse::<Targets>()
+        .unwrap_or_else(|e| {
+            eprintln!("warning: bad log filter {text:?} ({e}); using \"info\"");
+            Targets::new().with_default(tracing::Level::INFO)
+        });
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(QUEUED_LINES)
+        .lossy(false)
+        // Buffered: the writer thread drains every queued batch, then flushes,
+        // so a burst costs one write(2).
+        .finish(io::BufWriter::with_capacity(64 * 1024, io::stderr()));
+    let _ = SINK.set(writer);
+    let format = tracing_subscriber::fmt::layer()
+        .with_writer(|| LineWriter)
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()));
+    let _ = tracing_subscriber::registry()
+        .with(format.with_filter(filter))
+        .try_init();
+    guard
+}
+
+/// Makes the calling thread batch its log lines until [`flush_thread`].
+pub fn batch_this_thread() {
+    BATCH.with(|batch| *batch.borrow_mut() = Some(Vec::new()));
+}
+
+/// Hands the calling thread's batched lines to the writer thread.
+pub fn flush_thread() {
+    BATCH.with(|batch| {
+        if let Some(lines) = batch.borrow_mut().as_mut() {
+            hand_over(lines);
+        }
+    });
+}
+
+fn hand_over(lines: &mut Vec<u8>) {
+    if lines.is_empty() {
+        return;
+    }
+    if let Some(sink) = SINK.get() {
+        // NonBlocking's writes never fail: it queues (lossy(false): or waits).
+        let _ = sink.clone().write_all(lines);
+    }
+    lines.clear();
+}
+
+/// What the formatter writes one line into: the thread's batch, or straight
+/// to the writer thread.
+struct LineWriter;
+
+impl Write for LineWriter {
+    fn write(&mut self, line: &[u8]) -> io::Result<usize> {
+        let batched = BATCH.with(|batch| match batch.borrow_mut().as_mut() {
+            Some(lines) => {
+                lines.extend_from_slice(line);
+                if lines.len() >= BATCH_BYTES {
+                    hand_over(lines);
+                }
+                true
+            }
+            None => false,
+        });
+        if !batched && let Some(sink) = SINK.get() {
+            sink.clone().write_all(line)?;
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
