@@ -29,6 +29,7 @@
 //! speaks first, one buffer of [`HELD_BYTES`] for the first bytes; the pump
 //! takes over as soon as the node answers.
 
+use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -66,15 +67,47 @@ pub enum Outcome {
 /// The client's first bytes, kept until a node takes the client.
 #[derive(Default)]
 struct FirstBytes {
-    /// Allocated (not zeroed) on the client's first byte, with room for [`HELD_BYTES`].
+    /// Taken (not zeroed) on the client's first byte, with room for [`HELD_BYTES`].
     buf: Vec<u8>,
     /// The client has half-closed (sent EOF).
     client_done: bool,
 }
 
+thread_local! {
+    /// Emptied first-bytes buffers of this thread, kept for its next clients:
+    /// a buffer this size is too big for the allocator's fast paths.
+    static SPARE_BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Spare first-bytes buffers kept per thread (256 KiB at most).
+const SPARE_LIMIT: usize = 16;
+
 impl FirstBytes {
     fn is_full(&self) -> bool {
         self.buf.len() >= HELD_BYTES
+    }
+
+    /// Gives `buf` room for [`HELD_BYTES`], taking a spare buffer if there is one.
+    fn reserve(&mut self) {
+        if self.buf.capacity() == 0 {
+            self.buf = SPARE_BUFFERS
+                .with_borrow_mut(|spare| spare.pop())
+                .unwrap_or_else(|| Vec::with_capacity(HELD_BYTES));
+        }
+    }
+}
+
+impl Drop for FirstBytes {
+    fn drop(&mut self) {
+        if self.buf.capacity() == HELD_BYTES {
+            let mut buf = std::mem::take(&mut self.buf);
+            buf.clear();
+            SPARE_BUFFERS.with_borrow_mut(|spare| {
+                if spare.len() < SPARE_LIMIT {
+                    spare.push(buf);
+                }
+            });
+        }
     }
 }
 
@@ -221,9 +254,7 @@ async fn client_event(client: &TcpStream, held: &mut FirstBytes) -> io::Result<C
             _ => ClientEvent::More,
         });
     }
-    if held.buf.capacity() == 0 {
-        held.buf = Vec::with_capacity(HELD_BYTES);
-    }
+    held.reserve();
     loop {
         client.readable().await?;
         // Reads into the spare capacity only: never more than HELD_BYTES in all.

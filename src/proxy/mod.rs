@@ -108,14 +108,18 @@ pub async fn accept_loop(
 }
 
 /// How a connection ended, for the access log.
-fn ending(result: &Result<(), PumpError>) -> String {
-    match result {
-        Ok(_) => "closed".to_string(),
-        Err(PumpError {
-            side: Side::Balancer,
-            error,
-        }) => error.to_string(),
-        Err(e) => format!("{} error: {}", e.side.name(), e.error),
+struct Ending<'a>(&'a Result<(), PumpError>);
+
+impl std::fmt::Display for Ending<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Ok(_) => f.write_str("closed"),
+            Err(PumpError {
+                side: Side::Balancer,
+                error,
+            }) => error.fmt(f),
+            Err(e) => write!(f, "{} error: {}", e.side.name(), e.error),
+        }
     }
 }
 
@@ -260,7 +264,7 @@ async fn serve_client(
         bytes.bytes_in.into_inner(),
         bytes.bytes_out.into_inner(),
         started.elapsed().as_millis(),
-        ending(&result),
+        Ending(&result),
     );
 }
 

@@ -98,8 +98,8 @@ async fn both_ways<C: Channel>(client: &TcpStream, node: &TcpStream, counter: &d
     let mut upstream = Direction::<C>::new(Side::Client, Side::Node);
     let mut downstream = Direction::<C>::new(Side::Node, Side::Client);
     std::future::poll_fn(|cx| {
-        let up = upstream.poll(cx, client, node, &|n| counter.bytes_in(n))?;
-        let down = downstream.poll(cx, node, client, &|n| counter.bytes_out(n))?;
+        let up = upstream.poll(cx, client, node, downstream.done, &|n| counter.bytes_in(n))?;
+        let down = downstream.poll(cx, node, client, upstream.done, &|n| counter.bytes_out(n))?;
         if up.is_ready() && down.is_ready() {
             Poll::Ready(Ok(()))
         } else {
@@ -147,12 +147,14 @@ impl<C: Channel> Direction<C> {
         }
     }
 
-    /// Moves what it can; `Ready(Ok)` once `src` has sent EOF and it was passed on.
+    /// Moves what it can; `Ready(Ok)` once `src` has sent EOF and it was passed
+    /// on. `last`: the other direction is done, so the connection ends with this one.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
         src: &TcpStream,
         dst: &TcpStream,
+        last: bool,
         count: &dyn Fn(u64),
     ) -> Poll<Result<(), PumpError>> {
         if self.done {
@@ -185,7 +187,7 @@ impl<C: Channel> Direction<C> {
                     .insert(C::take(self.bulk).map_err(self.fail(Side::Balancer))?),
             };
             match ch.fill(src) {
-                Ok(0) => return Poll::Ready(self.finish(dst)),
+                Ok(0) => return Poll::Ready(self.finish(dst, last)),
                 Ok(n) => (self.chunk, self.pending) = (n, n),
                 // Readiness is cleared: the next poll_read_ready registers for a wake-up.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.give_back_channel(),
@@ -209,9 +211,14 @@ impl<C: Channel> Direction<C> {
         }
     }
 
-    fn finish(&mut self, dst: &TcpStream) -> Result<(), PumpError> {
+    fn finish(&mut self, dst: &TcpStream, last: bool) -> Result<(), PumpError> {
         self.give_back_channel();
         self.done = true;
+        if last {
+            // Both sockets are closed right after the pump, and close(2) sends
+            // the FIN: a shutdown(2) first would only cost a syscall more.
+            return Ok(());
+        }
         match SockRef::from(dst).shutdown(Shutdown::Write) {
             Ok(()) => Ok(()),
             // The other side already closed completely: nothing left to tell it.
