@@ -20,6 +20,10 @@
 //!   replaced by an empty one. A file that cannot be used for another reason
 //!   (held by another process, no permission) is left alone and pins are kept
 //!   in memory only. The balancer never refuses to start because of this file.
+//! - When no cluster has affinity at start and there is no file yet, the file
+//!   is not created until there is a pin to write (a reload turned affinity
+//!   on): opening it runs enough of the store library to cost about half a
+//!   megabyte of resident memory, for nothing while no client is pinned.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -72,8 +76,17 @@ impl ClusterPins {
 pub struct Affinity {
     clusters: Mutex<HashMap<String, ClusterPins>>,
     limit: usize,
-    /// `None`: pins live in memory only (no `state_dir`, or the store failed).
-    store: Mutex<Option<Arc<Database>>>,
+    store: Mutex<Store>,
+}
+
+/// Where pins are written.
+enum Store {
+    /// Nowhere: pins live in memory only (no `state_dir`, or the store failed).
+    None,
+    /// To this file, which does not exist yet: it is created by the first
+    /// flush that has a pin to write.
+    Deferred(PathBuf),
+    Open(Arc<Database>),
 }
 
 /// A pin to write to the store (cluster, client, pin); `None`: delete it.
@@ -92,13 +105,15 @@ impl Affinity {
         Affinity {
             clusters: Mutex::new(HashMap::new()),
             limit: limit.max(1),
-            store: Mutex::new(None),
+            store: Mutex::new(Store::None),
         }
     }
 
     /// Opens (or creates) the store under `state_dir` and loads the pins that
     /// `config` still honours: their cluster has affinity, their node still
     /// exists, their TTL has not run out. An empty `state_dir` means no store.
+    /// Without a file and without a cluster that has affinity, there is
+    /// nothing to load or clean up: the file is created later, when needed.
     /// Never fails: problems are logged and pins are then kept in memory.
     /// Blocking (file I/O): call it from a blocking context.
     pub fn open(state_dir: &Path, config: &Config, limit: usize) -> Affinity {
@@ -114,41 +129,11 @@ impl Affinity {
             return affinity;
         }
         let path = state_dir.join(STORE_FILE);
-        let loaded = match open_and_read(&path) {
-            Ok(loaded) => Some(loaded),
-            Err(StoreError::Unusable(e)) => {
-                // Not the file's fault (another process holds it, no permission...): leave it be.
-                error!(
-                    "cannot open affinity store {}: {e}; client affinity will not survive a restart",
-                    path.display()
-                );
-                None
-            }
-            Err(StoreError::Damaged(e)) => {
-                let aside = PathBuf::from(format!("{}.corrupt", path.display()));
-                error!(
-                    "affinity store {} is damaged ({e}); moving it to {} and starting an empty one",
-                    path.display(),
-                    aside.display()
-                );
-                match std::fs::rename(&path, &aside) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => error!("cannot move {} aside: {e}", path.display()),
-                }
-                match open_and_read(&path) {
-                    Ok(loaded) => Some(loaded),
-                    Err(StoreError::Damaged(e) | StoreError::Unusable(e)) => {
-                        error!(
-                            "cannot create a fresh affinity store at {}: {e}; client affinity will not survive a restart",
-                            path.display()
-                        );
-                        None
-                    }
-                }
-            }
-        };
-        let Some((db, mut entries)) = loaded else {
+        if !config.clusters.iter().any(|c| c.affinity) && !path.exists() {
+            *affinity.store() = Store::Deferred(path);
+            return affinity;
+        }
+        let Some((db, mut entries)) = open_store(&path) else {
             return affinity;
         };
         let now = now_ms();
@@ -182,8 +167,46 @@ impl Affinity {
             }
         }
         info!("affinity store {}: {kept} pin(s) restored", path.display());
-        *affinity.store.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db));
+        *affinity.store() = Store::Open(Arc::new(db));
         affinity
+    }
+
+    fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Creates the deferred store (see [`Affinity::open`]). `None`: there is
+    /// no store, or it cannot be used (logged; pins then stay in memory).
+    /// Blocking.
+    fn open_deferred(&self) -> Option<Arc<Database>> {
+        let path = match &*self.store() {
+            Store::Deferred(path) => path.clone(),
+            Store::Open(db) => return Some(db.clone()),
+            Store::None => return None,
+        };
+        let opened = open_store(&path);
+        let mut store = self.store();
+        let Some((db, entries)) = opened else {
+            *store = Store::None;
+            return None;
+        };
+        // Pins another process wrote since start: this process never loaded
+        // them, so (as at start) they go at this first flush.
+        let mut clusters = self.lock();
+        for (cluster, ip, _) in entries {
+            let table = clusters.entry(cluster).or_insert_with(ClusterPins::new);
+            if !table.pins.contains(&ip) {
+                table.dirty.insert(ip);
+            }
+        }
+        info!("affinity store {} created", path.display());
+        let db = Arc::new(db);
+        *store = Store::Open(db.clone());
+        Some(db)
+    }
+
+    fn has_dirty(&self) -> bool {
+        self.lock().values().any(|t| !t.dirty.is_empty())
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, ClusterPins>> {
@@ -274,17 +297,27 @@ impl Affinity {
         self.len(cluster) == 0
     }
 
-    /// Whether pins are written to a file.
+    /// Whether pins are written to a file (one still to be created included).
     pub fn is_persistent(&self) -> bool {
-        self.store.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        !matches!(*self.store(), Store::None)
     }
 
     /// Writes every pin changed since the last flush, in one transaction.
     /// Blocking. Returns how many pins were written or deleted. On failure the
     /// changes stay dirty for the next flush.
     pub fn flush(&self) -> Result<usize, redb::Error> {
-        let Some(db) = self.store.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
-            return Ok(0);
+        let store = match &*self.store() {
+            Store::Open(db) => Some(db.clone()),
+            Store::Deferred(_) => None,
+            Store::None => return Ok(0),
+        };
+        let db = match store {
+            Some(db) => db,
+            None if !self.has_dirty() => return Ok(0),
+            None => match self.open_deferred() {
+                Some(db) => db,
+                None => return Ok(0),
+            },
         };
         let changes = self.take_dirty();
         if changes.is_empty() {
@@ -321,7 +354,7 @@ impl Affinity {
         if let Err(e) = self.flush() {
             error!("affinity store: last write failed: {e}");
         }
-        self.store.lock().unwrap_or_else(|p| p.into_inner()).take();
+        *self.store() = Store::None;
     }
 }
 
@@ -403,6 +436,46 @@ impl From<redb::Error> for StoreError {
             StoreError::Damaged(e.to_string())
         } else {
             StoreError::Unusable(e.to_string())
+        }
+    }
+}
+
+/// Opens (or creates) the store at `path` and reads every pin in it. A damaged
+/// file is moved aside and replaced by an empty store; `None` (logged): the
+/// file cannot be used, pins stay in memory.
+fn open_store(path: &Path) -> Option<(Database, Vec<StoredPin>)> {
+    match open_and_read(path) {
+        Ok(loaded) => Some(loaded),
+        Err(StoreError::Unusable(e)) => {
+            // Not the file's fault (another process holds it, no permission...): leave it be.
+            error!(
+                "cannot open affinity store {}: {e}; client affinity will not survive a restart",
+                path.display()
+            );
+            None
+        }
+        Err(StoreError::Damaged(e)) => {
+            let aside = PathBuf::from(format!("{}.corrupt", path.display()));
+            error!(
+                "affinity store {} is damaged ({e}); moving it to {} and starting an empty one",
+                path.display(),
+                aside.display()
+            );
+            match std::fs::rename(path, &aside) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => error!("cannot move {} aside: {e}", path.display()),
+            }
+            match open_and_read(path) {
+                Ok(loaded) => Some(loaded),
+                Err(StoreError::Damaged(e) | StoreError::Unusable(e)) => {
+                    error!(
+                        "cannot create a fresh affinity store at {}: {e}; client affinity will not survive a restart",
+                        path.display()
+                    );
+                    None
+                }
+            }
         }
     }
 }
@@ -618,6 +691,45 @@ mod tests {
         first.close();
         let again = Affinity::open(dir.path(), &config("1d"), 100);
         assert_eq!(again.pinned("c", ip(1), DAY).as_deref(), Some("b"));
+    }
+
+    fn without_affinity() -> Config {
+        Config::parse(
+            "state_dir = \"\"\n[[service]]\nname = \"s\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"c\"\n\
+             [[cluster]]\nname = \"c\"\n[[cluster.node]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n",
+            "test",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn without_affinity_the_file_waits_for_a_first_pin() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        let store = Affinity::open(dir.path(), &without_affinity(), 100);
+        assert!(store.is_persistent());
+        assert_eq!(store.flush().unwrap(), 0);
+        assert!(!path.exists(), "nothing to write: no file yet");
+        // A reload turned affinity on and a client was pinned.
+        store.pin("c", ip(1), "a");
+        assert_eq!(store.flush().unwrap(), 1);
+        assert!(path.exists());
+        store.close();
+        let store = Affinity::open(dir.path(), &config("1d"), 100);
+        assert_eq!(store.pinned("c", ip(1), DAY).as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn without_affinity_an_existing_file_is_still_cleaned_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Affinity::open(dir.path(), &config("1d"), 100);
+        store.pin("c", ip(1), "a");
+        store.close();
+        let store = Affinity::open(dir.path(), &without_affinity(), 100);
+        assert!(store.pinned("c", ip(1), DAY).is_none());
+        store.close();
+        let store = Affinity::open(dir.path(), &config("1d"), 100);
+        assert!(store.pinned("c", ip(1), DAY).is_none(), "dropped from the file too");
     }
 
     #[test]
