@@ -25,15 +25,22 @@
 //! closes, that is its answer and no fall-over happens. A node that accepts and
 //! closes before greeting fails over like any other.
 //!
-//! The happy path costs a peek at the node's socket and, when the client
-//! speaks first, one buffer of [`HELD_BYTES`] for the first bytes; the pump
-//! takes over as soon as the node answers.
+//! The happy path costs a peek at the node's socket (to see its first byte)
+//! and, when the client speaks first, a buffer of [`HELD_BYTES`] from the
+//! worker's spares for the first bytes; the pump takes over as soon as the node
+//! answers.
+//!
+//! A node that closed before any byte reached it must fail over even when the
+//! client then half-closes (after which a node's close is a fine answer). Its
+//! close is seen by the peek that waits for its answer; only before passing
+//! the client's half-close on does the node's socket need checking first.
 
 use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -67,7 +74,9 @@ pub enum Outcome {
 /// The client's first bytes, kept until a node takes the client.
 #[derive(Default)]
 struct FirstBytes {
-    /// Taken (not zeroed) on the client's first byte, with room for [`HELD_BYTES`].
+    /// Room for [`HELD_BYTES`] once the client has sent a byte; none before.
+    /// Never zeroed: only the pages the client's bytes land on become
+    /// resident, which matters with thousands of connections opening at once.
     buf: Vec<u8>,
     /// The client has half-closed (sent EOF).
     client_done: bool,
@@ -195,10 +204,10 @@ async fn probation(
     idle: Option<Duration>,
 ) -> Result<(), Fault> {
     if !held.buf.is_empty() {
-        ensure_open(node).map_err(Fault::Node)?;
         write_all(node, &held.buf).await.map_err(Fault::Node)?;
     }
     if held.client_done {
+        ensure_open(node).map_err(Fault::Node)?;
         half_close(node).map_err(Fault::Node)?;
     }
     let mut peeked = [0u8; 1];
@@ -219,13 +228,13 @@ async fn probation(
                     ClientEvent::Read(n) => {
                         idle_deadline = idle.map(|d| Instant::now() + d);
                         let start = held.buf.len() - n;
-                        ensure_open(node).map_err(Fault::Node)?;
                         write_all(node, &held.buf[start..]).await.map_err(Fault::Node)?;
                     }
                     ClientEvent::More => return Ok(()),
                     ClientEvent::Eof => {
                         // The node may answer only after the client's EOF: pass it on.
                         held.client_done = true;
+                        ensure_open(node).map_err(Fault::Node)?;
                         half_close(node).map_err(Fault::Node)?;
                     }
                 }
@@ -257,8 +266,11 @@ async fn client_event(client: &TcpStream, held: &mut FirstBytes) -> io::Result<C
     held.reserve();
     loop {
         client.readable().await?;
+        let room = held.buf.capacity() - held.buf.len();
         // Reads into the spare capacity only: never more than HELD_BYTES in all.
-        match client.try_read_buf(&mut held.buf) {
+        // A short read empties the socket: its readiness is cleared, which saves
+        // the read that would only fail with EAGAIN.
+        match super::pump::partial_io(client, Interest::READABLE, room, || client.try_read_buf(&mut held.buf)) {
             Ok(0) => return Ok(ClientEvent::Eof),
             Ok(n) => return Ok(ClientEvent::Read(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

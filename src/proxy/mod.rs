@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 pub use candidates::Candidates;
 pub use pump::{PumpError, Side};
@@ -27,9 +27,6 @@ pub use workers::{Workers, bind_group};
 use crate::affinity::Affinity;
 use crate::model::{Cluster, NodeFigures, NodeState, Refusal, Snapshot};
 use admission::Admitted;
-
-/// Where the access log goes: `RUST_LOG=protobalance::access=info`.
-pub const ACCESS_LOG: &str = "protobalance::access";
 
 /// What every connection task shares.
 pub struct DataPlane {
@@ -256,8 +253,7 @@ async fn serve_client(
     if cluster.affinity {
         plane.affinity.touch(&cluster.name, peer.ip());
     }
-    info!(
-        target: ACCESS_LOG,
+    crate::logging::access(format_args!(
         "{peer} service={service} cluster={} node={} in={} out={} ms={} end=\"{}\"",
         cluster.name,
         node.name,
@@ -265,7 +261,7 @@ async fn serve_client(
         bytes.bytes_out.into_inner(),
         started.elapsed().as_millis(),
         Ending(&result),
-    );
+    ));
 }
 
 /// The node `peer` is pinned to, if the cluster keeps affinity and the pin

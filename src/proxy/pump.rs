@@ -9,7 +9,7 @@
 //! thousand idle connections cost no pipes and no buffers.
 
 use std::cell::RefCell;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::Shutdown;
 use std::task::{Context, Poll, ready};
 
@@ -143,6 +143,8 @@ impl<C: Channel> Direction<C> {
 
     fn give_back_channel(&mut self) {
         if let Some(ch) = self.channel.take() {
+            #[cfg(test)]
+            tests::CHANNELS_OUT.set(tests::CHANNELS_OUT.get() - 1);
             ch.give_back();
         }
     }
@@ -179,12 +181,22 @@ impl<C: Channel> Direction<C> {
                 }
                 continue;
             }
-            ready!(src.poll_read_ready(cx)).map_err(self.fail(self.src_side))?;
+            match src.poll_read_ready(cx) {
+                Poll::Ready(ready) => ready.map_err(self.fail(self.src_side))?,
+                Poll::Pending => {
+                    // Nothing in flight: an idle connection holds no channel.
+                    self.give_back_channel();
+                    return Poll::Pending;
+                }
+            }
             let ch = match &mut self.channel {
                 Some(ch) => ch,
-                None => self
-                    .channel
-                    .insert(C::take(self.bulk).map_err(self.fail(Side::Balancer))?),
+                None => {
+                    #[cfg(test)]
+                    tests::CHANNELS_OUT.set(tests::CHANNELS_OUT.get() + 1);
+                    self.channel
+                        .insert(C::take(self.bulk).map_err(self.fail(Side::Balancer))?)
+                }
             };
             match ch.fill(src) {
                 Ok(0) => return Poll::Ready(self.finish(dst, last)),
@@ -248,9 +260,13 @@ const POOL_LIMIT: usize = 32;
 
 /// The portable copy path: a user-space buffer.
 struct Buffer {
-    bytes: Box<[u8]>,
+    /// Capacity [`BUFFER_SIZE`], never zeroed: a read fills it, so only the
+    /// pages that data lands on become resident. (Zeroed, every connection
+    /// with a request in flight would touch 64 KiB, and the allocator keeps
+    /// the peak.)
+    bytes: Vec<u8>,
+    /// Where the unwritten bytes start.
     start: usize,
-    end: usize,
 }
 
 const BUFFER_SIZE: usize = 64 * 1024;
@@ -303,22 +319,19 @@ impl Channel for Auto {
 }
 
 thread_local! {
-    static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    static BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Channel for Buffer {
     fn take(_bulk: bool) -> io::Result<Self> {
         let bytes = BUFFERS
             .with_borrow_mut(|pool| pool.pop())
-            .unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
-        Ok(Buffer {
-            bytes,
-            start: 0,
-            end: 0,
-        })
+            .unwrap_or_else(|| Vec::with_capacity(BUFFER_SIZE));
+        Ok(Buffer { bytes, start: 0 })
     }
 
-    fn give_back(self) {
+    fn give_back(mut self) {
+        self.bytes.clear();
         BUFFERS.with_borrow_mut(|pool| {
             if pool.len() < POOL_LIMIT {
                 pool.push(self.bytes);
@@ -327,20 +340,17 @@ impl Channel for Buffer {
     }
 
     fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
-        let len = self.bytes.len();
-        let n = partial_io(src, Interest::READABLE, len, || {
-            (&*SockRef::from(src)).read(&mut self.bytes)
-        })?;
-        (self.start, self.end) = (0, n);
-        Ok(n)
+        self.bytes.clear();
+        self.start = 0;
+        partial_io(src, Interest::READABLE, BUFFER_SIZE, || {
+            src.try_read_buf(&mut self.bytes)
+        })
     }
 
     fn drain(&mut self, dst: &TcpStream, len: usize) -> io::Result<usize> {
-        debug_assert_eq!(len, self.end - self.start);
-        let (start, end) = (self.start, self.end);
-        let n = partial_io(dst, Interest::WRITABLE, len, || {
-            (&*SockRef::from(dst)).write(&self.bytes[start..end])
-        })?;
+        debug_assert_eq!(len, self.bytes.len() - self.start);
+        let unwritten = &self.bytes[self.start..];
+        let n = partial_io(dst, Interest::WRITABLE, len, || (&*SockRef::from(dst)).write(unwritten))?;
         self.start += n;
         Ok(n)
     }
@@ -353,7 +363,7 @@ impl Channel for Buffer {
 /// syscall per chunk of request/response traffic. The readiness is cleared
 /// through `try_io` with the event seen *before* the operation, so an edge
 /// that arrived meanwhile is never lost.
-fn partial_io(
+pub(super) fn partial_io(
     socket: &TcpStream,
     interest: Interest,
     len: usize,
@@ -471,6 +481,63 @@ mod splice {
             dst.try_io(Interest::WRITABLE, || {
                 splice(self.read.as_raw_fd(), dst.as_raw_fd(), len)
             })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    thread_local! {
+        /// Channels taken by this thread's pumps and not given back.
+        pub(super) static CHANNELS_OUT: Cell<isize> = const { Cell::new(0) };
+    }
+
+    struct NoCount;
+    impl Counter for NoCount {
+        fn bytes_in(&self, _: u64) {}
+        fn bytes_out(&self, _: u64) {}
+    }
+
+    /// Both ends of a loopback connection.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let far = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (near, _) = listener.accept().await.unwrap();
+        (far, near)
+    }
+
+    /// The pump runs on this (single) thread, so its channels count here.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_between_exchanges_holds_no_channel() {
+        for mode in [ForwardMode::Auto, ForwardMode::Splice, ForwardMode::Copy] {
+            let (mut client, client_near) = pair().await;
+            let (node_near, mut node) = pair().await;
+            let pumping = tokio::spawn(async move { pump(&client_near, &node_near, mode, &NoCount).await.is_ok() });
+            for round in 0..3 {
+                let mut got = [0u8; 5];
+                client.write_all(b"hello").await.unwrap();
+                node.read_exact(&mut got).await.unwrap();
+                node.write_all(b"world").await.unwrap();
+                client.read_exact(&mut got).await.unwrap();
+                assert_eq!(&got, b"world");
+                for _ in 0..4 {
+                    tokio::task::yield_now().await;
+                }
+                assert_eq!(
+                    CHANNELS_OUT.get(),
+                    0,
+                    "{mode:?}, exchange {round}: a channel is held while idle"
+                );
+            }
+            drop((client, node));
+            assert!(pumping.await.unwrap(), "{mode:?}: a clean end");
         }
     }
 }
