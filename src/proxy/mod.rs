@@ -31,7 +31,8 @@ use admission::Admitted;
 /// What every connection task shares.
 pub struct DataPlane {
     pub snapshot: ArcSwap<Snapshot>,
-    /// Cancelled when the shutdown grace period ends: open connections are cut.
+    /// Cancelled when the shutdown grace period ends: open connections are cut
+    /// (each waits on its accept loop's child of this token).
     pub cut_all: CancellationToken,
     pub connections: TaskTracker,
     /// Client connections admitted and not yet closed, all services together.
@@ -64,6 +65,10 @@ pub async fn accept_loop(
     // address without a port forwards to.
     let local_port = local.map_or(0, |a| a.port());
     let (mut failures, mut last_failure_log) = (0u64, None);
+    // This loop's own child of `cut_all`: its clients wait on it, so a
+    // connection's start and end lock this worker's token, never one that
+    // every worker's connections contend for.
+    let cut = plane.cut_all.child_token();
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -82,8 +87,9 @@ pub async fn accept_loop(
                 let _ = client.set_nodelay(true);
                 let plane2 = plane.clone();
                 let service = service.clone();
+                let cut = cut.clone();
                 plane.connections.spawn(async move {
-                    serve_client(client, peer, local_port, &service, admitted, &plane2).await;
+                    serve_client(client, peer, local_port, &service, admitted, &plane2, &cut).await;
                 });
             }
             Err(e) => {
@@ -172,6 +178,7 @@ async fn serve_client(
     service: &str,
     admitted: Admitted,
     plane: &DataPlane,
+    cut: &CancellationToken,
 ) {
     let started = Instant::now();
     let cluster = &admitted.cluster;
@@ -186,7 +193,7 @@ async fn serve_client(
     // inline, every open connection's task would keep room for it.
     let outcome = tokio::select! {
         outcome = Box::pin(connect::connect_client(&client, cluster, first, local_port, admitted.idle_timeout)) => outcome,
-        _ = plane.cut_all.cancelled() => return,
+        _ = cut.cancelled() => return,
     };
     let (i, upstream, forwarded) = match outcome {
         connect::Outcome::Connected {
@@ -246,7 +253,7 @@ async fn serve_client(
     let result = tokio::select! {
         r = pump::pump(&client, &upstream, admitted.forwarding, &bytes) => r,
         _ = idle => Err(PumpError { side: Side::Balancer, error: io::Error::new(io::ErrorKind::TimedOut, "idle timeout") }),
-        _ = plane.cut_all.cancelled() => Err(PumpError { side: Side::Balancer, error: io::Error::other("cut at shutdown") }),
+        _ = cut.cancelled() => Err(PumpError { side: Side::Balancer, error: io::Error::other("cut at shutdown") }),
         _ = node.figures.red() => Err(abort_both(&client, &upstream, "cut: the node turned red")),
     };
     drop(idle_watch);
@@ -332,7 +339,8 @@ mod future_sizes {
             println!("connect future: {} bytes", std::mem::size_of_val(&connect));
             let peer: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
             let admitted = super::admission::admit(&plane, "forward", peer.ip()).ok().unwrap();
-            let serve = super::serve_client(c, peer, 1, "forward", admitted, &plane);
+            let cut = plane.cut_all.child_token();
+            let serve = super::serve_client(c, peer, 1, "forward", admitted, &plane, &cut);
             println!("serve_client future: {} bytes", std::mem::size_of_val(&serve));
         });
     }
