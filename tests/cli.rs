@@ -343,8 +343,38 @@ fn every_connection_gets_its_access_log_line_even_when_stopped_right_after() {
     proc.signal(libc::SIGTERM);
     assert_eq!(proc.wait_exit().code(), Some(0));
     let lines = proc.all_output();
-    let access = lines.iter().filter(|l| l.contains("protobalance::access")).count();
-    assert_eq!(access, 300, "one access-log line per connection, none lost at exit");
+    let access: Vec<&String> = lines.iter().filter(|l| l.contains("protobalance::access")).collect();
+    assert_eq!(access.len(), 300, "one access-log line per connection, none lost at exit");
+    // The same shape as every other log line: timestamp, level, target, message.
+    let line = access[0];
+    let (stamp, rest) = line.split_once(' ').unwrap();
+    assert!(stamp.len() == 27 && stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T', "{line}");
+    assert!(rest.starts_with(" INFO protobalance::access: 127.0.0.1:"), "{line}");
+    for field in ["service=forward ", "node=", " in=", " out=", " ms=", " end=\"closed\""] {
+        assert!(rest.contains(field), "{field:?} missing from {line}");
+    }
+}
+
+#[test]
+fn the_access_log_can_be_turned_off_by_its_target() {
+    let nodes = name_backends(&["a"]);
+    let listen = nodes[0].to_string();
+    let mut proc = Running::spawn(&[
+        "--log-level",
+        "info,protobalance::access=off",
+        "forward",
+        "127.0.0.1:0",
+        &listen,
+    ]);
+    let addr = proc.listen_addr();
+    for _ in 0..20 {
+        assert_eq!(fetch(addr), "a");
+    }
+    proc.signal(libc::SIGTERM);
+    assert_eq!(proc.wait_exit().code(), Some(0));
+    let lines = proc.all_output();
+    assert!(lines.iter().any(|l| l.contains("stopped")), "other lines still come");
+    assert!(!lines.iter().any(|l| l.contains("protobalance::access")));
 }
 
 #[test]
