@@ -344,11 +344,18 @@ fn every_connection_gets_its_access_log_line_even_when_stopped_right_after() {
     assert_eq!(proc.wait_exit().code(), Some(0));
     let lines = proc.all_output();
     let access: Vec<&String> = lines.iter().filter(|l| l.contains("protobalance::access")).collect();
-    assert_eq!(access.len(), 300, "one access-log line per connection, none lost at exit");
+    assert_eq!(
+        access.len(),
+        300,
+        "one access-log line per connection, none lost at exit"
+    );
     // The same shape as every other log line: timestamp, level, target, message.
     let line = access[0];
     let (stamp, rest) = line.split_once(' ').unwrap();
-    assert!(stamp.len() == 27 && stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T', "{line}");
+    assert!(
+        stamp.len() == 27 && stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T',
+        "{line}"
+    );
     assert!(rest.starts_with(" INFO protobalance::access: 127.0.0.1:"), "{line}");
     for field in ["service=forward ", "node=", " in=", " out=", " ms=", " end=\"closed\""] {
         assert!(rest.contains(field), "{field:?} missing from {line}");

@@ -47,10 +47,7 @@ impl Workers {
         let mut handles = Vec::with_capacity(count);
         let mut ended = Vec::with_capacity(count);
         for i in 0..count {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .on_thread_park(crate::logging::flush_thread)
-                .build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             handles.push(runtime.handle().clone());
             let stopped = stop.clone();
             let (end, ended_rx) = oneshot::channel::<()>();
