@@ -45,6 +45,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::Candidates;
+use super::pump::{SpareBuffers, keep_spare, take_spare};
 use crate::health::probe;
 use crate::model::{Cluster, NodeFigures};
 
@@ -83,9 +84,8 @@ struct FirstBytes {
 }
 
 thread_local! {
-    /// Emptied first-bytes buffers of this thread, kept for its next clients:
-    /// a buffer this size is too big for the allocator's fast paths.
-    static SPARE_BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    /// Emptied first-bytes buffers of this thread, kept for its next clients.
+    static SPARE_BUFFERS: SpareBuffers = const { RefCell::new(Vec::new()) };
 }
 
 /// Spare first-bytes buffers kept per thread (256 KiB at most).
@@ -99,9 +99,7 @@ impl FirstBytes {
     /// Gives `buf` room for [`HELD_BYTES`], taking a spare buffer if there is one.
     fn reserve(&mut self) {
         if self.buf.capacity() == 0 {
-            self.buf = SPARE_BUFFERS
-                .with_borrow_mut(|spare| spare.pop())
-                .unwrap_or_else(|| Vec::with_capacity(HELD_BYTES));
+            self.buf = take_spare(&SPARE_BUFFERS, HELD_BYTES);
         }
     }
 }
@@ -109,13 +107,7 @@ impl FirstBytes {
 impl Drop for FirstBytes {
     fn drop(&mut self) {
         if self.buf.capacity() == HELD_BYTES {
-            let mut buf = std::mem::take(&mut self.buf);
-            buf.clear();
-            SPARE_BUFFERS.with_borrow_mut(|spare| {
-                if spare.len() < SPARE_LIMIT {
-                    spare.push(buf);
-                }
-            });
+            keep_spare(&SPARE_BUFFERS, std::mem::take(&mut self.buf), SPARE_LIMIT);
         }
     }
 }

@@ -12,6 +12,7 @@ use std::cell::RefCell;
 use std::io::{self, Write};
 use std::net::Shutdown;
 use std::task::{Context, Poll, ready};
+use std::thread::LocalKey;
 
 use socket2::SockRef;
 use tokio::io::Interest;
@@ -318,25 +319,42 @@ impl Channel for Auto {
     }
 }
 
+/// A thread's spare byte buffers of one capacity, kept for reuse: buffers
+/// this size are too big for the allocator's fast paths.
+pub(super) type SpareBuffers = RefCell<Vec<Vec<u8>>>;
+
+/// An empty buffer with room for `capacity` bytes (not zeroed), from `spares`
+/// when it has one.
+pub(super) fn take_spare(spares: &'static LocalKey<SpareBuffers>, capacity: usize) -> Vec<u8> {
+    spares
+        .with_borrow_mut(|spare| spare.pop())
+        .unwrap_or_else(|| Vec::with_capacity(capacity))
+}
+
+/// Keeps `buf`, emptied, in `spares` unless it already holds `limit`.
+pub(super) fn keep_spare(spares: &'static LocalKey<SpareBuffers>, mut buf: Vec<u8>, limit: usize) {
+    buf.clear();
+    spares.with_borrow_mut(|spare| {
+        if spare.len() < limit {
+            spare.push(buf);
+        }
+    });
+}
+
 thread_local! {
-    static BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static BUFFERS: SpareBuffers = const { RefCell::new(Vec::new()) };
 }
 
 impl Channel for Buffer {
     fn take(_bulk: bool) -> io::Result<Self> {
-        let bytes = BUFFERS
-            .with_borrow_mut(|pool| pool.pop())
-            .unwrap_or_else(|| Vec::with_capacity(BUFFER_SIZE));
-        Ok(Buffer { bytes, start: 0 })
+        Ok(Buffer {
+            bytes: take_spare(&BUFFERS, BUFFER_SIZE),
+            start: 0,
+        })
     }
 
-    fn give_back(mut self) {
-        self.bytes.clear();
-        BUFFERS.with_borrow_mut(|pool| {
-            if pool.len() < POOL_LIMIT {
-                pool.push(self.bytes);
-            }
-        });
+    fn give_back(self) {
+        keep_spare(&BUFFERS, self.bytes, POOL_LIMIT);
     }
 
     fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
