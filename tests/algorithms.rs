@@ -9,43 +9,32 @@ use std::time::{Duration, Instant};
 use protobalance::config::Config;
 use protobalance::server::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
+
+mod common;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A node that sends its name, then echoes what it receives.
 async fn echo_backend(name: &'static str) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                stream.write_all(name.as_bytes()).await?;
-                let (mut r, mut w) = stream.split();
-                tokio::io::copy(&mut r, &mut w).await
-            });
+    common::serve(move |mut stream| async move {
+        if stream.write_all(name.as_bytes()).await.is_ok() {
+            let (mut r, mut w) = stream.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// A load agent that answers each poll with the current value of `load`.
 async fn agent(load: Arc<AtomicU64>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            let answer = format!("{}\n", f64::from_bits(load.load(Relaxed)));
+    common::serve(move |mut stream| {
+        let answer = format!("{}\n", f64::from_bits(load.load(Relaxed)));
+        async move {
             let _ = stream.write_all(answer.as_bytes()).await;
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// Connects through the balancer and returns the connection and the node name it reached.
