@@ -85,12 +85,16 @@ pub async fn accept_loop(
                 };
                 #[cfg(not(target_os = "linux"))]
                 let _ = client.set_nodelay(true);
-                let plane2 = plane.clone();
-                let service = service.clone();
-                let cut = cut.clone();
-                plane.connections.spawn(async move {
-                    serve_client(client, peer, local_port, &service, admitted, &plane2, &cut).await;
-                });
+                let accepted = Accepted {
+                    client,
+                    peer,
+                    local_port,
+                    service: service.clone(),
+                    admitted,
+                    plane: plane.clone(),
+                    cut: cut.clone(),
+                };
+                plane.connections.spawn(connection_task(accepted));
             }
             Err(e) => {
                 // EMFILE/ENFILE and friends: back off instead of spinning; the
@@ -170,16 +174,46 @@ impl pump::Counter for ConnectionBytes<'_> {
     }
 }
 
-/// One admitted client, from the choice of node to the access log line.
-async fn serve_client(
+/// Everything a connection's task owns, stored once in the task.
+///
+/// Why one struct behind a reference: an `async fn` keeps its by-value
+/// arguments twice in its future (as arguments and as locals), and the task
+/// that awaited it would keep its own copies too. The task's size is most of
+/// what an idle connection costs, so the spawned block owns this and
+/// [`serve_client`] only borrows it.
+struct Accepted {
     client: TcpStream,
     peer: SocketAddr,
+    /// The port the client reached us on (see `NodeAddress::target`).
     local_port: u16,
-    service: &str,
+    service: Arc<str>,
     admitted: Admitted,
-    plane: &DataPlane,
-    cut: &CancellationToken,
-) {
+    plane: Arc<DataPlane>,
+    /// Cancelled to cut the connection at the end of the shutdown grace period.
+    cut: CancellationToken,
+}
+
+/// The task of one connection: it owns the connection's state for its whole life.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep `accepted` twice in the task (see `Accepted`)"
+)]
+fn connection_task(accepted: Accepted) -> impl Future<Output = ()> + Send {
+    async move { serve_client(&accepted).await }
+}
+
+/// One admitted client, from the choice of node to the access log line.
+async fn serve_client(accepted: &Accepted) {
+    let Accepted {
+        client,
+        peer,
+        local_port,
+        service,
+        admitted,
+        plane,
+        cut,
+    } = accepted;
+    let (peer, local_port, service) = (*peer, *local_port, &**service);
     let started = Instant::now();
     let cluster = &admitted.cluster;
 
@@ -192,7 +226,7 @@ async fn serve_client(
     // Boxed: the connect phase's state (probation, timers) is large and short-lived;
     // inline, every open connection's task would keep room for it.
     let outcome = tokio::select! {
-        outcome = Box::pin(connect::connect_client(&client, cluster, first, local_port, admitted.idle_timeout)) => outcome,
+        outcome = Box::pin(connect::connect_client(client, cluster, first, local_port, admitted.idle_timeout)) => outcome,
         _ = cut.cancelled() => return,
     };
     let (i, upstream, forwarded) = match outcome {
@@ -251,10 +285,10 @@ async fn serve_client(
     };
     pump::Counter::bytes_in(&bytes, forwarded);
     let result = tokio::select! {
-        r = pump::pump(&client, &upstream, admitted.forwarding, &bytes) => r,
+        r = pump::pump(client, &upstream, admitted.forwarding, &bytes) => r,
         _ = idle => Err(PumpError { side: Side::Balancer, error: io::Error::new(io::ErrorKind::TimedOut, "idle timeout") }),
         _ = cut.cancelled() => Err(PumpError { side: Side::Balancer, error: io::Error::other("cut at shutdown") }),
-        _ = node.figures.red() => Err(abort_both(&client, &upstream, "cut: the node turned red")),
+        _ = node.figures.red() => Err(abort_both(client, &upstream, "cut: the node turned red")),
     };
     drop(idle_watch);
     if cluster.affinity {
@@ -339,9 +373,20 @@ mod future_sizes {
             println!("connect future: {} bytes", std::mem::size_of_val(&connect));
             let peer: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
             let admitted = super::admission::admit(&plane, "forward", peer.ip()).ok().unwrap();
-            let cut = plane.cut_all.child_token();
-            let serve = super::serve_client(c, peer, 1, "forward", admitted, &plane, &cut);
+            let accepted = super::Accepted {
+                client: c,
+                peer,
+                local_port: 1,
+                service: "forward".into(),
+                admitted,
+                plane: plane.clone(),
+                cut: plane.cut_all.child_token(),
+            };
+            let serve = super::serve_client(&accepted);
             println!("serve_client future: {} bytes", std::mem::size_of_val(&serve));
+            drop(serve);
+            let task = super::connection_task(accepted);
+            println!("connection task future: {} bytes", std::mem::size_of_val(&task));
         });
     }
 }

@@ -9,8 +9,10 @@
 //! thousand idle connections cost no pipes and no buffers.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io::{self, Write};
 use std::net::Shutdown;
+use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::thread::LocalKey;
 
@@ -57,29 +59,14 @@ pub trait Counter: Sync {
 /// reset on one side closes the other.
 ///
 /// Neither socket is closed here; the caller drops them.
-pub async fn pump(
-    client: &TcpStream,
-    node: &TcpStream,
-    mode: ForwardMode,
-    counter: &dyn Counter,
-) -> Result<(), PumpError> {
-    let result = match mode {
-        #[cfg(target_os = "linux")]
-        ForwardMode::Splice => both_ways::<splice::Pipe>(client, node, counter).await,
-        #[cfg(target_os = "linux")]
-        ForwardMode::Auto => both_ways::<Auto>(client, node, counter).await,
-        _ => both_ways::<Buffer>(client, node, counter).await,
-    };
-    if let Err(e) = &result {
-        // Abort the healthy side as well: a close with linger 0 sends RST.
-        let others: &[&TcpStream] = match e.side {
-            Side::Client => &[node],
-            Side::Node => &[client],
-            Side::Balancer => &[client, node],
-        };
-        reset_on_drop(others);
+pub fn pump<'a>(client: &'a TcpStream, node: &'a TcpStream, mode: ForwardMode, counter: &'a dyn Counter) -> Pump<'a> {
+    Pump {
+        client,
+        node,
+        counter,
+        upstream: Direction::new(Side::Client, Side::Node, mode),
+        downstream: Direction::new(Side::Node, Side::Client, mode),
     }
-    result
 }
 
 /// Makes dropping each of `streams` send RST instead of FIN (SO_LINGER 0):
@@ -91,48 +78,86 @@ pub fn reset_on_drop(streams: &[&TcpStream]) {
     }
 }
 
-/// Both directions, polled by hand from one small future: no per-direction
-/// sub-futures, so a connection's task stays small (its size is most of what
-/// an idle connection costs). Each socket's read and write readiness belong to
-/// exactly one direction, so the two never steal each other's wake-ups.
-async fn both_ways<C: Channel>(client: &TcpStream, node: &TcpStream, counter: &dyn Counter) -> Result<(), PumpError> {
-    let mut upstream = Direction::<C>::new(Side::Client, Side::Node);
-    let mut downstream = Direction::<C>::new(Side::Node, Side::Client);
-    std::future::poll_fn(|cx| {
-        let up = upstream.poll(cx, client, node, downstream.done, &|n| counter.bytes_in(n))?;
-        let down = downstream.poll(cx, node, client, upstream.done, &|n| counter.bytes_out(n))?;
+/// Both directions, polled by hand from one small future. A plain struct
+/// rather than an `async fn`: no per-direction sub-futures and no second copy
+/// of the arguments, so a connection's task stays small (its size is most of
+/// what an idle connection costs). Each socket's read and write readiness
+/// belong to exactly one direction, so the two never steal each other's
+/// wake-ups.
+pub struct Pump<'a> {
+    client: &'a TcpStream,
+    node: &'a TcpStream,
+    counter: &'a dyn Counter,
+    upstream: Direction,
+    downstream: Direction,
+}
+
+impl Future for Pump<'_> {
+    type Output = Result<(), PumpError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let result = this.poll_both(cx);
+        if let Poll::Ready(Err(e)) = &result {
+            // Abort the healthy side as well: a close with linger 0 sends RST.
+            let others: &[&TcpStream] = match e.side {
+                Side::Client => &[this.node],
+                Side::Node => &[this.client],
+                Side::Balancer => &[this.client, this.node],
+            };
+            reset_on_drop(others);
+        }
+        result
+    }
+}
+
+impl Pump<'_> {
+    fn poll_both(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), PumpError>> {
+        let counter = self.counter;
+        let up = self
+            .upstream
+            .poll(cx, self.client, self.node, self.downstream.done, &|n| {
+                counter.bytes_in(n)
+            })?;
+        let down = self
+            .downstream
+            .poll(cx, self.node, self.client, self.upstream.done, &|n| {
+                counter.bytes_out(n)
+            })?;
         if up.is_ready() && down.is_ready() {
             Poll::Ready(Ok(()))
         } else {
             Poll::Pending
         }
-    })
-    .await
+    }
 }
 
 /// One direction: fill a channel from `src`, drain it into `dst`, repeat;
 /// EOF on `src` becomes a shutdown of `dst`'s write side (half-close).
-struct Direction<C> {
+struct Direction {
+    /// Held while data keeps coming; handed back as soon as the source runs dry.
+    channel: Option<Channel>,
+    /// Size of the chunk in the channel, and how much of it is still unwritten
+    /// (a chunk is at most one channel's capacity, far below 4 GiB).
+    chunk: u32,
+    pending: u32,
     src_side: Side,
     dst_side: Side,
-    /// Held while data keeps coming; handed back as soon as the source runs dry.
-    channel: Option<C>,
-    /// Size of the chunk in the channel, and how much of it is still unwritten.
-    chunk: usize,
-    pending: usize,
-    /// Whether the last chunk looked like bulk transfer (see `Auto`).
+    mode: ForwardMode,
+    /// Whether the last chunk looked like bulk transfer (see `Channel::take`).
     bulk: bool,
     done: bool,
 }
 
-impl<C: Channel> Direction<C> {
-    fn new(src_side: Side, dst_side: Side) -> Self {
+impl Direction {
+    fn new(src_side: Side, dst_side: Side, mode: ForwardMode) -> Self {
         Direction {
-            src_side,
-            dst_side,
             channel: None,
             chunk: 0,
             pending: 0,
+            src_side,
+            dst_side,
+            mode,
             bulk: false,
             done: false,
         }
@@ -166,10 +191,10 @@ impl<C: Channel> Direction<C> {
         loop {
             if self.pending > 0 {
                 let ch = self.channel.as_mut().expect("unwritten bytes sit in a channel");
-                match ch.drain(dst, self.pending) {
+                match ch.drain(dst, self.pending as usize) {
                     Ok(0) => return Poll::Ready(Err(self.fail(self.dst_side)(io::ErrorKind::WriteZero.into()))),
                     Ok(n) => {
-                        self.pending -= n;
+                        self.pending -= n as u32;
                         if self.pending == 0 {
                             self.chunk_written(count);
                         }
@@ -195,13 +220,13 @@ impl<C: Channel> Direction<C> {
                 None => {
                     #[cfg(test)]
                     tests::CHANNELS_OUT.set(tests::CHANNELS_OUT.get() + 1);
-                    self.channel
-                        .insert(C::take(self.bulk).map_err(self.fail(Side::Balancer))?)
+                    let taken = Channel::take(self.mode, self.bulk).map_err(self.fail(Side::Balancer))?;
+                    self.channel.insert(taken)
                 }
             };
             match ch.fill(src) {
                 Ok(0) => return Poll::Ready(self.finish(dst, last)),
-                Ok(n) => (self.chunk, self.pending) = (n, n),
+                Ok(n) => (self.chunk, self.pending) = (n as u32, n as u32),
                 // Readiness is cleared: the next poll_read_ready registers for a wake-up.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.give_back_channel(),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -211,16 +236,19 @@ impl<C: Channel> Direction<C> {
     }
 
     fn chunk_written(&mut self, count: &dyn Fn(u64)) {
-        count(self.chunk as u64);
+        count(u64::from(self.chunk));
+        let chunk = self.chunk as usize;
         let looks_bulk = if self.bulk {
-            self.chunk > SMALL_CHUNK
+            chunk > SMALL_CHUNK
         } else {
-            self.chunk >= BULK_CHUNK
+            chunk >= BULK_CHUNK
         };
         if looks_bulk != self.bulk {
             self.bulk = looks_bulk;
             // The channel is empty: the next chunk takes the kind that suits it.
-            self.give_back_channel();
+            if self.mode == ForwardMode::Auto {
+                self.give_back_channel();
+            }
         }
     }
 
@@ -241,19 +269,63 @@ impl<C: Channel> Direction<C> {
     }
 }
 
-/// Somewhere bytes wait between being read and being written. `fill` and
-/// `drain` never block: they return `WouldBlock` and clear the socket's
+/// Somewhere bytes wait between being read and being written: a user-space
+/// buffer (the portable copy path) or a kernel pipe for splice(2). `fill`
+/// and `drain` never block: they return `WouldBlock` and clear the socket's
 /// readiness, so the loop can await it.
-trait Channel: Sized {
-    /// A channel from this thread's pool, or a new one; `bulk` says whether
-    /// the last chunk of this direction was large.
-    fn take(bulk: bool) -> io::Result<Self>;
+enum Channel {
+    Copy(Buffer),
+    #[cfg(target_os = "linux")]
+    Splice(splice::Pipe),
+}
+
+/// A chunk at least this large switches an `auto` direction from copy to splice.
+const BULK_CHUNK: usize = 32 * 1024;
+/// A chunk no larger than this switches it back to copy.
+const SMALL_CHUNK: usize = 8 * 1024;
+
+impl Channel {
+    /// A channel from this thread's pool, or a new one. `bulk` says whether
+    /// the last chunk of this direction was large: with `forwarding = "auto"`,
+    /// small chunks (requests, responses, chatter) go through a buffer, where
+    /// two plain syscalls are cheapest, and a direction that moves big chunks
+    /// switches to splice, where the bytes stay in the kernel. HAProxy's
+    /// `splice-auto` follows the same idea. Off Linux, every mode copies.
+    fn take(mode: ForwardMode, bulk: bool) -> io::Result<Channel> {
+        #[cfg(target_os = "linux")]
+        if mode == ForwardMode::Splice || (mode == ForwardMode::Auto && bulk) {
+            return splice::Pipe::take().map(Channel::Splice);
+        }
+        let _ = (mode, bulk);
+        Ok(Channel::Copy(Buffer::take()))
+    }
+
     /// Returns an empty channel to this thread's pool.
-    fn give_back(self);
+    fn give_back(self) {
+        match self {
+            Channel::Copy(b) => b.give_back(),
+            #[cfg(target_os = "linux")]
+            Channel::Splice(p) => p.give_back(),
+        }
+    }
+
     /// Reads what `src` has, up to the channel's capacity; 0 means EOF.
-    fn fill(&mut self, src: &TcpStream) -> io::Result<usize>;
+    fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
+        match self {
+            Channel::Copy(b) => b.fill(src),
+            #[cfg(target_os = "linux")]
+            Channel::Splice(p) => p.fill(src),
+        }
+    }
+
     /// Writes up to `len` waiting bytes into `dst`.
-    fn drain(&mut self, dst: &TcpStream, len: usize) -> io::Result<usize>;
+    fn drain(&mut self, dst: &TcpStream, len: usize) -> io::Result<usize> {
+        match self {
+            Channel::Copy(b) => b.drain(dst, len),
+            #[cfg(target_os = "linux")]
+            Channel::Splice(p) => p.drain(dst, len),
+        }
+    }
 }
 
 /// Idle channels kept per thread; more are closed on return.
@@ -271,53 +343,6 @@ struct Buffer {
 }
 
 const BUFFER_SIZE: usize = 64 * 1024;
-
-/// A chunk at least this large switches a direction from copy to splice.
-const BULK_CHUNK: usize = 32 * 1024;
-/// A chunk no larger than this switches it back to copy.
-const SMALL_CHUNK: usize = 8 * 1024;
-
-/// `forwarding = "auto"`: small chunks (requests, responses, chatter) go
-/// through a buffer, where two plain syscalls are cheapest; once a direction
-/// moves big chunks it switches to splice, where the bytes stay in the kernel.
-/// HAProxy's `splice-auto` follows the same idea.
-#[cfg(target_os = "linux")]
-enum Auto {
-    Copy(Buffer),
-    Splice(splice::Pipe),
-}
-
-#[cfg(target_os = "linux")]
-impl Channel for Auto {
-    fn take(bulk: bool) -> io::Result<Self> {
-        Ok(if bulk {
-            Auto::Splice(splice::Pipe::take(bulk)?)
-        } else {
-            Auto::Copy(Buffer::take(bulk)?)
-        })
-    }
-
-    fn give_back(self) {
-        match self {
-            Auto::Copy(b) => b.give_back(),
-            Auto::Splice(p) => p.give_back(),
-        }
-    }
-
-    fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
-        match self {
-            Auto::Copy(b) => b.fill(src),
-            Auto::Splice(p) => p.fill(src),
-        }
-    }
-
-    fn drain(&mut self, dst: &TcpStream, len: usize) -> io::Result<usize> {
-        match self {
-            Auto::Copy(b) => b.drain(dst, len),
-            Auto::Splice(p) => p.drain(dst, len),
-        }
-    }
-}
 
 /// A thread's spare byte buffers of one capacity, kept for reuse: buffers
 /// this size are too big for the allocator's fast paths.
@@ -345,12 +370,12 @@ thread_local! {
     static BUFFERS: SpareBuffers = const { RefCell::new(Vec::new()) };
 }
 
-impl Channel for Buffer {
-    fn take(_bulk: bool) -> io::Result<Self> {
-        Ok(Buffer {
+impl Buffer {
+    fn take() -> Buffer {
+        Buffer {
             bytes: take_spare(&BUFFERS, BUFFER_SIZE),
             start: 0,
-        })
+        }
     }
 
     fn give_back(self) {
@@ -412,7 +437,7 @@ mod splice {
     use tokio::io::Interest;
     use tokio::net::TcpStream;
 
-    use super::{Channel, POOL_LIMIT};
+    use super::POOL_LIMIT;
 
     /// Pipe capacity asked for. A large pipe moves more per splice call (fewer
     /// wake-ups per megabyte); when the user's pipe page budget
@@ -472,15 +497,15 @@ mod splice {
         }
     }
 
-    impl Channel for Pipe {
-        fn take(_bulk: bool) -> io::Result<Self> {
+    impl Pipe {
+        pub(super) fn take() -> io::Result<Self> {
             match PIPES.with_borrow_mut(|pool| pool.pop()) {
                 Some(pipe) => Ok(pipe),
                 None => Pipe::new(),
             }
         }
 
-        fn give_back(self) {
+        pub(super) fn give_back(self) {
             PIPES.with_borrow_mut(|pool| {
                 if pool.len() < POOL_LIMIT {
                     pool.push(self);
@@ -488,14 +513,14 @@ mod splice {
             });
         }
 
-        fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
+        pub(super) fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
             // Called only on an empty pipe, so EAGAIN can only mean "no data yet".
             src.try_io(Interest::READABLE, || {
                 splice(src.as_raw_fd(), self.write.as_raw_fd(), self.capacity)
             })
         }
 
-        fn drain(&mut self, dst: &TcpStream, len: usize) -> io::Result<usize> {
+        pub(super) fn drain(&mut self, dst: &TcpStream, len: usize) -> io::Result<usize> {
             dst.try_io(Interest::WRITABLE, || {
                 splice(self.read.as_raw_fd(), dst.as_raw_fd(), len)
             })
