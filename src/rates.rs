@@ -193,7 +193,7 @@ pub fn sample(nodes: &[Node], dt: Duration) {
     if dt <= 0.0 {
         return;
     }
-    let alpha = 1.0 - (-dt / TIME_CONSTANT.as_secs_f64()).exp();
+    let alpha = 1.0 - libm::exp(-dt / TIME_CONSTANT.as_secs_f64());
     let mean_connections = seeded_mean(nodes, Rate::Connections);
     let mean_rx = seeded_mean(nodes, Rate::Rx);
     let mean_tx = seeded_mean(nodes, Rate::Tx);

@@ -89,7 +89,7 @@ fn mix(mut x: u64) -> u64 {
 fn score(h: u64, weight: u32) -> f64 {
     // The top 53 bits as a float strictly inside (0, 1): ln(u) < 0.
     let u = ((h >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64);
-    -f64::from(weight) / u.ln()
+    -f64::from(weight) / libm::log(u)
 }
 
 impl Balancer for IpHash {

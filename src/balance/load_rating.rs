@@ -146,7 +146,7 @@ impl Tree {
             Tree::Sub(ab) => ab.0.operand(figures) - ab.1.operand(figures),
             Tree::Mul(ab) => ab.0.operand(figures) * ab.1.operand(figures),
             Tree::Div(ab) => ab.0.operand(figures) / ab.1.operand(figures),
-            Tree::Pow(ab) => ab.0.operand(figures).powf(ab.1.operand(figures)),
+            Tree::Pow(ab) => libm::pow(ab.0.operand(figures), ab.1.operand(figures)),
             Tree::Min(args) => args.iter().map(|t| t.operand(figures)).fold(f64::INFINITY, f64::min),
             Tree::Max(args) => args
                 .iter()
