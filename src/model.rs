@@ -6,9 +6,12 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use crate::balance::{self, Balancer};
@@ -170,16 +173,11 @@ impl NodeFigures {
         self.health_transitions.load(Relaxed)
     }
     /// Resolves once the node is red: at once if it is red now, else when it turns red.
-    pub async fn red(&self) {
-        loop {
-            let turned = self.turned_red.notified();
-            tokio::pin!(turned);
-            // Registered before the check, so a change between the two is not missed.
-            turned.as_mut().enable();
-            if self.state() == NodeState::Red {
-                return;
-            }
-            turned.await;
+    pub fn red(&self) -> TurnedRed<'_> {
+        TurnedRed {
+            figures: self,
+            turned: self.turned_red.notified(),
+            armed: false,
         }
     }
 
@@ -188,6 +186,41 @@ impl NodeFigures {
         self.total.fetch_add(1, Relaxed);
         self.active.fetch_add(1, Relaxed);
         ActiveGuard(self.clone())
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Resolves once its node is red; see [`NodeFigures::red`]. A plain
+    /// future rather than an `async fn`: every open connection waits on one,
+    /// and this is the smaller of the two.
+    pub struct TurnedRed<'a> {
+        figures: &'a NodeFigures,
+        #[pin]
+        turned: tokio::sync::futures::Notified<'a>,
+        // Whether `turned` is registered and the state was checked after that.
+        armed: bool,
+    }
+}
+
+impl Future for TurnedRed<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let mut this = self.as_mut().project();
+            if !*this.armed {
+                // Registered before the check, so a change between the two is not missed.
+                this.turned.as_mut().enable();
+                *this.armed = true;
+                if this.figures.state() == NodeState::Red {
+                    return Poll::Ready(());
+                }
+            }
+            ready!(this.turned.as_mut().poll(cx));
+            // Woken, but it may have turned back already: check again, on a new registration.
+            this.turned.set(this.figures.turned_red.notified());
+            *this.armed = false;
+        }
     }
 }
 
@@ -279,8 +312,16 @@ impl ServiceFigures {
     }
 }
 
-/// Decrements a service's open connections when dropped.
+/// Decrements a service's open connections when dropped; gives access to
+/// the service's figures meanwhile.
 pub struct ServiceGuard(Arc<ServiceFigures>);
+
+impl std::ops::Deref for ServiceGuard {
+    type Target = ServiceFigures;
+    fn deref(&self) -> &ServiceFigures {
+        &self.0
+    }
+}
 
 impl Drop for ServiceGuard {
     fn drop(&mut self) {

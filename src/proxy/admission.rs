@@ -19,12 +19,12 @@ use crate::model::{Cluster, Refusal, ServiceFigures, ServiceGuard};
 /// What a connection task needs once its client is admitted. Dropping it
 /// releases the client's place under every limit.
 pub struct Admitted {
-    pub service: Arc<ServiceFigures>,
+    /// The service's figures, and its place under the service's limit.
+    pub service: ServiceGuard,
     pub cluster: Arc<Cluster>,
     pub forwarding: ForwardMode,
     pub idle_timeout: Option<Duration>,
     _global: GlobalGuard,
-    _service: ServiceGuard,
     _client: Option<ClientGuard>,
 }
 
@@ -61,12 +61,11 @@ pub fn admit(plane: &Arc<DataPlane>, service_name: &str, client: IpAddr) -> Resu
         },
     };
     Ok(Admitted {
-        service: service.figures.clone(),
+        service: in_service,
         cluster: cluster.clone(),
         forwarding: snapshot.forwarding,
         idle_timeout: limits.idle_timeout,
         _global: global,
-        _service: in_service,
         _client: per_client,
     })
 }

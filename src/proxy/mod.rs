@@ -12,6 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -135,6 +136,7 @@ impl std::fmt::Display for Ending<'_> {
 /// activity for the idle timeout.
 struct ConnectionBytes<'a> {
     node: &'a NodeFigures,
+    /// When the client was accepted.
     started: Instant,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
@@ -202,8 +204,10 @@ fn connection_task(accepted: Accepted) -> impl Future<Output = ()> + Send {
     async move { serve_client(&accepted).await }
 }
 
-/// One admitted client, from the choice of node to the access log line.
-async fn serve_client(accepted: &Accepted) {
+/// Picks the client's node and connects to it, falling over along the
+/// candidates; on success the node's index, the stream to it and the client
+/// bytes already forwarded. A client that cannot be served is logged here.
+async fn connect_phase(accepted: &Accepted) -> Option<(usize, TcpStream, u64)> {
     let Accepted {
         client,
         peer,
@@ -213,8 +217,7 @@ async fn serve_client(accepted: &Accepted) {
         plane,
         cut,
     } = accepted;
-    let (peer, local_port, service) = (*peer, *local_port, &**service);
-    let started = Instant::now();
+    let (peer, service) = (*peer, &**service);
     let cluster = &admitted.cluster;
 
     let pinned = pinned_node(&plane.affinity, cluster, peer);
@@ -223,22 +226,27 @@ async fn serve_client(accepted: &Accepted) {
     let first = pinned
         .or_else(|| cluster.balancer.home(peer.ip(), &cluster.nodes))
         .or_else(|| cluster.pick(peer.ip()));
-    // Boxed: the connect phase's state (probation, timers) is large and short-lived;
-    // inline, every open connection's task would keep room for it.
     let outcome = tokio::select! {
-        outcome = Box::pin(connect::connect_client(client, cluster, first, local_port, admitted.idle_timeout)) => outcome,
-        _ = cut.cancelled() => return,
+        outcome = connect::connect_client(client, cluster, first, *local_port, admitted.idle_timeout) => outcome,
+        _ = cut.cancelled() => return None,
     };
-    let (i, upstream, forwarded) = match outcome {
+    match outcome {
         connect::Outcome::Connected {
             node,
             stream,
             forwarded,
-        } => (node, stream, forwarded),
+        } => {
+            if cluster.affinity {
+                // A pin stays on its node while the client is served by the node's fall-over chain.
+                let pin_to = &cluster.nodes[pinned.unwrap_or(node)].name;
+                plane.affinity.pin(&cluster.name, peer.ip(), pin_to);
+            }
+            Some((node, stream, forwarded))
+        }
         connect::Outcome::NoNode => {
             admitted.service.count_refused(Refusal::NoNode);
             warn!(service, cluster = %cluster.name, "no node could take client {peer}; closing it");
-            return;
+            None
         }
         connect::Outcome::Exhausted(e) => {
             // Our fault, not the node's: no other node would do better.
@@ -248,49 +256,65 @@ async fn serve_client(accepted: &Accepted) {
                 service,
                 "no descriptor or memory for a node connection: {e}; closing {peer}"
             );
-            return;
+            None
         }
         connect::Outcome::Idle => {
             debug!(service, cluster = %cluster.name, "client {peer}: idle timeout before the node answered; closing");
-            return;
+            None
         }
         connect::Outcome::ClientGone(e) => {
             debug!(service, cluster = %cluster.name, "client {peer} went away while connecting: {e}");
-            return;
+            None
         }
-    };
-    if cluster.affinity {
-        // A pin stays on its node while the client is served by the node's fall-over chain.
-        let pin_to = &cluster.nodes[pinned.unwrap_or(i)].name;
-        plane.affinity.pin(&cluster.name, peer.ip(), pin_to);
     }
-    let node = &cluster.nodes[i];
-    let _in_node = node.figures.open_connection();
+}
 
+/// One admitted client, from the choice of node to the access log line.
+async fn serve_client(accepted: &Accepted) {
+    let started = Instant::now();
+    // Boxed: the connect phase's state (probation, timers) is large and short-lived;
+    // inline, every open connection's task would keep room for it.
+    let Some((i, upstream, forwarded)) = Box::pin(connect_phase(accepted)).await else {
+        return;
+    };
+    // From here on, `accepted`'s fields are named where they are used rather
+    // than bound to locals: a local that lives across the await below is
+    // stored in the task, and every open connection's task would keep it.
+    let node = &accepted.admitted.cluster.nodes[i];
+    let _in_node = node.figures.open_connection();
     let bytes = ConnectionBytes {
         node: &node.figures,
-        started: Instant::now(),
+        started,
         bytes_in: AtomicU64::new(0),
         bytes_out: AtomicU64::new(0),
         last_activity_ms: AtomicU64::new(0),
     };
     // Boxed, and only for a service with an idle timeout: a timer is big,
     // and the task of every connection would otherwise carry one.
-    let mut idle_watch = admitted.idle_timeout.map(|idle| Box::pin(bytes.idle_for(idle)));
-    let idle = async {
-        match &mut idle_watch {
-            Some(watch) => watch.await,
-            None => std::future::pending().await,
-        }
-    };
+    let mut idle_watch = accepted
+        .admitted
+        .idle_timeout
+        .map(|idle| Box::pin(bytes.idle_for(idle)));
+    let idle = std::future::poll_fn(|cx| match &mut idle_watch {
+        Some(watch) => watch.as_mut().poll(cx),
+        None => Poll::Pending,
+    });
     pump::Counter::bytes_in(&bytes, forwarded);
     let result = tokio::select! {
-        r = pump::pump(client, &upstream, admitted.forwarding, &bytes) => r,
+        r = pump::pump(&accepted.client, &upstream, accepted.admitted.forwarding, &bytes) => r,
         _ = idle => Err(PumpError { side: Side::Balancer, error: io::Error::new(io::ErrorKind::TimedOut, "idle timeout") }),
-        _ = cut.cancelled() => Err(PumpError { side: Side::Balancer, error: io::Error::other("cut at shutdown") }),
-        _ = node.figures.red() => Err(abort_both(client, &upstream, "cut: the node turned red")),
+        _ = accepted.cut.cancelled() => Err(PumpError { side: Side::Balancer, error: io::Error::other("cut at shutdown") }),
+        _ = node.figures.red() => Err(abort_both(&accepted.client, &upstream, "cut: the node turned red")),
     };
     drop(idle_watch);
+    let Accepted {
+        peer,
+        service,
+        admitted,
+        plane,
+        ..
+    } = accepted;
+    let cluster = &admitted.cluster;
     if cluster.affinity {
         plane.affinity.touch(&cluster.name, peer.ip());
     }
@@ -300,7 +324,7 @@ async fn serve_client(accepted: &Accepted) {
         node.name,
         bytes.bytes_in.into_inner(),
         bytes.bytes_out.into_inner(),
-        started.elapsed().as_millis(),
+        bytes.started.elapsed().as_millis(),
         Ending(&result),
     ));
 }
