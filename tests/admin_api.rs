@@ -32,6 +32,13 @@ async fn status_has_the_documented_shape() {
     client.write_all(b"hello").await.unwrap();
     let mut buf = [0u8; 5];
     client.read_exact(&mut buf).await.unwrap();
+    // A chunk is counted once its write returned, which may be just after the
+    // client has read it: wait for the count rather than race it.
+    wait_until("the echo to be counted", || async {
+        let s = status(&admin, Some(TOKEN)).await;
+        ["a", "b"].iter().any(|n| node_status(&s, "blue", n)["bytes_out"] == 5)
+    })
+    .await;
 
     let s = status(&admin, Some(TOKEN)).await;
     let svc = service_status(&s, "web");
@@ -52,9 +59,9 @@ async fn status_has_the_documented_shape() {
         .iter()
         .find(|n| n["total_connections"] == 1)
         .expect("one node took the client");
-    assert_eq!(node["active_connections"], 1);
-    assert_eq!(node["bytes_in"], 5);
-    assert_eq!(node["bytes_out"], 5);
+    assert_eq!(node["active_connections"], 1, "{s}");
+    assert_eq!(node["bytes_in"], 5, "{s}");
+    assert_eq!(node["bytes_out"], 5, "{s}");
     for key in [
         "name",
         "address",

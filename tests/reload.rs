@@ -105,6 +105,12 @@ async fn reload_keeps_a_50_mb_transfer_byte_exact() {
         .expect("the transfer finishes")
         .unwrap();
     assert_eq!(received, SIZE);
+    // The last chunk is counted once its write returned, which may be just
+    // after the client has read it.
+    wait_until("the last chunk to be counted", || async {
+        node_status(&status(&admin, None).await, "main", "stay")["bytes_out"] == SIZE as u64
+    })
+    .await;
 
     let after = status(&admin, None).await;
     let stay_after = node_status(&after, "main", "stay");
