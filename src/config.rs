@@ -77,8 +77,9 @@ pub struct ServiceConfig {
     pub limits: ServiceLimits,
 }
 
-/// What a service lets in: connection limits, an idle timeout, and which
-/// client addresses may connect.
+/// What a service lets in and what each client may hold: connection limits,
+/// an idle timeout, which client addresses may connect, and the size of each
+/// client socket's kernel buffers.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ServiceLimits {
     /// Open connections at most (`None`: no limit of its own).
@@ -91,6 +92,9 @@ pub struct ServiceLimits {
     pub allow: Vec<ipnet::IpNet>,
     /// Clients inside one of these networks are refused (deny wins over allow).
     pub deny: Vec<ipnet::IpNet>,
+    /// `socket_buffer`: the receive and send buffer size of each client's
+    /// socket (`None`: the kernel sizes them itself).
+    pub socket_buffer: Option<SocketBuffer>,
 }
 
 impl ServiceLimits {
@@ -201,6 +205,9 @@ pub struct ClusterConfig {
     pub hash_key: Option<String>,
     pub connect_timeout: Duration,
     pub retry_interval: Duration,
+    /// `socket_buffer`: the receive and send buffer size of each socket to a
+    /// node (`None`: the kernel sizes them itself).
+    pub socket_buffer: Option<SocketBuffer>,
     pub nodes: Vec<NodeConfig>,
 }
 
@@ -347,6 +354,68 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| "too long: at most 100 years".to_string())
 }
 
+/// The `socket_buffer` of a service or a cluster: SO_RCVBUF and SO_SNDBUF for
+/// each of its sockets, in bytes.
+///
+/// Why it exists: without it the kernel grows each socket's buffers with the
+/// traffic (up to `net.ipv4.tcp_rmem` / `tcp_wmem`'s maximum, several MB).
+/// That is right at the ends of a connection, but a balancer is a hop in the
+/// middle: when the far side is the slower one, the bytes queue in the
+/// balancer's buffers (megabytes per connection) instead of pushing back on
+/// the sender, and with many busy connections they go cold in the CPU's
+/// caches before anyone reads them. A fixed size bounds that queue, and the
+/// memory each connection can hold in the kernel. The price: a connection
+/// cannot move more than about one buffer per round trip, so the size must
+/// cover the path's bandwidth × round-trip time (1 MB carries 1 Gbit/s at
+/// 8 ms). Not set by default, because the kernel's own sizing is the safe
+/// choice for clients across the internet; docs/performance.md has the
+/// measurements.
+///
+/// Linux doubles the value for its own bookkeeping and caps it at
+/// `net.core.rmem_max` / `net.core.wmem_max`.
+/// (Non-zero, so that an `Option` of it takes no more room than the size:
+/// it sits in each connection's task.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketBuffer(std::num::NonZeroU32);
+
+impl SocketBuffer {
+    pub const MIN: u32 = 4 * 1024;
+    pub const MAX: u32 = 64 * 1024 * 1024;
+
+    pub fn bytes(self) -> usize {
+        self.0.get() as usize
+    }
+
+    /// Sets both buffers of `socket`, an established connection (see
+    /// `proxy::connect::connect` for why not before).
+    pub fn apply(self, socket: socket2::SockRef<'_>) -> std::io::Result<()> {
+        socket.set_recv_buffer_size(self.bytes())?;
+        socket.set_send_buffer_size(self.bytes())
+    }
+}
+
+/// Parses a byte size such as `65536`, `256k` or `4m` (k and m are 1024 and
+/// 1024²) into a [`SocketBuffer`].
+pub fn parse_socket_buffer(s: &str) -> Result<SocketBuffer, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| "expected a whole number of bytes, optionally with k or m (e.g. \"256k\")".to_string())?;
+    let scale: u64 = match unit {
+        "" => 1,
+        "k" | "K" => 1024,
+        "m" | "M" => 1024 * 1024,
+        other => return Err(format!("unknown unit \"{other}\": use k or m, or plain bytes")),
+    };
+    n.checked_mul(scale)
+        .filter(|b| (u64::from(SocketBuffer::MIN)..=u64::from(SocketBuffer::MAX)).contains(b))
+        .and_then(|b| std::num::NonZeroU32::new(b as u32))
+        .map(SocketBuffer)
+        .ok_or_else(|| "must be 4k to 64m".to_string())
+}
+
 /// Parses `ADDR:PORT` or `ADDR:LOW-HIGH` (IPv6 in brackets).
 pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
     let (host, ports) = s.rsplit_once(':').ok_or("expected ADDR:PORT or ADDR:LOW-HIGH")?;
@@ -460,6 +529,7 @@ struct RawDefaults {
     affinity_ttl: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
     retry_interval: Option<Spanned<String>>,
+    socket_buffer: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -471,6 +541,7 @@ struct RawService {
     max_connections: Option<Spanned<i64>>,
     max_connections_per_client: Option<Spanned<i64>>,
     idle_timeout: Option<Spanned<String>>,
+    socket_buffer: Option<Spanned<String>>,
     #[serde(default)]
     allow: Vec<Spanned<String>>,
     #[serde(default)]
@@ -488,6 +559,7 @@ struct RawCluster {
     hash_key: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
     retry_interval: Option<Spanned<String>>,
+    socket_buffer: Option<Spanned<String>>,
     #[serde(default)]
     node: Vec<RawNode>,
 }
@@ -530,6 +602,12 @@ impl Ctx<'_> {
 
     fn duration(&self, what: &str, key: &str, value: &Spanned<String>) -> Result<Duration, ConfigError> {
         parse_duration(value.get_ref()).map_err(|why| self.bad(what, key, value, why))
+    }
+
+    fn socket_buffer(&self, what: &str, value: Option<&Spanned<String>>) -> Result<Option<SocketBuffer>, ConfigError> {
+        value
+            .map(|v| parse_socket_buffer(v.get_ref()).map_err(|why| self.bad(what, "socket_buffer", v, why)))
+            .transpose()
     }
 }
 
@@ -689,6 +767,7 @@ fn validate_limits(ctx: &Ctx<'_>, what: &str, raw: &RawService) -> Result<Servic
         idle_timeout,
         allow: networks("allow", &raw.allow)?,
         deny: networks("deny", &raw.deny)?,
+        socket_buffer: ctx.socket_buffer(what, raw.socket_buffer.as_ref())?,
     })
 }
 
@@ -904,6 +983,7 @@ fn validate_cluster(ctx: &Ctx<'_>, raw: &RawCluster, defaults: &RawDefaults) -> 
         hash_key: raw.hash_key.as_ref().map(|s| s.get_ref().clone()),
         connect_timeout,
         retry_interval,
+        socket_buffer: ctx.socket_buffer(&what, layered(&raw.socket_buffer, &defaults.socket_buffer))?,
         nodes,
     })
 }
@@ -920,6 +1000,49 @@ mod tests {
         assert!(parse_duration("3w").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("99999999999d").unwrap_err().contains("too long"));
+    }
+
+    #[test]
+    fn socket_buffer_sizes() {
+        let bytes = |s: &str| parse_socket_buffer(s).map(SocketBuffer::bytes);
+        assert_eq!(bytes("65536"), Ok(65536));
+        assert_eq!(bytes("256k"), Ok(256 * 1024));
+        assert_eq!(bytes("4M"), Ok(4 * 1024 * 1024));
+        assert!(bytes("2k").unwrap_err().contains("4k to 64m"));
+        assert!(bytes("65m").unwrap_err().contains("4k to 64m"));
+        assert!(bytes("1g").unwrap_err().contains("unknown unit"));
+        assert!(bytes("-4k").unwrap_err().contains("whole number"));
+        assert!(bytes("99999999999999999999k").is_err());
+    }
+
+    #[test]
+    fn socket_buffer_layers_like_the_other_cluster_keys() {
+        let text = "[defaults]\nsocket_buffer = \"512k\"\n\
+                    [[service]]\nname = \"s\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"a\"\nsocket_buffer = \"64k\"\n\
+                    [[cluster]]\nname = \"a\"\n[[cluster.node]]\nname = \"n\"\naddress = \"127.0.0.1:1\"\n\
+                    [[cluster]]\nname = \"b\"\nsocket_buffer = \"1m\"\n[[cluster.node]]\nname = \"n\"\naddress = \"127.0.0.1:1\"\n";
+        let c = Config::parse(text, "t").unwrap();
+        let size = |b: Option<SocketBuffer>| b.map(SocketBuffer::bytes);
+        assert_eq!(size(c.services[0].limits.socket_buffer), Some(64 * 1024));
+        assert_eq!(size(c.clusters[0].socket_buffer), Some(512 * 1024), "from [defaults]");
+        assert_eq!(
+            size(c.clusters[1].socket_buffer),
+            Some(1024 * 1024),
+            "the cluster's own"
+        );
+        let none = Config::forward("127.0.0.1:0", &["127.0.0.1:1".to_string()]).unwrap();
+        assert_eq!(
+            none.services[0].limits.socket_buffer, None,
+            "the kernel's sizing by default"
+        );
+        assert_eq!(none.clusters[0].socket_buffer, None);
+
+        let bad = text.replace("\"1m\"", "\"1 MB\"");
+        let err = Config::parse(&bad, "t").unwrap_err().to_string();
+        assert!(
+            err.starts_with("t:15: cluster \"b\": socket_buffer = \"1 MB\": unknown unit"),
+            "{err}"
+        );
     }
 
     #[test]

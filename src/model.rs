@@ -15,7 +15,9 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use crate::balance::{self, Balancer};
-use crate::config::{AlgorithmKind, ClusterConfig, Config, ForwardMode, ListenSpec, NodeAddress, ServiceLimits};
+use crate::config::{
+    AlgorithmKind, ClusterConfig, Config, ForwardMode, ListenSpec, NodeAddress, ServiceLimits, SocketBuffer,
+};
 use crate::rates::LoadFigures;
 
 /// A node's state, set by an operator.
@@ -357,6 +359,8 @@ pub struct Cluster {
     pub affinity_ttl: Duration,
     pub connect_timeout: Duration,
     pub retry_interval: Duration,
+    /// Buffer size of each socket to a node (`None`: the kernel's own sizing).
+    pub socket_buffer: Option<SocketBuffer>,
     pub nodes: Vec<Node>,
 }
 
@@ -468,6 +472,7 @@ fn build_cluster(c: &ClusterConfig, previous: Option<&Snapshot>) -> Cluster {
         affinity_ttl: c.affinity_ttl,
         connect_timeout: c.connect_timeout,
         retry_interval: c.retry_interval,
+        socket_buffer: c.socket_buffer,
         nodes,
     }
 }

@@ -206,6 +206,94 @@ async fn idle_timeout_closes_silent_connections_only() {
     server.shutdown(Duration::ZERO).await;
 }
 
+/// The kernel's view of a socket: its two addresses and its buffer sizes
+/// (SO_RCVBUF, SO_SNDBUF).
+struct SocketView {
+    local: SocketAddr,
+    peer: SocketAddr,
+    recv_buffer: usize,
+    send_buffer: usize,
+}
+
+/// Every connected TCP socket this process holds. The balancer runs in this
+/// process, so its sockets are among them.
+fn own_sockets() -> Vec<SocketView> {
+    use std::os::fd::BorrowedFd;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        // SAFETY: only read through, for the duration of this iteration. Another
+        // test may close and reuse the number meanwhile: then the calls fail
+        // or describe another socket, and the addresses below tell them apart.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let socket = socket2::SockRef::from(&fd);
+        let view = (|| {
+            Some(SocketView {
+                local: socket.local_addr().ok()?.as_socket()?,
+                peer: socket.peer_addr().ok()?.as_socket()?,
+                recv_buffer: socket.recv_buffer_size().ok()?,
+                send_buffer: socket.send_buffer_size().ok()?,
+            })
+        })();
+        found.extend(view);
+    }
+    found
+}
+
+/// `socket_buffer` sizes both buffers of the client's socket (the service's
+/// value) and of the socket to the node (the cluster's). Linux reports twice
+/// the size set (its bookkeeping share), so the sizes are chosen to match no
+/// kernel default.
+#[tokio::test]
+async fn socket_buffer_sizes_the_sockets_of_each_side() {
+    let node = echo_backend().await;
+    let text = format!(
+        "[[service]]\nname = \"svc\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"pool\"\nsocket_buffer = \"40k\"\n\
+         [[cluster]]\nname = \"pool\"\nsocket_buffer = \"72k\"\n[[cluster.node]]\nname = \"a\"\naddress = \"{node}\"\n"
+    );
+    let server = Server::start(&config(&text)).await.unwrap();
+    let addr = server.addr_of("svc").unwrap();
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    let mut echoed = [0u8; 4];
+    client.write_all(b"ping").await.unwrap();
+    within("the first echo", client.read_exact(&mut echoed)).await.unwrap();
+    let client_addr = client.local_addr().unwrap();
+
+    let sockets = own_sockets();
+    let client_side = sockets
+        .iter()
+        .find(|s| s.local == addr && s.peer == client_addr)
+        .expect("the balancer's socket to the client");
+    assert_eq!(
+        (client_side.recv_buffer, client_side.send_buffer),
+        (2 * 40 * 1024, 2 * 40 * 1024),
+        "the client's socket"
+    );
+    let node_side: Vec<_> = sockets.iter().filter(|s| s.peer == node).collect();
+    assert_eq!(node_side.len(), 1, "one connection to the node");
+    assert_eq!(
+        (node_side[0].recv_buffer, node_side[0].send_buffer),
+        (2 * 72 * 1024, 2 * 72 * 1024),
+        "the node's socket"
+    );
+
+    // Through the small buffers, 4 MiB still come back byte for byte.
+    let payload = random_bytes(4 << 20);
+    let (mut read, mut write) = client.into_split();
+    let sent = payload.clone();
+    let writer = tokio::spawn(async move {
+        write.write_all(&sent).await.unwrap();
+        write.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    within("the echo of 4 MiB", read.read_to_end(&mut back)).await.unwrap();
+    writer.await.unwrap();
+    assert!(back == payload, "{} bytes came back, not the 4 MiB sent", back.len());
+    server.shutdown(Duration::ZERO).await;
+}
+
 #[test]
 fn limit_keys_are_validated() {
     let bad = [
@@ -215,6 +303,8 @@ fn limit_keys_are_validated() {
         ("idle_timeout = \"soon\"", "idle_timeout"),
         ("allow = [\"10.0.0.0/33\"]", "expected an address or a network"),
         ("deny = [\"example.com\"]", "expected an address or a network"),
+        ("socket_buffer = \"2k\"", "must be 4k to 64m"),
+        ("socket_buffer = \"big\"", "expected a whole number of bytes"),
     ];
     for (keys, expected) in bad {
         let text = format!(

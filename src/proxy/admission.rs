@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use super::DataPlane;
-use crate::config::{ForwardMode, canonical};
+use crate::config::{ForwardMode, SocketBuffer, canonical};
 use crate::model::{Cluster, Refusal, ServiceFigures, ServiceGuard};
 
 /// What a connection task needs once its client is admitted. Dropping it
@@ -24,6 +24,8 @@ pub struct Admitted {
     pub cluster: Arc<Cluster>,
     pub forwarding: ForwardMode,
     pub idle_timeout: Option<Duration>,
+    /// The service's `socket_buffer`, for the client's socket.
+    pub client_buffer: Option<SocketBuffer>,
     _global: GlobalGuard,
     _client: Option<ClientGuard>,
 }
@@ -65,6 +67,7 @@ pub fn admit(plane: &Arc<DataPlane>, service_name: &str, client: IpAddr) -> Resu
         cluster: cluster.clone(),
         forwarding: snapshot.forwarding,
         idle_timeout: limits.idle_timeout,
+        client_buffer: limits.socket_buffer,
         _global: global,
         _client: per_client,
     })

@@ -227,6 +227,11 @@ async fn connect_phase(accepted: &Accepted) -> Option<(usize, TcpStream, u64)> {
     } = accepted;
     let (peer, service) = (*peer, &**service);
     let cluster = &admitted.cluster;
+    if let Some(size) = admitted.client_buffer
+        && let Err(e) = size.apply(socket2::SockRef::from(client))
+    {
+        debug!(service, "client {peer}: cannot set its socket_buffer: {e}");
+    }
 
     let pinned = pinned_node(&plane.affinity, cluster, peer);
     // A client's home node (ip-hash), even when it cannot take the client, so
@@ -404,7 +409,8 @@ mod future_sizes {
             let pump = super::pump::pump(&c, &c, crate::config::ForwardMode::Auto, &Nop);
             println!("pump future: {} bytes", std::mem::size_of_val(&pump));
             drop(pump);
-            let connect = super::connect::connect("127.0.0.1:1".parse().unwrap(), std::time::Duration::from_secs(1));
+            let connect =
+                super::connect::connect("127.0.0.1:1".parse().unwrap(), std::time::Duration::from_secs(1), None);
             println!("connect future: {} bytes", std::mem::size_of_val(&connect));
             let peer: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
             let admitted = super::admission::admit(&plane, "forward", peer.ip()).ok().unwrap();
