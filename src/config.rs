@@ -331,14 +331,19 @@ fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
-/// Parses a duration such as `500ms`, `30s`, `5m`, `2h` or `30d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+/// Splits `"30s"` into its leading whole number (`None` when there is none,
+/// or it is too large) and the unit after it.
+fn number_and_unit(s: &str) -> (Option<u64>, &str) {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, unit) = s.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| "expected a whole number followed by a unit: ms, s, m, h or d (e.g. \"30s\")".to_string())?;
+    (digits.parse().ok(), unit)
+}
+
+/// Parses a duration such as `500ms`, `30s`, `5m`, `2h` or `30d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = number_and_unit(s);
+    let n = n.ok_or("expected a whole number followed by a unit: ms, s, m, h or d (e.g. \"30s\")")?;
     let unit_ms: u64 = match unit {
         "ms" => 1,
         "s" => 1_000,
@@ -397,12 +402,8 @@ impl SocketBuffer {
 /// Parses a byte size such as `65536`, `256k` or `4m` (k and m are 1024 and
 /// 1024²) into a [`SocketBuffer`].
 pub fn parse_socket_buffer(s: &str) -> Result<SocketBuffer, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| "expected a whole number of bytes, optionally with k or m (e.g. \"256k\")".to_string())?;
+    let (n, unit) = number_and_unit(s);
+    let n = n.ok_or("expected a whole number of bytes, optionally with k or m (e.g. \"256k\")")?;
     let scale: u64 = match unit {
         "" => 1,
         "k" | "K" => 1024,
