@@ -33,7 +33,10 @@
 //! A node that closed before any byte reached it must fail over even when the
 //! client then half-closes (after which a node's close is a fine answer). Its
 //! close is seen by the peek that waits for its answer; only before passing
-//! the client's half-close on does the node's socket need checking first.
+//! the client's half-close on does the node's socket need checking first, and
+//! then "reached it" means acknowledged by it: a node whose FIN came after it
+//! had acknowledged every byte written to it got the request and hung up,
+//! which is its answer (see `pass_on_half_close`).
 
 use std::cell::RefCell;
 use std::io;
@@ -217,9 +220,8 @@ async fn probation(
     if !held.buf.is_empty() {
         write_all(node, &held.buf).await.map_err(Fault::Node)?;
     }
-    if held.client_done {
-        ensure_open(node).map_err(Fault::Node)?;
-        half_close(node).map_err(Fault::Node)?;
+    if held.client_done && pass_on_half_close(node, !held.buf.is_empty()).map_err(Fault::Node)? {
+        return Ok(());
     }
     let mut peeked = [0u8; 1];
     let mut idle_deadline = idle.map(|d| Instant::now() + d);
@@ -245,8 +247,9 @@ async fn probation(
                     ClientEvent::Eof => {
                         // The node may answer only after the client's EOF: pass it on.
                         held.client_done = true;
-                        ensure_open(node).map_err(Fault::Node)?;
-                        half_close(node).map_err(Fault::Node)?;
+                        if pass_on_half_close(node, !held.buf.is_empty()).map_err(Fault::Node)? {
+                            return Ok(());
+                        }
                     }
                 }
             }
@@ -290,19 +293,54 @@ async fn client_event(client: &TcpStream, held: &mut FirstBytes) -> io::Result<C
     }
 }
 
-/// Fails if `node` has already closed or reset the connection: then it
-/// closed before these bytes were sent to it, and they go to the next node.
-fn ensure_open(node: &TcpStream) -> io::Result<()> {
+/// Passes the client's half-close on to `node`, unless the node has hung up
+/// already; `wrote`: client bytes were written to it. `Ok(true)`: the node
+/// closed after acknowledging every byte written to it, so the bytes reached
+/// it and it hung up: that is its answer, it keeps the client (sending them
+/// to another node would deliver them twice). An error: the node reset the
+/// connection, or closed it before any byte reached it (nothing written, or
+/// the bytes written still unacknowledged when its FIN came), so it failed
+/// and the bytes go to the next node.
+///
+/// Why the acknowledgement and not the order in which the balancer sees
+/// things: a node that reads the request and hangs up at once can close
+/// before the balancer has got round to the client's EOF, although the
+/// EOF arrived first (it was waiting in the client's socket).
+fn pass_on_half_close(node: &TcpStream, wrote: bool) -> io::Result<bool> {
     let mut peeked = [std::mem::MaybeUninit::uninit(); 1];
     // The socket is non-blocking: this returns at once.
     match socket2::SockRef::from(node).peek(&mut peeked) {
-        Ok(0) => Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "closed before any byte was sent to it",
-        )),
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-        Err(e) => Err(e),
+        Ok(0) if wrote && all_acknowledged(node) => return Ok(true),
+        Ok(0) => {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed before any byte reached it",
+            ));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(e) => return Err(e),
+    }
+    half_close(node).map(|()| false)
+}
+
+/// Whether the peer has acknowledged every byte written to `stream`
+/// (Linux: nothing left in the send queue). Elsewhere `false`, so a node
+/// that closes early always counts as failed.
+fn all_acknowledged(stream: &TcpStream) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ) on a TCP socket writes one int: the bytes
+        // written and not yet acknowledged by the peer.
+        let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        rc == 0 && queued == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = stream;
+        false
     }
 }
 
@@ -320,4 +358,72 @@ async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A connection: the balancer's end (to a node) and the node's end.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let near = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (far, _) = listener.accept().await.unwrap();
+        (near, far)
+    }
+
+    /// Waits until the node's FIN has reached the balancer's end.
+    async fn until_closed(near: &TcpStream) {
+        let mut byte = [0u8; 1];
+        assert_eq!(near.peek(&mut byte).await.unwrap(), 0, "the node closed");
+    }
+
+    #[tokio::test]
+    async fn a_node_that_read_the_bytes_and_hung_up_has_answered() {
+        let (near, mut far) = pair().await;
+        write_all(&near, b"log line\n").await.unwrap();
+        let mut got = [0u8; 9];
+        far.read_exact(&mut got).await.unwrap();
+        drop(far);
+        until_closed(&near).await;
+        assert!(
+            pass_on_half_close(&near, true).unwrap(),
+            "kept: its close is its answer"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_node_that_closed_before_the_bytes_reached_it_has_failed() {
+        let (near, far) = pair().await;
+        drop(far);
+        until_closed(&near).await;
+        // Written after the node's FIN: never acknowledged (the node's
+        // kernel answers them with RST, which may or may not be here yet).
+        let _ = near.try_write(b"log line\n");
+        assert!(pass_on_half_close(&near, true).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_node_that_closed_with_nothing_written_to_it_has_failed() {
+        let (near, far) = pair().await;
+        drop(far);
+        until_closed(&near).await;
+        let e = pass_on_half_close(&near, false).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn an_open_node_gets_the_half_close() {
+        let (near, mut far) = pair().await;
+        assert!(
+            !pass_on_half_close(&near, false).unwrap(),
+            "not an answer: probation goes on"
+        );
+        let mut rest = Vec::new();
+        assert_eq!(far.read_to_end(&mut rest).await.unwrap(), 0, "the node sees EOF");
+        far.write_all(b"ok").await.unwrap();
+    }
 }
