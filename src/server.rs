@@ -122,6 +122,7 @@ impl Server {
     /// address cannot be bound. The control plane (admin API, health probes,
     /// the affinity flusher) runs on the caller's runtime.
     pub async fn start(config: &Config) -> Result<Server, StartError> {
+        warn_capped_socket_buffers(config);
         let workers = proxy::Workers::start(config.threads).map_err(StartError::Workers)?;
         let keys = crate::config::diff::listeners(config);
         let bound = bind_all(keys.iter(), workers.count())?;
@@ -342,6 +343,7 @@ impl Server {
                 self.shared.workers.count()
             );
         }
+        warn_capped_socket_buffers(&new);
         if new.admin.listen != old.admin.listen {
             warn!(
                 "[admin] listen changed to {}: takes effect at the next start",
@@ -482,4 +484,77 @@ fn bind_all<'a>(
             })
     })
     .collect()
+}
+
+/// Warns about each `socket_buffer` larger than the kernel grants an
+/// unprivileged `setsockopt` (`net.core.rmem_max` / `wmem_max`): Linux caps
+/// it there without an error, and an operator who asked for more should
+/// know. Nothing to say where those files cannot be read.
+fn warn_capped_socket_buffers(config: &Config) {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+    };
+    if let (Some(rmem_max), Some(wmem_max)) = (read("rmem_max"), read("wmem_max")) {
+        for message in capped_socket_buffers(config, rmem_max, wmem_max) {
+            warn!("{message}");
+        }
+    }
+}
+
+/// The `socket_buffer` settings of `config` above `rmem_max` or `wmem_max`,
+/// each described for the log.
+fn capped_socket_buffers(config: &Config, rmem_max: usize, wmem_max: usize) -> Vec<String> {
+    let services = config
+        .services
+        .iter()
+        .map(|s| (format!("service \"{}\"", s.name), s.limits.socket_buffer));
+    let clusters = config
+        .clusters
+        .iter()
+        .map(|c| (format!("cluster \"{}\"", c.name), c.socket_buffer));
+    services
+        .chain(clusters)
+        .filter_map(|(owner, size)| {
+            let size = size?.bytes();
+            (size > rmem_max.min(wmem_max)).then(|| {
+                format!(
+                    "{owner}: socket_buffer = {size} bytes is above net.core.rmem_max ({rmem_max}) or \
+                     net.core.wmem_max ({wmem_max}); Linux caps each buffer at its maximum: raise them \
+                     for the full size"
+                )
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_buffers_above_the_kernel_maximum_are_named() {
+        let config = Config::parse(
+            "[[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"a\"\nsocket_buffer = \"1m\"\n\
+             [[cluster]]\nname = \"a\"\nsocket_buffer = \"128k\"\n[[cluster.node]]\nname = \"n\"\naddress = \"127.0.0.1:1\"\n\
+             [[cluster]]\nname = \"b\"\n[[cluster.node]]\nname = \"n\"\naddress = \"127.0.0.1:1\"\n",
+            "t",
+        )
+        .unwrap();
+        // Debian's defaults: 208 KiB each.
+        let capped = capped_socket_buffers(&config, 212_992, 212_992);
+        assert_eq!(capped.len(), 1, "{capped:?}");
+        assert!(
+            capped[0].starts_with("service \"web\": socket_buffer = 1048576 bytes is above net.core.rmem_max (212992)"),
+            "{}",
+            capped[0]
+        );
+        assert!(capped_socket_buffers(&config, 4 << 20, 4 << 20).is_empty());
+        assert_eq!(
+            capped_socket_buffers(&config, 4 << 20, 100_000).len(),
+            2,
+            "wmem_max counts too"
+        );
+    }
 }
