@@ -379,8 +379,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Linux doubles the value for its own bookkeeping and caps it at
 /// `net.core.rmem_max` / `net.core.wmem_max` (the server warns about values
 /// above them when it applies a config).
-/// (Non-zero, so that an `Option` of it takes no more room than the size:
-/// it sits in each connection's task.)
+///
+/// Non-zero, so that an `Option` of it takes no more room than the size
+/// itself: it sits in each connection's task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SocketBuffer(std::num::NonZeroU32);
 
