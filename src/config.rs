@@ -392,13 +392,6 @@ impl SocketBuffer {
     pub fn bytes(self) -> usize {
         self.0.get() as usize
     }
-
-    /// Sets both buffers of `socket`, an established connection (see
-    /// `proxy::connect::connect` for why not before).
-    pub fn apply(self, socket: socket2::SockRef<'_>) -> std::io::Result<()> {
-        socket.set_recv_buffer_size(self.bytes())?;
-        socket.set_send_buffer_size(self.bytes())
-    }
 }
 
 /// Parses a byte size such as `65536`, `256k` or `4m` (k and m are 1024 and

@@ -200,7 +200,7 @@ pub(super) async fn connect(
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))??;
     stream.set_nodelay(true)?;
     if let Some(size) = buffer
-        && let Err(e) = size.apply(socket2::SockRef::from(&stream))
+        && let Err(e) = super::set_socket_buffer(&stream, size)
     {
         // Not the node's fault: keep the connection with the kernel's sizing.
         tracing::debug!("cannot set socket_buffer on the connection to {target}: {e}");

@@ -26,6 +26,7 @@ pub use pump::{PumpError, Side};
 pub use workers::{Workers, bind_group};
 
 use crate::affinity::Affinity;
+use crate::config::SocketBuffer;
 use crate::model::{Cluster, NodeFigures, NodeState, Refusal, Snapshot};
 use admission::Admitted;
 
@@ -228,7 +229,7 @@ async fn connect_phase(accepted: &Accepted) -> Option<(usize, TcpStream, u64)> {
     let (peer, service) = (*peer, &**service);
     let cluster = &admitted.cluster;
     if let Some(size) = admitted.client_buffer
-        && let Err(e) = size.apply(socket2::SockRef::from(client))
+        && let Err(e) = set_socket_buffer(client, size)
     {
         debug!(service, "client {peer}: cannot set its socket_buffer: {e}");
     }
@@ -368,6 +369,14 @@ fn abort_both(client: &TcpStream, node: &TcpStream, why: &str) -> PumpError {
         side: Side::Balancer,
         error: io::Error::other(why.to_string()),
     }
+}
+
+/// Sizes both kernel buffers of an established connection (a
+/// `socket_buffer`; `connect::connect` says why not before the connect).
+fn set_socket_buffer(stream: &TcpStream, size: SocketBuffer) -> io::Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    socket.set_recv_buffer_size(size.bytes())?;
+    socket.set_send_buffer_size(size.bytes())
 }
 
 /// Whether an error means the balancer ran out of descriptors or memory.
