@@ -489,23 +489,27 @@ fn bind_all<'a>(
 /// Warns about each `socket_buffer` larger than the kernel grants an
 /// unprivileged `setsockopt` (`net.core.rmem_max` / `wmem_max`): Linux caps
 /// it there without an error, and an operator who asked for more should
-/// know. Nothing to say where those files cannot be read.
+/// know. Reads the two limits only when some `socket_buffer` is set (a start
+/// without one pays nothing), and says nothing where they cannot be read.
 fn warn_capped_socket_buffers(config: &Config) {
+    let sized = socket_buffers(config);
+    if sized.is_empty() {
+        return;
+    }
     let read = |name: &str| {
         std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
             .ok()
             .and_then(|s| s.trim().parse::<usize>().ok())
     };
     if let (Some(rmem_max), Some(wmem_max)) = (read("rmem_max"), read("wmem_max")) {
-        for message in capped_socket_buffers(config, rmem_max, wmem_max) {
+        for message in capped_socket_buffers(&sized, rmem_max, wmem_max) {
             warn!("{message}");
         }
     }
 }
 
-/// The `socket_buffer` settings of `config` above `rmem_max` or `wmem_max`,
-/// each described for the log.
-fn capped_socket_buffers(config: &Config, rmem_max: usize, wmem_max: usize) -> Vec<String> {
+/// Every `socket_buffer` of `config`: who sets it, and the size in bytes.
+fn socket_buffers(config: &Config) -> Vec<(String, usize)> {
     let services = config
         .services
         .iter()
@@ -516,15 +520,21 @@ fn capped_socket_buffers(config: &Config, rmem_max: usize, wmem_max: usize) -> V
         .map(|c| (format!("cluster \"{}\"", c.name), c.socket_buffer));
     services
         .chain(clusters)
-        .filter_map(|(owner, size)| {
-            let size = size?.bytes();
-            (size > rmem_max.min(wmem_max)).then(|| {
-                format!(
-                    "{owner}: socket_buffer = {size} bytes is above net.core.rmem_max ({rmem_max}) or \
-                     net.core.wmem_max ({wmem_max}); Linux caps each buffer at its maximum: raise them \
-                     for the full size"
-                )
-            })
+        .filter_map(|(owner, size)| Some((owner, size?.bytes())))
+        .collect()
+}
+
+/// The sizes of `sized` above `rmem_max` or `wmem_max`, each described for the log.
+fn capped_socket_buffers(sized: &[(String, usize)], rmem_max: usize, wmem_max: usize) -> Vec<String> {
+    sized
+        .iter()
+        .filter(|(_, size)| *size > rmem_max.min(wmem_max))
+        .map(|(owner, size)| {
+            format!(
+                "{owner}: socket_buffer = {size} bytes is above net.core.rmem_max ({rmem_max}) or \
+                 net.core.wmem_max ({wmem_max}); Linux caps each buffer at its maximum: raise them \
+                 for the full size"
+            )
         })
         .collect()
 }
@@ -542,17 +552,19 @@ mod tests {
             "t",
         )
         .unwrap();
+        let sized = socket_buffers(&config);
+        assert_eq!(sized.len(), 2, "the service and cluster a set one; b does not");
         // Debian's defaults: 208 KiB each.
-        let capped = capped_socket_buffers(&config, 212_992, 212_992);
+        let capped = capped_socket_buffers(&sized, 212_992, 212_992);
         assert_eq!(capped.len(), 1, "{capped:?}");
         assert!(
             capped[0].starts_with("service \"web\": socket_buffer = 1048576 bytes is above net.core.rmem_max (212992)"),
             "{}",
             capped[0]
         );
-        assert!(capped_socket_buffers(&config, 4 << 20, 4 << 20).is_empty());
+        assert!(capped_socket_buffers(&sized, 4 << 20, 4 << 20).is_empty());
         assert_eq!(
-            capped_socket_buffers(&config, 4 << 20, 100_000).len(),
+            capped_socket_buffers(&sized, 4 << 20, 100_000).len(),
             2,
             "wmem_max counts too"
         );
