@@ -45,6 +45,9 @@ pub struct Config {
     pub max_connections: Option<u64>,
     /// Worker threads; 0 means one per CPU.
     pub threads: usize,
+    /// Each worker pinned to a CPU of its own, new clients steered to the
+    /// worker on the CPU their connection arrives on.
+    pub pin_workers: bool,
     pub shutdown_grace: Duration,
     pub forwarding: ForwardMode,
     pub admin: AdminConfig,
@@ -499,6 +502,7 @@ struct RawConfig {
     state_dir: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
     threads: Option<Spanned<i64>>,
+    pin_workers: Option<Spanned<bool>>,
     shutdown_grace: Option<Spanned<String>>,
     forwarding: Option<Spanned<String>>,
     admin: Option<RawAdmin>,
@@ -626,6 +630,7 @@ impl RawConfig {
                 .filter(|n| *n <= 1024)
                 .ok_or_else(|| ctx.bad(top, "threads", t, "must be 0 (one per CPU) to 1024"))?,
         };
+        let pin_workers = self.pin_workers.is_some_and(|p| p.into_inner());
         let shutdown_grace = match &self.shutdown_grace {
             None => DEFAULT_SHUTDOWN_GRACE,
             Some(d) => ctx.duration(top, "shutdown_grace", d)?,
@@ -698,6 +703,7 @@ impl RawConfig {
             state_dir,
             max_connections,
             threads,
+            pin_workers,
             shutdown_grace,
             forwarding,
             admin,

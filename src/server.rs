@@ -123,9 +123,9 @@ impl Server {
     /// the affinity flusher) runs on the caller's runtime.
     pub async fn start(config: &Config) -> Result<Server, StartError> {
         warn_capped_socket_buffers(config);
-        let workers = proxy::Workers::start(config.threads).map_err(StartError::Workers)?;
+        let workers = proxy::Workers::start(config.threads, config.pin_workers).map_err(StartError::Workers)?;
         let keys = crate::config::diff::listeners(config);
-        let bound = bind_all(keys.iter(), workers.count())?;
+        let bound = bind_all(keys.iter(), &workers)?;
         let affinity = {
             let (dir, config) = (config.state_dir.clone(), config.clone());
             tokio::task::spawn_blocking(move || Affinity::open(&dir, &config, affinity::MAX_PINS_PER_CLUSTER))
@@ -312,7 +312,7 @@ impl Server {
     fn apply(&self, control: &mut Control, new: Config) -> Result<ReloadReport, ControlError> {
         let old = &control.file;
         let listeners = diff(old, &new);
-        let bound = bind_all(listeners.open.iter(), self.shared.workers.count())?;
+        let bound = bind_all(listeners.open.iter(), &self.shared.workers)?;
 
         let mut report = ReloadReport::default();
         let redirects = std::mem::take(&mut control.redirects);
@@ -341,6 +341,12 @@ impl Server {
                 "threads = {} in the file: the {} worker threads running stay until the next start",
                 new.threads,
                 self.shared.workers.count()
+            );
+        }
+        if new.pin_workers != old.pin_workers {
+            warn!(
+                "pin_workers = {} in the file: takes effect at the next start",
+                new.pin_workers
             );
         }
         warn_capped_socket_buffers(&new);
@@ -472,10 +478,10 @@ impl Server {
 /// says which address failed.
 fn bind_all<'a>(
     keys: impl Iterator<Item = &'a ListenerKey>,
-    workers: usize,
+    workers: &proxy::Workers,
 ) -> Result<Vec<(ListenerKey, Vec<std::net::TcpListener>)>, StartError> {
     keys.map(|key| {
-        proxy::bind_group(key.addr, workers)
+        proxy::bind_group(key.addr, workers.count(), workers.steering())
             .map(|l| (key.clone(), l))
             .map_err(|source| StartError::Bind {
                 service: key.service.clone(),

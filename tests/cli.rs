@@ -184,6 +184,11 @@ fn check_names_every_problem_with_key_value_and_line() {
             &[":2:", "threads = -1"],
         ),
         (
+            "pin_workers",
+            &GOOD.replace("threads = 2", "threads = 2\npin_workers = \"yes\""),
+            &[":3:", "invalid type"],
+        ),
+        (
             "empty listen",
             &GOOD.replace(
                 "listen = [\"127.0.0.1:8080\", \"127.0.0.1:30000-30009\"]",
@@ -291,6 +296,57 @@ fn run_serves_and_exits_0_on_sigterm_after_open_connections_finish() {
     proc.wait_for("protobalance::access");
     proc.signal(libc::SIGTERM);
     assert_eq!(proc.wait_exit().code(), Some(0));
+}
+
+#[test]
+fn pin_workers_puts_each_worker_on_a_cpu_of_its_own_and_still_serves() {
+    let nodes = name_backends(&["a"]);
+    let text = format!(
+        "threads = 2\npin_workers = true\n[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"s\"\n\
+         listen = [\"127.0.0.1:0\"]\ncluster = \"c\"\n[[cluster]]\nname = \"c\"\n[[cluster.node]]\nname = \"a\"\n\
+         address = \"{}\"\n",
+        nodes[0]
+    );
+    let f = write_config(&text);
+    let mut proc = Running::spawn(&["run", "--config", f.path().to_str().unwrap()]);
+    let addr = proc.listen_addr();
+    for _ in 0..50 {
+        assert_eq!(fetch(addr), "a");
+    }
+    let pid = proc.child.id();
+    let mut worker_cpus: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| t.unwrap().path())
+        .filter(|t| {
+            std::fs::read_to_string(t.join("comm"))
+                .unwrap()
+                .starts_with("protobalance-w")
+        })
+        .map(|t| {
+            let status = std::fs::read_to_string(t.join("status")).unwrap();
+            let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap();
+            line.split_whitespace().nth(1).unwrap().to_string()
+        })
+        .collect();
+    worker_cpus.sort();
+    assert_eq!(worker_cpus.len(), 2);
+    assert!(
+        worker_cpus.iter().all(|c| c.parse::<usize>().is_ok()),
+        "one CPU each: {worker_cpus:?}"
+    );
+    if std::thread::available_parallelism().unwrap().get() >= 2 {
+        assert_ne!(worker_cpus[0], worker_cpus[1], "a CPU of its own");
+    }
+    proc.signal(libc::SIGTERM);
+    assert_eq!(proc.wait_exit().code(), Some(0));
+    if std::thread::available_parallelism().unwrap().get() >= 2 {
+        let said = proc.all_output();
+        assert!(
+            said.iter()
+                .any(|l| l.contains("new clients steered to the worker on their CPU")),
+            "{said:?}"
+        );
+    }
 }
 
 /// The names of `pid`'s threads.

@@ -16,6 +16,15 @@
 //!
 //! The control plane (admin API, health probes, the affinity flusher, signals)
 //! runs on the caller's runtime, not on the workers.
+//!
+//! With `pin_workers` (off by default), each worker is pinned to a CPU of its
+//! own and every listener group gets a classic BPF program that hands a new
+//! client to the worker on the CPU where its SYN was processed: the client's
+//! packets, its worker and the worker's wake-ups then stay on one core. Off by
+//! default because the kernel can no longer move a busy worker to an idle
+//! core, and because clients then spread only as widely as the CPUs that take
+//! the network card's interrupts (docs/configuration.md, measured in
+//! docs/performance.md).
 
 use std::future::Future;
 use std::io;
@@ -30,23 +39,30 @@ use tokio_util::sync::CancellationToken;
 /// them any task still running there.
 pub struct Workers {
     handles: Vec<Handle>,
+    /// The CPU each worker is pinned to, where new clients are steered by CPU.
+    steering: Option<Vec<usize>>,
     stop: CancellationToken,
     /// One per worker, closed when its thread has ended (its log lines handed over).
     ended: std::sync::Mutex<Vec<oneshot::Receiver<()>>>,
 }
 
 impl Workers {
-    /// Starts `count` worker threads (0: one per CPU).
-    pub fn start(count: usize) -> io::Result<Workers> {
+    /// Starts `count` worker threads (0: one per CPU), each pinned to a CPU of
+    /// its own where `pin` is set.
+    pub fn start(count: usize, pin: bool) -> io::Result<Workers> {
         let count = if count == 0 {
             thread::available_parallelism().map_or(1, |n| n.get())
         } else {
             count
         };
+        let cpus = if pin { cpu_for_each_worker(count) } else { Vec::new() };
+        let (pinned_tx, pinned_rx) = std::sync::mpsc::channel::<io::Result<()>>();
         let stop = CancellationToken::new();
         let mut handles = Vec::with_capacity(count);
         let mut ended = Vec::with_capacity(count);
         for i in 0..count {
+            let cpu = cpus.get(i).copied();
+            let pinned = pinned_tx.clone();
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             handles.push(runtime.handle().clone());
             let stopped = stop.clone();
@@ -55,6 +71,11 @@ impl Workers {
             let started = thread::Builder::new()
                 .name(format!("protobalance-w{i}"))
                 .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        // Err: start() has given up already.
+                        let _ = pinned.send(pin_this_thread(cpu));
+                    }
+                    drop(pinned);
                     crate::logging::batch_this_thread();
                     runtime.block_on(stopped.cancelled());
                     drop(runtime);
@@ -66,8 +87,31 @@ impl Workers {
                 return Err(e);
             }
         }
+        drop(pinned_tx);
+        let distinct_cpus = cpus.iter().collect::<std::collections::HashSet<_>>().len();
+        let steering = if !pin {
+            None
+        } else if cpus.is_empty() {
+            tracing::warn!("pin_workers: cannot read the CPUs this process may run on; the workers run unpinned");
+            None
+        } else if let Some(e) = pinned_rx.iter().find_map(Result::err) {
+            tracing::warn!("pin_workers: cannot pin the worker threads ({e}); they run unpinned");
+            None
+        } else if distinct_cpus < count {
+            tracing::warn!(
+                "pin_workers: {count} workers share {distinct_cpus} CPUs; pinned in turn, but new clients are \
+                 spread by address hash, not steered by CPU"
+            );
+            None
+        } else {
+            tracing::info!(
+                "pin_workers: workers pinned to CPUs {cpus:?} in order; new clients steered to the worker on their CPU"
+            );
+            Some(cpus)
+        };
         Ok(Workers {
             handles,
+            steering,
             stop,
             ended: std::sync::Mutex::new(ended),
         })
@@ -76,6 +120,11 @@ impl Workers {
     /// How many workers there are.
     pub fn count(&self) -> usize {
         self.handles.len()
+    }
+
+    /// The CPU of each worker, where listeners steer new clients by CPU.
+    pub fn steering(&self) -> Option<&[usize]> {
+        self.steering.as_deref()
     }
 
     /// Runs `future` on worker `i`.
@@ -106,19 +155,31 @@ impl Drop for Workers {
 
 /// Binds one listening socket per worker on `addr`, all sharing it through
 /// `SO_REUSEPORT`. Fails, closing any already bound, if one cannot be bound.
+/// With `steering` (the CPU of each worker), a client whose SYN arrives on a
+/// worker's CPU goes to that worker, any other by the kernel's address hash.
 ///
 /// The first socket binds *without* `SO_REUSEPORT` and sets it only before
 /// `listen`: so the address must be free, as with a plain listener, and a
 /// second balancer started on the same address by mistake fails with "address
 /// in use" instead of silently sharing the clients. Port 0 is resolved by
 /// that first bind; the others join the port it got.
-pub fn bind_group(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
+pub fn bind_group(
+    addr: SocketAddr,
+    count: usize,
+    steering: Option<&[usize]>,
+) -> io::Result<Vec<std::net::TcpListener>> {
     let first = listen_on(addr, false)?;
     let addr = first.local_addr()?;
     let mut group = Vec::with_capacity(count);
     group.push(first);
     for _ in 1..count {
         group.push(listen_on(addr, true)?);
+    }
+    if let Some(cpus) = steering {
+        // A group without the program still works: spread by address hash.
+        if let Err(e) = steer_by_cpu(&group[0], cpus) {
+            tracing::warn!("pin_workers: cannot steer new clients of {addr} by CPU ({e}); spread by address hash");
+        }
     }
     Ok(group)
 }
@@ -146,17 +207,123 @@ fn listen_on(addr: SocketAddr, join: bool) -> io::Result<std::net::TcpListener> 
     Ok(socket.into())
 }
 
+/// The CPUs this process may run on (its affinity mask, which taskset and
+/// cgroup cpusets narrow), in order; each worker takes the next, wrapping
+/// round when there are more workers than CPUs.
+#[cfg(target_os = "linux")]
+fn cpu_for_each_worker(count: usize) -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; the kernel fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the size passed is the set's own.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    let allowed: Vec<usize> = if rc == 0 {
+        // SAFETY: CPU_ISSET reads the set within its bounds (CPU_SETSIZE).
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if allowed.is_empty() {
+        return Vec::new();
+    }
+    (0..count).map(|i| allowed[i % allowed.len()]).collect()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn cpu_for_each_worker(_count: usize) -> Vec<usize> {
+    Vec::new()
+}
+
+#[cfg(target_os = "linux")]
+fn pin_this_thread(cpu: usize) -> io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET stays within it
+    // (cpu came from sched_getaffinity, so it is below CPU_SETSIZE).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: the size passed is the set's own; 0 is the calling thread.
+    match unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn pin_this_thread(_cpu: usize) -> io::Result<()> {
+    Err(io::Error::new(io::ErrorKind::Unsupported, "CPU pinning needs Linux"))
+}
+
+/// Attaches to a listener group (through any of its sockets) a classic BPF
+/// program that picks, for each new client, the socket of the worker pinned
+/// to the CPU processing its SYN: `cpus[i]` is worker `i`'s CPU, and socket
+/// `i` of the group is worker `i`'s, since sockets join a group in the order
+/// they listen. For any other CPU it returns an index past the group, which
+/// makes the kernel fall back to its address hash.
+#[cfg(target_os = "linux")]
+fn steer_by_cpu(listener: &std::net::TcpListener, cpus: &[usize]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let op = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    // A = the CPU the packet is processed on.
+    let mut program = vec![op(
+        libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+        (libc::SKF_AD_OFF + libc::SKF_AD_CPU) as u32,
+        0,
+        0,
+    )];
+    for (worker, &cpu) in cpus.iter().enumerate() {
+        // if A == cpu { return worker } (jump over the return otherwise)
+        program.push(op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, cpu as u32, 0, 1));
+        program.push(op(libc::BPF_RET | libc::BPF_K, worker as u32, 0, 0));
+    }
+    program.push(op(libc::BPF_RET | libc::BPF_K, u32::MAX, 0, 0));
+    let len = u16::try_from(program.len())
+        .ok()
+        .filter(|&n| n <= libc::BPF_MAXINSNS as u16)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "too many workers to steer by CPU"))?;
+    let fprog = libc::sock_fprog {
+        len,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: fprog points at `program`, alive for the call; the kernel copies it.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn steer_by_cpu(_listener: &std::net::TcpListener, _cpus: &[usize]) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "steering by CPU needs Linux",
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn a_group_shares_one_port_and_a_second_group_is_refused() {
-        let group = bind_group("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        let group = bind_group("127.0.0.1:0".parse().unwrap(), 3, None).unwrap();
         let addr = group[0].local_addr().unwrap();
         assert_ne!(addr.port(), 0);
         assert!(group.iter().all(|l| l.local_addr().unwrap() == addr));
-        let again = bind_group(addr, 2).expect_err("the address is taken");
+        let again = bind_group(addr, 2, None).expect_err("the address is taken");
         assert_eq!(again.kind(), io::ErrorKind::AddrInUse);
     }
 
@@ -167,5 +334,95 @@ mod tests {
         listener.set_nonblocking(false).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         assert!(accepted.nodelay().unwrap());
+    }
+
+    /// The CPUs in the calling thread's affinity mask.
+    fn this_threads_cpus() -> Vec<usize> {
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .collect()
+    }
+
+    /// Connects to `addr` from a thread pinned to `cpu` (so its SYN is
+    /// processed there: loopback delivers on the sending CPU) and returns the
+    /// index of the listener in `group` that got the client.
+    fn listener_chosen_from(cpu: usize, addr: SocketAddr, group: &[std::net::TcpListener]) -> usize {
+        let client = thread::spawn(move || {
+            pin_this_thread(cpu).unwrap();
+            std::net::TcpStream::connect(addr).unwrap()
+        })
+        .join()
+        .unwrap();
+        use std::os::fd::AsRawFd;
+        let mut fds: Vec<libc::pollfd> = group
+            .iter()
+            .map(|l| libc::pollfd {
+                fd: l.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 10_000) };
+        assert_eq!(ready, 1, "exactly one listener of the group has the client");
+        let chosen = fds.iter().position(|f| f.revents & libc::POLLIN != 0).unwrap();
+        let (accepted, _) = group[chosen].accept().unwrap();
+        assert_eq!(accepted.peer_addr().unwrap(), client.local_addr().unwrap());
+        chosen
+    }
+
+    #[test]
+    fn pinned_workers_each_run_on_a_cpu_of_their_own() {
+        let allowed = this_threads_cpus();
+        let count = allowed.len().min(4);
+        let workers = Workers::start(count, true).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..count {
+            let tx = tx.clone();
+            workers.spawn_on(i, async move { tx.send((i, this_threads_cpus())).unwrap() });
+        }
+        let mut seen: Vec<(usize, Vec<usize>)> = rx.iter().take(count).collect();
+        seen.sort();
+        let cpus: Vec<usize> = seen.iter().map(|(_, cpus)| cpus[0]).collect();
+        assert!(seen.iter().all(|(_, cpus)| cpus.len() == 1), "{seen:?}");
+        assert_eq!(cpus, allowed[..count], "worker i on the i-th allowed CPU");
+        assert_eq!(workers.steering(), Some(&cpus[..]));
+        assert_eq!(Workers::start(count, false).unwrap().steering(), None);
+    }
+
+    #[test]
+    fn more_workers_than_cpus_are_pinned_but_not_steered() {
+        let allowed = this_threads_cpus();
+        let workers = Workers::start(allowed.len() + 1, true).unwrap();
+        assert_eq!(workers.steering(), None);
+    }
+
+    #[test]
+    fn a_steered_group_hands_each_client_to_the_worker_on_its_cpu() {
+        let allowed = this_threads_cpus();
+        // Workers on the allowed CPUs in reverse, so that a listener index
+        // equal to the CPU's position would be caught.
+        let cpus: Vec<usize> = allowed.iter().rev().take(4).copied().collect();
+        let group = bind_group("127.0.0.1:0".parse().unwrap(), cpus.len(), Some(&cpus)).unwrap();
+        let addr = group[0].local_addr().unwrap();
+        for _round in 0..8 {
+            for (worker, &cpu) in cpus.iter().enumerate() {
+                assert_eq!(listener_chosen_from(cpu, addr, &group), worker, "client on CPU {cpu}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_client_on_a_cpu_without_a_worker_is_spread_by_hash_not_dropped() {
+        let allowed = this_threads_cpus();
+        if allowed.len() < 2 {
+            return; // needs a CPU without a worker
+        }
+        let group = bind_group("127.0.0.1:0".parse().unwrap(), 1, Some(&allowed[..1])).unwrap();
+        let addr = group[0].local_addr().unwrap();
+        assert_eq!(listener_chosen_from(allowed[1], addr, &group), 0);
+        assert_eq!(listener_chosen_from(allowed[0], addr, &group), 0);
     }
 }
