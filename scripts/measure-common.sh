@@ -1,5 +1,5 @@
-# Sourced (not run) by the measuring scripts (concurrency-check, floor-ab,
-# socket-buffer-ab), after their `set -eu`: what each of them needs first.
+# Sourced (not run) by the measuring scripts (concurrency-check, config-ab,
+# floor-ab, socket-buffer-ab), after their `set -eu`: what each of them needs first.
 # Sets root (the repository), bin (the balancer to measure: PROTOBALANCE_BIN,
 # else the plain release build from scripts/release-bin), work (a scratch
 # directory) and pids (processes to stop: append each one started); on exit
@@ -26,4 +26,57 @@ iperf_gbps() {
     shift 2
     iperf3 -c 127.0.0.1 -p "$port" -P "$streams" "$@" -t 4 -f g 2>&1 |
         awk '/receiver/ { v = $(NF - 2) } END { print v }'
+}
+
+# Starts nginx (one process) on 127.0.0.1:PORT serving /f1024.bin, 1 KiB.
+start_nginx() {
+    local port=$1
+    [ -f "$work/www/f1024.bin" ] || { mkdir -p "$work/www"; head -c 1024 /dev/urandom >"$work/www/f1024.bin"; }
+    cat >"$work/nginx$port.conf" <<EOC
+daemon off;
+master_process off;
+pid $work/nginx$port.pid;
+error_log $work/nginx$port.err warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    server { listen 127.0.0.1:$port; root $work/www; keepalive_requests 10000000; }
+}
+EOC
+    nginx -c "$work/nginx$port.conf" -e "$work/nginx$port.err" & pids+=($!)
+}
+
+# wrk's p50 latency in microseconds, one request in flight (-t1 -c1, 4 s).
+p50_us() {
+    wrk -t1 -c1 -d4 --latency "http://127.0.0.1:$1/f1024.bin" |
+        awk '$1 == "50%" { v = $2; u = 1; if (v ~ /ms$/) u = 1000; if (v ~ /[0-9]s$/ && v !~ /[mu]s$/) u = 1000000; sub(/[a-z]+$/, "", v); print v * u }'
+}
+
+# Requests/s of 4 s of wrk -t2 -c64 to PORT; further arguments go to wrk.
+wrk_rps() {
+    local port=$1
+    shift
+    wrk -t2 -c64 -d4 "$@" "http://127.0.0.1:$port/f1024.bin" | awk '/Requests\/sec/ { print $2 }'
+}
+
+# One row of figures (a figure's name, then one value per column) to the
+# screen, marked with the round $r, and to $work/table.
+record() { echo "round $r: $*"; echo "$*" >>"$work/table"; }
+
+# Prints the medians of TABLE (rows: a figure's name, then one value per
+# column, the first column the reference) and each column's ratio to the
+# first; the remaining arguments name the columns.
+print_medians() {
+    python3 - "$@" <<'EOP'
+import statistics, sys
+table, names = sys.argv[1], sys.argv[2:]
+rows = {}
+for line in open(table):
+    name, *values = line.split()
+    rows.setdefault(name, []).append([float(v) for v in values])
+print(f"{'median':<8}" + "".join(f"{n:>12}" for n in names) + "".join(f"{n + '/' + names[0][:1]:>12}" for n in names[1:]))
+for name, runs in rows.items():
+    med = [statistics.median(col) for col in zip(*runs)]
+    print(f"{name:<8}" + "".join(f"{m:>12.1f}" for m in med) + "".join(f"{m / med[0]:>12.2f}" for m in med[1:]))
+EOP
 }
