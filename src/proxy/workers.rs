@@ -56,13 +56,19 @@ impl Workers {
             count
         };
         let cpus = if pin { cpu_for_each_worker(count) } else { Vec::new() };
-        let (pinned_tx, pinned_rx) = std::sync::mpsc::channel::<io::Result<()>>();
+        // Each pinned worker reports whether its pinning worked. (Nothing of
+        // this runs without `pin`: code that runs at start costs resident pages.)
+        let (pinned_tx, pinned_rx) = if cpus.is_empty() {
+            (None, None)
+        } else {
+            let (tx, rx) = std::sync::mpsc::channel();
+            (Some(tx), Some(rx))
+        };
         let stop = CancellationToken::new();
         let mut handles = Vec::with_capacity(count);
         let mut ended = Vec::with_capacity(count);
         for i in 0..count {
-            let cpu = cpus.get(i).copied();
-            let pinned = pinned_tx.clone();
+            let pin_to = cpus.get(i).copied().zip(pinned_tx.clone());
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             handles.push(runtime.handle().clone());
             let stopped = stop.clone();
@@ -71,11 +77,10 @@ impl Workers {
             let started = thread::Builder::new()
                 .name(format!("protobalance-w{i}"))
                 .spawn(move || {
-                    if let Some(cpu) = cpu {
+                    if let Some((cpu, report)) = pin_to {
                         // Err: start() has given up already.
-                        let _ = pinned.send(pin_this_thread(cpu));
+                        let _ = report.send(pin_this_thread(cpu));
                     }
-                    drop(pinned);
                     crate::logging::batch_this_thread();
                     runtime.block_on(stopped.cancelled());
                     drop(runtime);
@@ -88,26 +93,10 @@ impl Workers {
             }
         }
         drop(pinned_tx);
-        let distinct_cpus = cpus.iter().collect::<std::collections::HashSet<_>>().len();
-        let steering = if !pin {
-            None
-        } else if cpus.is_empty() {
-            tracing::warn!("pin_workers: cannot read the CPUs this process may run on; the workers run unpinned");
-            None
-        } else if let Some(e) = pinned_rx.iter().find_map(Result::err) {
-            tracing::warn!("pin_workers: cannot pin the worker threads ({e}); they run unpinned");
-            None
-        } else if distinct_cpus < count {
-            tracing::warn!(
-                "pin_workers: {count} workers share {distinct_cpus} CPUs; pinned in turn, but new clients are \
-                 spread by address hash, not steered by CPU"
-            );
-            None
+        let steering = if pin {
+            steering_after_pinning(count, cpus, pinned_rx)
         } else {
-            tracing::info!(
-                "pin_workers: workers pinned to CPUs {cpus:?} in order; new clients steered to the worker on their CPU"
-            );
-            Some(cpus)
+            None
         };
         Ok(Workers {
             handles,
@@ -205,6 +194,37 @@ fn listen_on(addr: SocketAddr, join: bool) -> io::Result<std::net::TcpListener> 
     }
     socket.listen(4096)?;
     Ok(socket.into())
+}
+
+/// What the listeners steer by once the workers are pinned (`cpus`, each
+/// worker's CPU; `pinned`, their reports): `None` with a warning where
+/// pinning failed or workers share CPUs.
+#[cold]
+fn steering_after_pinning(
+    count: usize,
+    cpus: Vec<usize>,
+    pinned: Option<std::sync::mpsc::Receiver<io::Result<()>>>,
+) -> Option<Vec<usize>> {
+    let Some(pinned) = pinned else {
+        tracing::warn!("pin_workers: cannot read the CPUs this process may run on; the workers run unpinned");
+        return None;
+    };
+    if let Some(e) = pinned.iter().find_map(Result::err) {
+        tracing::warn!("pin_workers: cannot pin the worker threads ({e}); they run unpinned");
+        return None;
+    }
+    let distinct_cpus = cpus.iter().collect::<std::collections::HashSet<_>>().len();
+    if distinct_cpus < count {
+        tracing::warn!(
+            "pin_workers: {count} workers share {distinct_cpus} CPUs; pinned in turn, but new clients are \
+             spread by address hash, not steered by CPU"
+        );
+        return None;
+    }
+    tracing::info!(
+        "pin_workers: workers pinned to CPUs {cpus:?} in order; new clients steered to the worker on their CPU"
+    );
+    Some(cpus)
 }
 
 /// The CPUs this process may run on (its affinity mask, which taskset and
