@@ -231,6 +231,11 @@ impl Server {
         self.shared.plane.snapshot.load_full()
     }
 
+    /// Clients each worker thread has accepted since start.
+    pub fn accepted_by_worker(&self) -> Vec<u64> {
+        self.shared.workers.accepted()
+    }
+
     /// Connections being served now.
     pub fn open_connections(&self) -> usize {
         self.shared.plane.connections.len()
@@ -423,7 +428,13 @@ impl Server {
             let stop = CancellationToken::new();
             info!(service = %service, "listening on {addr}");
             for (worker, listener) in group.into_iter().enumerate() {
-                let accept = proxy::accept_loop(listener, service.clone(), self.shared.plane.clone(), stop.clone());
+                let accept = proxy::accept_loop(
+                    listener,
+                    service.clone(),
+                    self.shared.plane.clone(),
+                    self.shared.workers.accept_count(worker),
+                    stop.clone(),
+                );
                 self.shared
                     .workers
                     .spawn_on(worker, self.shared.accept_loops.track_future(accept));

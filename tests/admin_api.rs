@@ -304,6 +304,17 @@ async fn metrics_route() {
     has(r#"protobalance_node_state{cluster="green",node="g",state="green"} 0"#);
     has(r#"protobalance_service_accepted_total{service="web"} 4"#);
     has(r#"protobalance_service_refused_total{service="web",reason="no_node"} 0"#);
+    let by_worker: Vec<u64> = text
+        .lines()
+        .filter(|l| l.starts_with("protobalance_worker_accepted_total{worker=\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(by_worker.len(), server.accepted_by_worker().len(), "{text}");
+    assert_eq!(
+        by_worker.iter().sum::<u64>(),
+        4,
+        "the 4 clients, over the workers: {text}"
+    );
     assert!(
         text.lines()
             .any(|l| l.starts_with("protobalance_node_active_connections{"))

@@ -463,3 +463,42 @@ async fn shutdown_cuts_connections_still_open_after_the_grace_period() {
     let mut rest = Vec::new();
     assert_eq!(within("cut", open.read_to_end(&mut rest)).await.unwrap(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_workers_take_the_clients_that_arrive_on_their_cpu() {
+    use protobalance::proxy::{allowed_cpus, pin_this_thread};
+    let cpus = allowed_cpus();
+    let workers = cpus.len().min(4);
+    let node = name_backend("n").await;
+    let mut config = one_service(&[("n", node, 1)], "");
+    config.threads = workers;
+    config.pin_workers = true;
+    let (server, addr) = start(&config).await;
+    for round in 0..2 {
+        for (worker, &cpu) in cpus[..workers].iter().enumerate() {
+            let before = server.accepted_by_worker();
+            // Served to the end, so each client has been accepted by then.
+            tokio::task::spawn_blocking(move || {
+                pin_this_thread(cpu).unwrap();
+                for _ in 0..5 {
+                    let mut answer = String::new();
+                    std::io::Read::read_to_string(&mut std::net::TcpStream::connect(addr).unwrap(), &mut answer)
+                        .unwrap();
+                    assert_eq!(answer, "n");
+                }
+            })
+            .await
+            .unwrap();
+            let added: Vec<u64> = server
+                .accepted_by_worker()
+                .iter()
+                .zip(&before)
+                .map(|(after, before)| after - before)
+                .collect();
+            let mut expected = vec![0; workers];
+            expected[worker] = 5;
+            assert_eq!(added, expected, "round {round}: 5 clients from CPU {cpu}");
+        }
+    }
+    server.shutdown(PATIENCE).await;
+}

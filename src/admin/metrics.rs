@@ -41,13 +41,19 @@ struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabels {
+    worker: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusedLabels {
     service: String,
     reason: &'static str,
 }
 
-/// Renders every metric of `snapshot`.
-pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
+/// Renders every metric of `snapshot`, and the clients each worker thread
+/// has accepted (`accepted_by_worker`, indexed by worker).
+pub fn render(snapshot: &Snapshot, accepted_by_worker: &[u64]) -> Result<String, std::fmt::Error> {
     let active = Family::<NodeLabels, Gauge>::default();
     let connections = Family::<NodeLabels, Counter>::default();
     let bytes = Family::<BytesLabels, Counter>::default();
@@ -104,6 +110,15 @@ pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
         }
     }
 
+    let worker_accepted = Family::<WorkerLabels, Counter>::default();
+    for (worker, &n) in accepted_by_worker.iter().enumerate() {
+        worker_accepted
+            .get_or_create(&WorkerLabels {
+                worker: worker.to_string(),
+            })
+            .inc_by(n);
+    }
+
     let mut registry = Registry::default();
     // Counters get their `_total` suffix from the encoder.
     registry.register(
@@ -150,6 +165,11 @@ pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
         "protobalance_service_refused",
         "Clients turned away, by reason (see docs/configuration.md)",
         refused,
+    );
+    registry.register(
+        "protobalance_worker_accepted",
+        "Clients accepted by each worker thread (admitted or refused): how they spread over the workers",
+        worker_accepted,
     );
     let mut text = String::new();
     encode(&mut text, &registry)?;

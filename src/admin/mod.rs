@@ -168,7 +168,7 @@ async fn status(State(server): State<Server>) -> impl IntoResponse {
 }
 
 async fn metrics(State(server): State<Server>) -> Response {
-    match metrics::render(&server.snapshot()) {
+    match metrics::render(&server.snapshot(), &server.accepted_by_worker()) {
         Ok(text) => (
             [(
                 header::CONTENT_TYPE,

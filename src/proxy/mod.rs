@@ -23,7 +23,7 @@ use tracing::{debug, warn};
 
 pub use candidates::Candidates;
 pub use pump::{PumpError, Side};
-pub use workers::{Workers, bind_group};
+pub use workers::{AcceptCount, Workers, allowed_cpus, bind_group, pin_this_thread};
 
 use crate::affinity::Affinity;
 use crate::config::SocketBuffer;
@@ -46,13 +46,14 @@ pub struct DataPlane {
 /// Pause after a failed accept (out of descriptors, usually).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Accepts clients of `service` on `listener` until `stop` is cancelled. Run
-/// on a worker: the listener and every client it accepts live on that worker's
-/// runtime.
+/// Accepts clients of `service` on `listener` until `stop` is cancelled,
+/// counting each in `accepted_here`. Run on a worker: the listener and every
+/// client it accepts live on that worker's runtime.
 pub async fn accept_loop(
     listener: std::net::TcpListener,
     service: Arc<str>,
     plane: Arc<DataPlane>,
+    accepted_here: AcceptCount,
     stop: CancellationToken,
 ) {
     let local = listener.local_addr().ok();
@@ -78,6 +79,7 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((client, peer)) => {
+                accepted_here.add_one();
                 let admitted = match admission::admit(&plane, &service, peer.ip()) {
                     Ok(a) => a,
                     Err(refused) => {

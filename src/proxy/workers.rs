@@ -29,6 +29,8 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::thread;
 
 use tokio::runtime::Handle;
@@ -41,6 +43,8 @@ pub struct Workers {
     handles: Vec<Handle>,
     /// The CPU each worker is pinned to, where new clients are steered by CPU.
     steering: Option<Vec<usize>>,
+    /// Clients each worker has accepted.
+    accepted: Arc<[PaddedCount]>,
     stop: CancellationToken,
     /// One per worker, closed when its thread has ended (its log lines handed over).
     ended: std::sync::Mutex<Vec<oneshot::Receiver<()>>>,
@@ -101,6 +105,7 @@ impl Workers {
         Ok(Workers {
             handles,
             steering,
+            accepted: (0..count).map(|_| PaddedCount::default()).collect(),
             stop,
             ended: std::sync::Mutex::new(ended),
         })
@@ -114,6 +119,20 @@ impl Workers {
     /// The CPU of each worker, where listeners steer new clients by CPU.
     pub fn steering(&self) -> Option<&[usize]> {
         self.steering.as_deref()
+    }
+
+    /// Where worker `i`'s accept loops count the clients they accept.
+    pub fn accept_count(&self, i: usize) -> AcceptCount {
+        AcceptCount {
+            all: self.accepted.clone(),
+            worker: i,
+        }
+    }
+
+    /// How many clients each worker has accepted (admitted or refused): how
+    /// the kernel spreads new clients over the workers.
+    pub fn accepted(&self) -> Vec<u64> {
+        self.accepted.iter().map(|c| c.0.load(Relaxed)).collect()
     }
 
     /// Runs `future` on worker `i`.
@@ -133,6 +152,24 @@ impl Workers {
             // Err: the thread ended (its sender is dropped either way).
             let _ = thread.await;
         }
+    }
+}
+
+/// A worker's count, alone on its cache line: each worker bumps only its own.
+#[derive(Default)]
+#[repr(align(128))]
+struct PaddedCount(AtomicU64);
+
+/// One worker's count of accepted clients (see [`Workers::accepted`]).
+#[derive(Clone)]
+pub struct AcceptCount {
+    all: Arc<[PaddedCount]>,
+    worker: usize,
+}
+
+impl AcceptCount {
+    pub fn add_one(&self) {
+        self.all[self.worker].0.fetch_add(1, Relaxed);
     }
 }
 
@@ -227,36 +264,42 @@ fn steering_after_pinning(
     Some(cpus)
 }
 
-/// The CPUs this process may run on (its affinity mask, which taskset and
-/// cgroup cpusets narrow), in order; each worker takes the next, wrapping
-/// round when there are more workers than CPUs.
-#[cfg(target_os = "linux")]
+/// The CPU of each of `count` workers: the CPUs this process may run on (its
+/// affinity mask, which taskset and cgroup cpusets narrow) in order, wrapping
+/// round when there are more workers than CPUs. Empty where they cannot be
+/// read.
 fn cpu_for_each_worker(count: usize) -> Vec<usize> {
-    // SAFETY: a zeroed cpu_set_t is an empty set; the kernel fills it.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: the size passed is the set's own.
-    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    let allowed: Vec<usize> = if rc == 0 {
-        // SAFETY: CPU_ISSET reads the set within its bounds (CPU_SETSIZE).
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let allowed = allowed_cpus();
     if allowed.is_empty() {
         return Vec::new();
     }
     (0..count).map(|i| allowed[i % allowed.len()]).collect()
 }
 
+/// The CPUs the calling thread may run on, in order (empty where they cannot
+/// be read).
+#[cfg(target_os = "linux")]
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; the kernel fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the size passed is the set's own.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+        return Vec::new();
+    }
+    // SAFETY: CPU_ISSET reads the set within its bounds (CPU_SETSIZE).
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
 #[cfg(not(target_os = "linux"))]
-fn cpu_for_each_worker(_count: usize) -> Vec<usize> {
+pub fn allowed_cpus() -> Vec<usize> {
     Vec::new()
 }
 
+/// Pins the calling thread to `cpu`, one of [`allowed_cpus`].
 #[cfg(target_os = "linux")]
-fn pin_this_thread(cpu: usize) -> io::Result<()> {
+pub fn pin_this_thread(cpu: usize) -> io::Result<()> {
     // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET stays within it
     // (cpu came from sched_getaffinity, so it is below CPU_SETSIZE).
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
@@ -269,7 +312,7 @@ fn pin_this_thread(cpu: usize) -> io::Result<()> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn pin_this_thread(_cpu: usize) -> io::Result<()> {
+pub fn pin_this_thread(_cpu: usize) -> io::Result<()> {
     Err(io::Error::new(io::ErrorKind::Unsupported, "CPU pinning needs Linux"))
 }
 
@@ -356,16 +399,6 @@ mod tests {
         assert!(accepted.nodelay().unwrap());
     }
 
-    /// The CPUs in the calling thread's affinity mask.
-    fn this_threads_cpus() -> Vec<usize> {
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-            .collect()
-    }
-
     /// Connects to `addr` from a thread pinned to `cpu` (so its SYN is
     /// processed there: loopback delivers on the sending CPU) and returns the
     /// index of the listener in `group` that got the client.
@@ -395,13 +428,13 @@ mod tests {
 
     #[test]
     fn pinned_workers_each_run_on_a_cpu_of_their_own() {
-        let allowed = this_threads_cpus();
+        let allowed = allowed_cpus();
         let count = allowed.len().min(4);
         let workers = Workers::start(count, true).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         for i in 0..count {
             let tx = tx.clone();
-            workers.spawn_on(i, async move { tx.send((i, this_threads_cpus())).unwrap() });
+            workers.spawn_on(i, async move { tx.send((i, allowed_cpus())).unwrap() });
         }
         let mut seen: Vec<(usize, Vec<usize>)> = rx.iter().take(count).collect();
         seen.sort();
@@ -414,14 +447,14 @@ mod tests {
 
     #[test]
     fn more_workers_than_cpus_are_pinned_but_not_steered() {
-        let allowed = this_threads_cpus();
+        let allowed = allowed_cpus();
         let workers = Workers::start(allowed.len() + 1, true).unwrap();
         assert_eq!(workers.steering(), None);
     }
 
     #[test]
     fn a_steered_group_hands_each_client_to_the_worker_on_its_cpu() {
-        let allowed = this_threads_cpus();
+        let allowed = allowed_cpus();
         // Workers on the allowed CPUs in reverse, so that a listener index
         // equal to the CPU's position would be caught.
         let cpus: Vec<usize> = allowed.iter().rev().take(4).copied().collect();
@@ -436,7 +469,7 @@ mod tests {
 
     #[test]
     fn a_client_on_a_cpu_without_a_worker_is_spread_by_hash_not_dropped() {
-        let allowed = this_threads_cpus();
+        let allowed = allowed_cpus();
         if allowed.len() < 2 {
             return; // needs a CPU without a worker
         }
