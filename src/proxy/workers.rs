@@ -59,10 +59,13 @@ impl Workers {
         } else {
             count
         };
-        let cpus = if pin { cpu_for_each_worker(count) } else { Vec::new() };
+        // The CPUs this process may run on (its affinity mask, which taskset
+        // and cgroup cpusets narrow); worker i takes the i-th, wrapping round
+        // when there are more workers than CPUs.
+        let allowed = if pin { allowed_cpus() } else { Vec::new() };
         // Each pinned worker reports whether its pinning worked. (Nothing of
         // this runs without `pin`: code that runs at start costs resident pages.)
-        let (pinned_tx, pinned_rx) = if cpus.is_empty() {
+        let (pinned_tx, pinned_rx) = if allowed.is_empty() {
             (None, None)
         } else {
             let (tx, rx) = std::sync::mpsc::channel();
@@ -72,7 +75,7 @@ impl Workers {
         let mut handles = Vec::with_capacity(count);
         let mut ended = Vec::with_capacity(count);
         for i in 0..count {
-            let pin_to = cpus.get(i).copied().zip(pinned_tx.clone());
+            let pin_to = pinned_tx.clone().map(|report| (allowed[i % allowed.len()], report));
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             handles.push(runtime.handle().clone());
             let stopped = stop.clone();
@@ -98,7 +101,7 @@ impl Workers {
         }
         drop(pinned_tx);
         let steering = if pin {
-            steering_after_pinning(count, cpus, pinned_rx)
+            steering_after_pinning(count, allowed, pinned_rx)
         } else {
             None
         };
@@ -233,13 +236,14 @@ fn listen_on(addr: SocketAddr, join: bool) -> io::Result<std::net::TcpListener> 
     Ok(socket.into())
 }
 
-/// What the listeners steer by once the workers are pinned (`cpus`, each
-/// worker's CPU; `pinned`, their reports): `None` with a warning where
-/// pinning failed or workers share CPUs.
+/// What the listeners steer by once the `count` workers are pinned in turn
+/// to the `allowed` CPUs (`pinned`: their reports): worker i's CPU for each
+/// worker, or `None` with a warning where pinning failed or workers share
+/// CPUs.
 #[cold]
 fn steering_after_pinning(
     count: usize,
-    cpus: Vec<usize>,
+    mut allowed: Vec<usize>,
     pinned: Option<std::sync::mpsc::Receiver<io::Result<()>>>,
 ) -> Option<Vec<usize>> {
     let Some(pinned) = pinned else {
@@ -250,30 +254,19 @@ fn steering_after_pinning(
         tracing::warn!("pin_workers: cannot pin the worker threads ({e}); they run unpinned");
         return None;
     }
-    let distinct_cpus = cpus.iter().collect::<std::collections::HashSet<_>>().len();
-    if distinct_cpus < count {
+    if allowed.len() < count {
         tracing::warn!(
-            "pin_workers: {count} workers share {distinct_cpus} CPUs; pinned in turn, but new clients are \
-             spread by address hash, not steered by CPU"
+            "pin_workers: {count} workers share {} CPUs; pinned in turn, but new clients are spread by \
+             address hash, not steered by CPU",
+            allowed.len()
         );
         return None;
     }
+    allowed.truncate(count);
     tracing::info!(
-        "pin_workers: workers pinned to CPUs {cpus:?} in order; new clients steered to the worker on their CPU"
+        "pin_workers: workers pinned to CPUs {allowed:?} in order; new clients steered to the worker on their CPU"
     );
-    Some(cpus)
-}
-
-/// The CPU of each of `count` workers: the CPUs this process may run on (its
-/// affinity mask, which taskset and cgroup cpusets narrow) in order, wrapping
-/// round when there are more workers than CPUs. Empty where they cannot be
-/// read.
-fn cpu_for_each_worker(count: usize) -> Vec<usize> {
-    let allowed = allowed_cpus();
-    if allowed.is_empty() {
-        return Vec::new();
-    }
-    (0..count).map(|i| allowed[i % allowed.len()]).collect()
+    Some(allowed)
 }
 
 /// The CPUs the calling thread may run on, in order (empty where they cannot
