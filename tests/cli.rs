@@ -314,16 +314,11 @@ fn pin_workers_puts_each_worker_on_a_cpu_of_its_own_and_still_serves() {
         assert_eq!(fetch(addr), "a");
     }
     let pid = proc.child.id();
-    let mut worker_cpus: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .map(|t| t.unwrap().path())
-        .filter(|t| {
-            std::fs::read_to_string(t.join("comm"))
-                .unwrap()
-                .starts_with("protobalance-w")
-        })
-        .map(|t| {
-            let status = std::fs::read_to_string(t.join("status")).unwrap();
+    let mut worker_cpus: Vec<String> = threads(pid)
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("protobalance-w"))
+        .map(|(_, dir)| {
+            let status = std::fs::read_to_string(dir.join("status")).unwrap();
             let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap();
             line.split_whitespace().nth(1).unwrap().to_string()
         })
@@ -349,17 +344,21 @@ fn pin_workers_puts_each_worker_on_a_cpu_of_its_own_and_still_serves() {
     }
 }
 
-/// The names of `pid`'s threads.
-fn thread_names(pid: u32) -> Vec<String> {
+/// Each of `pid`'s threads: its name and its directory under /proc.
+fn threads(pid: u32) -> Vec<(String, std::path::PathBuf)> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .map(|t| {
-            std::fs::read_to_string(t.unwrap().path().join("comm"))
-                .unwrap()
-                .trim()
-                .to_string()
+            let dir = t.unwrap().path();
+            let name = std::fs::read_to_string(dir.join("comm")).unwrap().trim().to_string();
+            (name, dir)
         })
         .collect()
+}
+
+/// The names of `pid`'s threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    threads(pid).into_iter().map(|(name, _)| name).collect()
 }
 
 #[test]
