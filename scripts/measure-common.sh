@@ -46,6 +46,40 @@ EOC
     nginx -c "$work/nginx$port.conf" -e "$work/nginx$port.err" & pids+=($!)
 }
 
+# A balancer config with two services: "bulk" on 127.0.0.1:BULK to iperf3
+# on IPERF, and "http" on 127.0.0.1:HTTP over the nginx nodes on the
+# remaining ports; the admin API on ADMIN.
+# Usage: balancer_toml ADMIN BULK HTTP IPERF NGINX...
+balancer_toml() {
+    local admin=$1 bulk=$2 http=$3 iperf=$4
+    shift 4
+    cat <<EOC
+state_dir = ""
+[admin]
+listen = "127.0.0.1:$admin"
+[[service]]
+name = "bulk"
+listen = ["127.0.0.1:$bulk"]
+cluster = "iperf"
+[[service]]
+name = "http"
+listen = ["127.0.0.1:$http"]
+cluster = "nginx"
+[[cluster]]
+name = "iperf"
+affinity = false
+[[cluster.node]]
+name = "iperf3"
+address = "127.0.0.1:$iperf"
+[[cluster]]
+name = "nginx"
+affinity = false
+EOC
+    for port in "$@"; do
+        printf '[[cluster.node]]\nname = "nginx%s"\naddress = "127.0.0.1:%s"\n' "$port" "$port"
+    done
+}
+
 # wrk's p50 latency in microseconds, one request in flight (-t1 -c1, 4 s).
 p50_us() {
     wrk -t1 -c1 -d4 --latency "http://127.0.0.1:$1/f1024.bin" |
