@@ -48,6 +48,9 @@ pub struct Config {
     /// Each worker pinned to a CPU of its own, new clients steered to the
     /// worker on the CPU their connection arrives on.
     pub pin_workers: bool,
+    /// How long a worker keeps polling for events after its last work
+    /// instead of sleeping (`None`: it sleeps at once).
+    pub busy_poll: Option<Duration>,
     pub shutdown_grace: Duration,
     pub forwarding: ForwardMode,
     pub admin: AdminConfig,
@@ -343,22 +346,23 @@ fn number_and_unit(s: &str) -> (Option<u64>, &str) {
     (digits.parse().ok(), unit)
 }
 
-/// Parses a duration such as `500ms`, `30s`, `5m`, `2h` or `30d`.
+/// Parses a duration such as `50us`, `500ms`, `30s`, `5m`, `2h` or `30d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (n, unit) = number_and_unit(s);
-    let n = n.ok_or("expected a whole number followed by a unit: ms, s, m, h or d (e.g. \"30s\")")?;
-    let unit_ms: u64 = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        "" => return Err("missing unit: use ms, s, m, h or d (e.g. \"30s\")".into()),
-        other => return Err(format!("unknown unit \"{other}\": use ms, s, m, h or d")),
+    let n = n.ok_or("expected a whole number followed by a unit: us, ms, s, m, h or d (e.g. \"30s\")")?;
+    let unit_us: u64 = match unit {
+        "us" => 1,
+        "ms" => 1_000,
+        "s" => 1_000_000,
+        "m" => 60_000_000,
+        "h" => 3_600_000_000,
+        "d" => 86_400_000_000,
+        "" => return Err("missing unit: use us, ms, s, m, h or d (e.g. \"30s\")".into()),
+        other => return Err(format!("unknown unit \"{other}\": use us, ms, s, m, h or d")),
     };
-    n.checked_mul(unit_ms)
-        .filter(|ms| *ms <= 100 * 365 * 86_400_000)
-        .map(Duration::from_millis)
+    n.checked_mul(unit_us)
+        .filter(|us| *us <= 100 * 365 * 86_400_000_000)
+        .map(Duration::from_micros)
         .ok_or_else(|| "too long: at most 100 years".to_string())
 }
 
@@ -503,6 +507,7 @@ struct RawConfig {
     max_connections: Option<Spanned<i64>>,
     threads: Option<Spanned<i64>>,
     pin_workers: Option<Spanned<bool>>,
+    busy_poll: Option<Spanned<String>>,
     shutdown_grace: Option<Spanned<String>>,
     forwarding: Option<Spanned<String>>,
     admin: Option<RawAdmin>,
@@ -631,6 +636,16 @@ impl RawConfig {
                 .ok_or_else(|| ctx.bad(top, "threads", t, "must be 0 (one per CPU) to 1024"))?,
         };
         let pin_workers = self.pin_workers.is_some_and(|p| p.into_inner());
+        let busy_poll = match &self.busy_poll {
+            None => None,
+            Some(d) => {
+                let window = ctx.duration(top, "busy_poll", d)?;
+                if window.is_zero() {
+                    return Err(ctx.bad(top, "busy_poll", d, "must be above zero (leave it out for none)"));
+                }
+                Some(window)
+            }
+        };
         let shutdown_grace = match &self.shutdown_grace {
             None => DEFAULT_SHUTDOWN_GRACE,
             Some(d) => ctx.duration(top, "shutdown_grace", d)?,
@@ -704,6 +719,7 @@ impl RawConfig {
             max_connections,
             threads,
             pin_workers,
+            busy_poll,
             shutdown_grace,
             forwarding,
             admin,
@@ -997,6 +1013,7 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("50us"), Ok(Duration::from_micros(50)));
         assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86400)));
         assert!(parse_duration("30").unwrap_err().contains("missing unit"));
         assert!(parse_duration("3w").unwrap_err().contains("unknown unit"));

@@ -123,7 +123,8 @@ impl Server {
     /// the affinity flusher) runs on the caller's runtime.
     pub async fn start(config: &Config) -> Result<Server, StartError> {
         warn_capped_socket_buffers(config);
-        let workers = proxy::Workers::start(config.threads, config.pin_workers).map_err(StartError::Workers)?;
+        let workers =
+            proxy::Workers::start(config.threads, config.pin_workers, config.busy_poll).map_err(StartError::Workers)?;
         let keys = crate::config::diff::listeners(config);
         let bound = bind_all(keys.iter(), &workers)?;
         let affinity = {
@@ -353,6 +354,9 @@ impl Server {
                 "pin_workers = {} in the file: takes effect at the next start",
                 new.pin_workers
             );
+        }
+        if new.busy_poll != old.busy_poll {
+            warn!("busy_poll changed in the file: takes effect at the next start");
         }
         warn_capped_socket_buffers(&new);
         if new.admin.listen != old.admin.listen {

@@ -6,6 +6,7 @@ mod common;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::{BIN, Running};
 
@@ -189,6 +190,11 @@ fn check_names_every_problem_with_key_value_and_line() {
             &[":3:", "invalid type"],
         ),
         (
+            "busy_poll",
+            &GOOD.replace("threads = 2", "threads = 2\nbusy_poll = \"0us\""),
+            &[":3:", "busy_poll = \"0us\"", "above zero"],
+        ),
+        (
             "empty listen",
             &GOOD.replace(
                 "listen = [\"127.0.0.1:8080\", \"127.0.0.1:30000-30009\"]",
@@ -342,6 +348,46 @@ fn pin_workers_puts_each_worker_on_a_cpu_of_its_own_and_still_serves() {
             "{said:?}"
         );
     }
+}
+
+#[test]
+fn busy_poll_keeps_a_worker_on_its_cpu_after_work_and_lets_it_sleep_when_idle() {
+    let nodes = name_backends(&["a"]);
+    let text = format!(
+        "threads = 1\nbusy_poll = \"300ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"s\"\n\
+         listen = [\"127.0.0.1:0\"]\ncluster = \"c\"\n[[cluster]]\nname = \"c\"\n[[cluster.node]]\nname = \"a\"\n\
+         address = \"{}\"\n",
+        nodes[0]
+    );
+    let f = write_config(&text);
+    let mut proc = Running::spawn(&["run", "--config", f.path().to_str().unwrap()]);
+    let addr = proc.listen_addr();
+    let (_, worker) = threads(proc.child.id())
+        .into_iter()
+        .find(|(name, _)| name == "protobalance-w0")
+        .unwrap();
+    // The scheduler's state of the worker thread: R running or runnable, S asleep.
+    let state = || {
+        let stat = std::fs::read_to_string(worker.join("stat")).unwrap();
+        stat[stat.rfind(')').unwrap() + 2..].chars().next().unwrap()
+    };
+    // Without busy polling a worker is back asleep in epoll_wait microseconds
+    // after its client has gone; with it, it keeps polling (runnable) for the
+    // window, unless it lost its CPU to another thread meanwhile.
+    let mut polling = 0;
+    for _ in 0..40 {
+        assert_eq!(fetch(addr), "a");
+        std::thread::sleep(Duration::from_millis(5));
+        polling += usize::from(state() == 'R');
+    }
+    assert!(polling >= 20, "polling 5 ms after a client in {polling} of 40");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while state() != 'S' {
+        assert!(Instant::now() < deadline, "an idle worker goes back to sleep");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    proc.signal(libc::SIGTERM);
+    assert_eq!(proc.wait_exit().code(), Some(0));
 }
 
 /// Each of `pid`'s threads: its name and its directory under /proc.

@@ -3,6 +3,7 @@
 //! bytes. One tokio task per connection on a fixed pool of worker threads.
 
 mod admission;
+mod busy_poll;
 mod candidates;
 mod connect;
 mod pump;
@@ -98,7 +99,9 @@ pub async fn accept_loop(
                     plane: plane.clone(),
                     cut: cut.clone(),
                 };
-                plane.connections.spawn(connection_task(accepted));
+                plane
+                    .connections
+                    .spawn(busy_poll::Counted::new(connection_task(accepted)));
             }
             Err(e) => {
                 // EMFILE/ENFILE and friends: back off instead of spinning; the

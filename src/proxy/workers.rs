@@ -25,6 +25,9 @@
 //! core, and because clients then spread only as widely as the CPUs that take
 //! the network card's interrupts (docs/configuration.md, measured in
 //! docs/performance.md).
+//!
+//! With `busy_poll` (off by default), a worker keeps polling for events for a
+//! window after its work instead of sleeping (`proxy::busy_poll`).
 
 use std::future::Future;
 use std::io;
@@ -32,6 +35,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::thread;
+use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
@@ -52,8 +56,9 @@ pub struct Workers {
 
 impl Workers {
     /// Starts `count` worker threads (0: one per CPU), each pinned to a CPU of
-    /// its own where `pin` is set.
-    pub fn start(count: usize, pin: bool) -> io::Result<Workers> {
+    /// its own where `pin` is set, each polling for `busy_poll` after its work
+    /// before it sleeps where that is set.
+    pub fn start(count: usize, pin: bool, busy_poll: Option<Duration>) -> io::Result<Workers> {
         let count = if count == 0 {
             thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -76,7 +81,11 @@ impl Workers {
         let mut ended = Vec::with_capacity(count);
         for i in 0..count {
             let pin_to = pinned_tx.clone().map(|report| (allowed[i % allowed.len()], report));
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let mut builder = tokio::runtime::Builder::new_current_thread();
+            if busy_poll.is_some() {
+                builder.on_thread_unpark(super::busy_poll::after_unpark);
+            }
+            let runtime = builder.enable_all().build()?;
             handles.push(runtime.handle().clone());
             let stopped = stop.clone();
             let (end, ended_rx) = oneshot::channel::<()>();
@@ -89,7 +98,15 @@ impl Workers {
                         let _ = report.send(pin_this_thread(cpu));
                     }
                     crate::logging::batch_this_thread();
-                    runtime.block_on(stopped.cancelled());
+                    match busy_poll {
+                        None => runtime.block_on(stopped.cancelled()),
+                        Some(window) => runtime.block_on(async {
+                            tokio::select! {
+                                _ = stopped.cancelled() => {}
+                                _ = super::busy_poll::spin(window) => {}
+                            }
+                        }),
+                    }
                     drop(runtime);
                     crate::logging::flush_thread();
                     drop(end);
@@ -100,6 +117,9 @@ impl Workers {
             }
         }
         drop(pinned_tx);
+        if let Some(window) = busy_poll {
+            tracing::info!("busy_poll: each worker keeps polling for events {window:?} after its last work");
+        }
         let steering = if pin {
             steering_after_pinning(count, allowed, pinned_rx)
         } else {
@@ -143,7 +163,7 @@ impl Workers {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.handles[i].spawn(future);
+        self.handles[i].spawn(super::busy_poll::Counted::new(future));
     }
 
     /// Stops every worker and waits until their threads have ended. (Dropping
@@ -423,7 +443,7 @@ mod tests {
     fn pinned_workers_each_run_on_a_cpu_of_their_own() {
         let allowed = allowed_cpus();
         let count = allowed.len().min(4);
-        let workers = Workers::start(count, true).unwrap();
+        let workers = Workers::start(count, true, None).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         for i in 0..count {
             let tx = tx.clone();
@@ -435,13 +455,13 @@ mod tests {
         assert!(seen.iter().all(|(_, cpus)| cpus.len() == 1), "{seen:?}");
         assert_eq!(cpus, allowed[..count], "worker i on the i-th allowed CPU");
         assert_eq!(workers.steering(), Some(&cpus[..]));
-        assert_eq!(Workers::start(count, false).unwrap().steering(), None);
+        assert_eq!(Workers::start(count, false, None).unwrap().steering(), None);
     }
 
     #[test]
     fn more_workers_than_cpus_are_pinned_but_not_steered() {
         let allowed = allowed_cpus();
-        let workers = Workers::start(allowed.len() + 1, true).unwrap();
+        let workers = Workers::start(allowed.len() + 1, true, None).unwrap();
         assert_eq!(workers.steering(), None);
     }
 
