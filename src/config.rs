@@ -609,6 +609,21 @@ impl Ctx<'_> {
         parse_duration(value.get_ref()).map_err(|why| self.bad(what, key, value, why))
     }
 
+    /// A duration that may be left out (`None`) but, where written, is above zero.
+    fn optional_duration(
+        &self,
+        what: &str,
+        key: &str,
+        value: Option<&Spanned<String>>,
+    ) -> Result<Option<Duration>, ConfigError> {
+        let Some(value) = value else { return Ok(None) };
+        let d = self.duration(what, key, value)?;
+        if d.is_zero() {
+            return Err(self.bad(what, key, value, "must be above zero (leave it out for none)"));
+        }
+        Ok(Some(d))
+    }
+
     fn socket_buffer(&self, what: &str, value: Option<&Spanned<String>>) -> Result<Option<SocketBuffer>, ConfigError> {
         value
             .map(|v| parse_socket_buffer(v.get_ref()).map_err(|why| self.bad(what, "socket_buffer", v, why)))
@@ -636,16 +651,7 @@ impl RawConfig {
                 .ok_or_else(|| ctx.bad(top, "threads", t, "must be 0 (one per CPU) to 1024"))?,
         };
         let pin_workers = self.pin_workers.is_some_and(|p| p.into_inner());
-        let busy_poll = match &self.busy_poll {
-            None => None,
-            Some(d) => {
-                let window = ctx.duration(top, "busy_poll", d)?;
-                if window.is_zero() {
-                    return Err(ctx.bad(top, "busy_poll", d, "must be above zero (leave it out for none)"));
-                }
-                Some(window)
-            }
-        };
+        let busy_poll = ctx.optional_duration(top, "busy_poll", self.busy_poll.as_ref())?;
         let shutdown_grace = match &self.shutdown_grace {
             None => DEFAULT_SHUTDOWN_GRACE,
             Some(d) => ctx.duration(top, "shutdown_grace", d)?,
@@ -765,16 +771,7 @@ fn validate_limits(ctx: &Ctx<'_>, what: &str, raw: &RawService) -> Result<Servic
                 .map_err(|_| ctx.bad(what, "max_connections_per_client", m, "too large"))
         })
         .transpose()?;
-    let idle_timeout = match &raw.idle_timeout {
-        None => None,
-        Some(d) => {
-            let idle = ctx.duration(what, "idle_timeout", d)?;
-            if idle.is_zero() {
-                return Err(ctx.bad(what, "idle_timeout", d, "must be above zero (leave it out for none)"));
-            }
-            Some(idle)
-        }
-    };
+    let idle_timeout = ctx.optional_duration(what, "idle_timeout", raw.idle_timeout.as_ref())?;
     Ok(ServiceLimits {
         max_connections: raw
             .max_connections

@@ -306,16 +306,7 @@ fn run_serves_and_exits_0_on_sigterm_after_open_connections_finish() {
 
 #[test]
 fn pin_workers_puts_each_worker_on_a_cpu_of_its_own_and_still_serves() {
-    let nodes = name_backends(&["a"]);
-    let text = format!(
-        "threads = 2\npin_workers = true\n[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"s\"\n\
-         listen = [\"127.0.0.1:0\"]\ncluster = \"c\"\n[[cluster]]\nname = \"c\"\n[[cluster.node]]\nname = \"a\"\n\
-         address = \"{}\"\n",
-        nodes[0]
-    );
-    let f = write_config(&text);
-    let mut proc = Running::spawn(&["run", "--config", f.path().to_str().unwrap()]);
-    let addr = proc.listen_addr();
+    let (mut proc, addr) = run_with_one_node("threads = 2\npin_workers = true");
     for _ in 0..50 {
         assert_eq!(fetch(addr), "a");
     }
@@ -352,16 +343,7 @@ fn pin_workers_puts_each_worker_on_a_cpu_of_its_own_and_still_serves() {
 
 #[test]
 fn busy_poll_keeps_a_worker_on_its_cpu_after_work_and_lets_it_sleep_when_idle() {
-    let nodes = name_backends(&["a"]);
-    let text = format!(
-        "threads = 1\nbusy_poll = \"300ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"s\"\n\
-         listen = [\"127.0.0.1:0\"]\ncluster = \"c\"\n[[cluster]]\nname = \"c\"\n[[cluster.node]]\nname = \"a\"\n\
-         address = \"{}\"\n",
-        nodes[0]
-    );
-    let f = write_config(&text);
-    let mut proc = Running::spawn(&["run", "--config", f.path().to_str().unwrap()]);
-    let addr = proc.listen_addr();
+    let (mut proc, addr) = run_with_one_node("threads = 1\nbusy_poll = \"300ms\"");
     let (_, worker) = threads(proc.child.id())
         .into_iter()
         .find(|(name, _)| name == "protobalance-w0")
@@ -388,6 +370,22 @@ fn busy_poll_keeps_a_worker_on_its_cpu_after_work_and_lets_it_sleep_when_idle() 
     }
     proc.signal(libc::SIGTERM);
     assert_eq!(proc.wait_exit().code(), Some(0));
+}
+
+/// `run` with `top` (top-level lines) and one service on an ephemeral port
+/// whose cluster is one node answering "a"; returns the process and the
+/// service's address.
+fn run_with_one_node(top: &str) -> (Running, SocketAddr) {
+    let nodes = name_backends(&["a"]);
+    let text = format!(
+        "{top}\n[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"s\"\nlisten = [\"127.0.0.1:0\"]\n\
+         cluster = \"c\"\n[[cluster]]\nname = \"c\"\n[[cluster.node]]\nname = \"a\"\naddress = \"{}\"\n",
+        nodes[0]
+    );
+    let f = write_config(&text);
+    let proc = Running::spawn(&["run", "--config", f.path().to_str().unwrap()]);
+    let addr = proc.listen_addr();
+    (proc, addr)
 }
 
 /// Each of `pid`'s threads: its name and its directory under /proc.

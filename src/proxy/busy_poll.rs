@@ -173,15 +173,11 @@ mod tests {
         Duration::from_micros(n)
     }
 
-    /// Drives a spinner through empty rounds of 1 µs, each followed by
-    /// `given_away` for other threads, until it says to sleep; returns how
-    /// long after `start` that was.
-    fn empty_rounds_until_sleep(
-        spinner: &mut Spinner,
-        mut t: Instant,
-        start: Instant,
-        given_away: Duration,
-    ) -> Duration {
+    /// Drives a spinner through empty rounds of 1 µs from `from`, each
+    /// followed by `given_away` for other threads, until it says to sleep;
+    /// returns how long after `from` that was.
+    fn empty_rounds_until_sleep(spinner: &mut Spinner, from: Instant, given_away: Duration) -> Duration {
+        let mut t = from;
         loop {
             t += us(1);
             match spinner.after_round(t, 7) {
@@ -189,7 +185,7 @@ mod tests {
                     t += given_away;
                     spinner.restart_round(t);
                 }
-                Next::Sleep => return t - start,
+                Next::Sleep => return t - from,
                 Next::Spin => panic!("no work was done"),
             }
         }
@@ -199,10 +195,7 @@ mod tests {
     fn empty_rounds_offer_the_cpu_until_the_window_has_passed_then_sleep() {
         let start = Instant::now();
         let mut spinner = Spinner::new(WINDOW, start, 7);
-        assert_eq!(
-            empty_rounds_until_sleep(&mut spinner, start, start, Duration::ZERO),
-            us(51)
-        );
+        assert_eq!(empty_rounds_until_sleep(&mut spinner, start, Duration::ZERO), us(51));
     }
 
     #[test]
@@ -211,10 +204,7 @@ mod tests {
         let mut spinner = Spinner::new(WINDOW, start, 6);
         let worked = start + us(40);
         assert_eq!(spinner.after_round(worked, 7), Next::Spin);
-        assert_eq!(
-            empty_rounds_until_sleep(&mut spinner, worked, worked, Duration::ZERO),
-            us(51)
-        );
+        assert_eq!(empty_rounds_until_sleep(&mut spinner, worked, Duration::ZERO), us(51));
     }
 
     #[test]
@@ -223,7 +213,7 @@ mod tests {
         let mut spinner = Spinner::new(WINDOW, start, 7);
         // Rounds of 1 µs, 30 µs given to other threads after each: slow
         // rounds that did no work, so the window still ends.
-        assert_eq!(empty_rounds_until_sleep(&mut spinner, start, start, us(30)), us(63));
+        assert_eq!(empty_rounds_until_sleep(&mut spinner, start, us(30)), us(63));
     }
 
     #[test]
