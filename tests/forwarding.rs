@@ -39,10 +39,19 @@ async fn exchange_backend(reply: Vec<u8>) -> (SocketAddr, tokio::sync::mpsc::Rec
 }
 
 async fn ten_mb_each_way(forwarding: &str) {
+    let forwarding = forwarding_mode(forwarding);
+    ten_mb_each_way_with(|config| config.forwarding = forwarding).await;
+}
+
+/// 10 MB each way through a balancer with one node and its config as `tweak`
+/// leaves it: byte-exact both ways, and counted.
+async fn ten_mb_each_way_with(tweak: impl FnOnce(&mut Config)) {
     let upstream = random_bytes(TEN_MB);
     let downstream = random_bytes(TEN_MB);
     let (node, mut received) = exchange_backend(downstream.clone()).await;
-    let (server, addr) = start_one_node(node, forwarding).await;
+    let mut config = one_service(&[("a", node, 1)], "");
+    tweak(&mut config);
+    let (server, addr) = start(&config).await;
 
     let client = TcpStream::connect(addr).await.unwrap();
     let (mut r, mut w) = client.into_split();
@@ -115,6 +124,13 @@ async fn ten_mb_each_way_byte_exact_with_copy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_mb_each_way_byte_exact_with_auto() {
     ten_mb_each_way("auto").await;
+}
+
+/// Busy polling changes when a worker looks for events, never what it
+/// forwards: the auto path (copy, then splice) with workers that spin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_mb_each_way_byte_exact_with_busy_polling() {
+    ten_mb_each_way_with(|config| config.busy_poll = Some(Duration::from_micros(50))).await;
 }
 
 #[test]
