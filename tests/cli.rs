@@ -289,15 +289,7 @@ fn forward_refuses_a_bad_address() {
 
 #[test]
 fn run_serves_and_exits_0_on_sigterm_after_open_connections_finish() {
-    let nodes = name_backends(&["a"]);
-    let text = format!(
-        "shutdown_grace = \"30s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"s\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"c\"\n\
-         [[cluster]]\nname = \"c\"\n[[cluster.node]]\nname = \"a\"\naddress = \"{}\"\n",
-        nodes[0]
-    );
-    let f = write_config(&text);
-    let mut proc = Running::spawn(&["run", "--config", f.path().to_str().unwrap()]);
-    let addr = proc.listen_addr();
+    let (mut proc, addr) = run_with_one_node("shutdown_grace = \"30s\"");
     assert_eq!(fetch(addr), "a");
     proc.wait_for("protobalance::access");
     proc.signal(libc::SIGTERM);
