@@ -423,15 +423,18 @@ impl Server {
             .store(Arc::new(Snapshot::build(&effective, Some(&current))));
     }
 
-    /// Starts the accept loops of each bound listener, one per worker.
+    /// Starts the accept loops of each bound listener: each worker accepts
+    /// from its own socket of the group and its neighbour's
+    /// (`proxy::share_with_neighbours`).
     fn start_listeners(&self, bound: Vec<(ListenerKey, Vec<std::net::TcpListener>)>) {
         let mut listeners = self.shared.listeners.lock().expect("listeners lock");
+        let pinned = self.shared.workers.steering().is_some();
         for (key, group) in bound {
             let addr = group[0].local_addr().expect("a bound listener has an address");
             let service = Arc::<str>::from(key.service.as_str());
             let stop = CancellationToken::new();
             info!(service = %service, "listening on {addr}");
-            for (worker, listener) in group.into_iter().enumerate() {
+            for (worker, listener) in proxy::share_with_neighbours(group, pinned) {
                 let accept = proxy::accept_loop(
                     listener,
                     service.clone(),

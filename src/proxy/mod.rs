@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 
 pub use candidates::Candidates;
 pub use pump::{PumpError, Side};
-pub use workers::{AcceptCount, Workers, allowed_cpus, bind_group, pin_this_thread};
+pub use workers::{AcceptCount, Workers, allowed_cpus, bind_group, pin_this_thread, share_with_neighbours};
 
 use crate::affinity::Affinity;
 use crate::config::SocketBuffer;
