@@ -480,6 +480,56 @@ async fn shutdown_cuts_connections_still_open_after_the_grace_period() {
     assert_eq!(within("cut", open.read_to_end(&mut rest)).await.unwrap(), 0);
 }
 
+/// The inodes of the sockets listening on 127.0.0.1:`port` (/proc/net/tcp),
+/// and how many of this process's descriptors refer to them.
+fn listening_sockets_and_descriptors(port: u16) -> (usize, usize) {
+    let tcp = std::fs::read_to_string("/proc/self/net/tcp").unwrap();
+    let local = format!("0100007F:{port:04X}");
+    let inodes: Vec<String> = tcp
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f[1] == local && f[3] == "0A") // 0A: LISTEN
+        .map(|f| format!("socket:[{}]", f[9]))
+        .collect();
+    let descriptors = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| inodes.iter().any(|inode| target.as_os_str() == inode.as_str()))
+        .count();
+    (inodes.len(), descriptors)
+}
+
+#[tokio::test]
+async fn each_worker_accepts_from_its_own_socket_and_its_neighbours() {
+    let node = name_backend("n").await;
+    let mut config = one_service(&[("n", node, 1)], "");
+    config.threads = 3;
+    let (server, addr) = start(&config).await;
+    assert_eq!(
+        listening_sockets_and_descriptors(addr.port()),
+        (3, 6),
+        "one SO_REUSEPORT socket per worker, each watched by two workers"
+    );
+    assert_eq!(read_all(addr).await, "n");
+    server.shutdown(PATIENCE).await;
+}
+
+#[tokio::test]
+async fn pinned_workers_accept_only_from_their_own_sockets() {
+    let cpus = protobalance::proxy::allowed_cpus();
+    if cpus.len() < 2 {
+        return; // steering needs a CPU for each of two workers
+    }
+    let node = name_backend("n").await;
+    let mut config = one_service(&[("n", node, 1)], "");
+    config.threads = 2;
+    config.pin_workers = true;
+    let (server, addr) = start(&config).await;
+    assert_eq!(listening_sockets_and_descriptors(addr.port()), (2, 2));
+    server.shutdown(PATIENCE).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pinned_workers_take_the_clients_that_arrive_on_their_cpu() {
     use protobalance::proxy::{allowed_cpus, pin_this_thread};
