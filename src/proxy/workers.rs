@@ -498,6 +498,15 @@ mod tests {
     #[test]
     fn clients_queued_on_a_blocked_workers_socket_are_taken_by_its_neighbour() {
         let workers = Workers::start(3, false, None).unwrap();
+        // Worker 1's thread is stuck until `release`, before any accept loop
+        // reaches it: it accepts nothing.
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let (is_stuck, now_stuck) = std::sync::mpsc::channel::<()>();
+        workers.spawn_on(1, async move {
+            is_stuck.send(()).unwrap();
+            let _ = stuck.recv();
+        });
+        now_stuck.recv().unwrap();
         let group = bind_group("127.0.0.1:0".parse().unwrap(), 3, None).unwrap();
         let addr = group[0].local_addr().unwrap();
         let watched = share_with_neighbours(group, false);
@@ -515,11 +524,6 @@ mod tests {
                 }
             });
         }
-        // Worker 1's thread is stuck until `release`: it accepts nothing.
-        let (release, stuck) = std::sync::mpsc::channel::<()>();
-        workers.spawn_on(1, async move {
-            let _ = stuck.recv();
-        });
         // The kernel's hash queues about a third of them on worker 1's socket
         // (none of 24: a chance of 6 in 100,000).
         for _ in 0..24 {
