@@ -428,13 +428,13 @@ impl Server {
     /// (`proxy::share_with_neighbours`).
     fn start_listeners(&self, bound: Vec<(ListenerKey, Vec<std::net::TcpListener>)>) {
         let mut listeners = self.shared.listeners.lock().expect("listeners lock");
-        let pinned = self.shared.workers.steering().is_some();
+        let steered = self.shared.workers.steering().is_some();
         for (key, group) in bound {
             let addr = group[0].local_addr().expect("a bound listener has an address");
             let service = Arc::<str>::from(key.service.as_str());
             let stop = CancellationToken::new();
             info!(service = %service, "listening on {addr}");
-            for (worker, listener) in proxy::share_with_neighbours(group, pinned) {
+            for (worker, listener) in proxy::share_with_neighbours(group, steered) {
                 let accept = proxy::accept_loop(
                     listener,
                     service.clone(),

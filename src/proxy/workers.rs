@@ -249,14 +249,16 @@ pub fn bind_group(
 /// that watches its socket, and only one of them gets it. Two watchers give
 /// most of the balance of a shared queue (the "power of two choices") for at
 /// most one needless wake-up per client, where all-to-all would cost up to
-/// one per worker. Why not when `pinned` (`pin_workers`): steering hands a
-/// client to the worker on the CPU its packets arrive on, and a neighbour
-/// taking it would undo that. A socket that cannot be duplicated (out of
-/// descriptors) keeps its one watcher, with a warning.
-pub fn share_with_neighbours(group: Vec<std::net::TcpListener>, pinned: bool) -> Vec<(usize, std::net::TcpListener)> {
+/// one per worker. Why not when `steered` (`pin_workers` with a CPU for each
+/// worker, see [`Workers::steering`]): steering hands a client to the worker
+/// on the CPU its packets arrive on, and a neighbour taking it would undo
+/// that; pinned workers that share CPUs, or whose pinning failed, are spread
+/// by hash and share like unpinned ones. A socket that cannot be duplicated
+/// (out of descriptors) keeps its one watcher, with a warning.
+pub fn share_with_neighbours(group: Vec<std::net::TcpListener>, steered: bool) -> Vec<(usize, std::net::TcpListener)> {
     let count = group.len();
     let mut duplicates = Vec::new();
-    if !pinned && count > 1 {
+    if !steered && count > 1 {
         for (i, listener) in group.iter().enumerate() {
             match listener.try_clone() {
                 // Worker i-1 (wrapping) watches worker i's socket.
@@ -538,7 +540,7 @@ mod tests {
     }
 
     #[test]
-    fn pinned_workers_keep_to_their_own_sockets() {
+    fn steered_workers_keep_to_their_own_sockets() {
         let group = bind_group("127.0.0.1:0".parse().unwrap(), 3, None).unwrap();
         let watched: Vec<usize> = share_with_neighbours(group, true).iter().map(|(w, _)| *w).collect();
         assert_eq!(watched, [0, 1, 2]);
