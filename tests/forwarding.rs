@@ -500,12 +500,19 @@ fn listening_sockets_and_descriptors(port: u16) -> (usize, usize) {
     (inodes.len(), descriptors)
 }
 
-#[tokio::test]
-async fn each_worker_accepts_from_its_own_socket_and_its_neighbours() {
+/// A balancer with `threads` workers, pinned where `pin`, over one node that
+/// answers "n".
+async fn start_with_workers(threads: usize, pin: bool) -> (protobalance::server::Server, SocketAddr) {
     let node = name_backend("n").await;
     let mut config = one_service(&[("n", node, 1)], "");
-    config.threads = 3;
-    let (server, addr) = start(&config).await;
+    config.threads = threads;
+    config.pin_workers = pin;
+    start(&config).await
+}
+
+#[tokio::test]
+async fn each_worker_accepts_from_its_own_socket_and_its_neighbours() {
+    let (server, addr) = start_with_workers(3, false).await;
     assert_eq!(
         listening_sockets_and_descriptors(addr.port()),
         (3, 6),
@@ -516,16 +523,12 @@ async fn each_worker_accepts_from_its_own_socket_and_its_neighbours() {
 }
 
 #[tokio::test]
-async fn pinned_workers_accept_only_from_their_own_sockets() {
+async fn steered_workers_accept_only_from_their_own_sockets() {
     let cpus = protobalance::proxy::allowed_cpus();
     if cpus.len() < 2 {
         return; // steering needs a CPU for each of two workers
     }
-    let node = name_backend("n").await;
-    let mut config = one_service(&[("n", node, 1)], "");
-    config.threads = 2;
-    config.pin_workers = true;
-    let (server, addr) = start(&config).await;
+    let (server, addr) = start_with_workers(2, true).await;
     assert_eq!(listening_sockets_and_descriptors(addr.port()), (2, 2));
     server.shutdown(PATIENCE).await;
 }
@@ -535,11 +538,7 @@ async fn pinned_workers_take_the_clients_that_arrive_on_their_cpu() {
     use protobalance::proxy::{allowed_cpus, pin_this_thread};
     let cpus = allowed_cpus();
     let workers = cpus.len().min(4);
-    let node = name_backend("n").await;
-    let mut config = one_service(&[("n", node, 1)], "");
-    config.threads = workers;
-    config.pin_workers = true;
-    let (server, addr) = start(&config).await;
+    let (server, addr) = start_with_workers(workers, true).await;
     for round in 0..2 {
         for (worker, &cpu) in cpus[..workers].iter().enumerate() {
             let before = server.accepted_by_worker();
