@@ -1,7 +1,8 @@
 //! The hot paths that touch no socket: one pick of each algorithm over 3, 30
 //! and 300 eligible nodes with unequal weights and (synthetic) live figures,
-//! the per-connection snapshot load, and an affinity lookup among 10,000
-//! pins: `cargo bench --bench pick`.
+//! the per-connection snapshot load, an affinity lookup among 10,000 pins,
+//! and a connection's poll of its node's red state as another worker polls
+//! its own: `cargo bench --bench pick`.
 //!
 //! Measured in CPU time of the benchmarking thread, not wall-clock time: on a
 //! shared machine (CI, a busy workstation) wall time counts the slices other
@@ -10,12 +11,16 @@
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::task::{Context, Waker};
 
 use criterion::measurement::{Measurement, ValueFormatter};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use protobalance::balance::LoadRating;
 use protobalance::config::{AlgorithmKind, Config};
-use protobalance::model::Snapshot;
+use protobalance::model::{NodeFigures, NodeState, Snapshot, bind_worker_slot};
 
 fn snapshot(algorithm: AlgorithmKind, nodes: usize) -> Snapshot {
     let mut text = format!(
@@ -155,9 +160,41 @@ fn affinity_lookup(c: &mut Criterion<ThreadCpuTime>) {
     });
 }
 
+/// What an open connection's task does on every wake-up besides its pump:
+/// poll its wait for the node to turn red. Another worker's connection to the
+/// same node polls its own wait without pause meanwhile, from the same worker
+/// slot (one `Notify` for both, as when a node had a single one) or from a
+/// slot of its own (the default for one worker per CPU). Needs 2 CPUs to show
+/// a difference: with one, there is one slot.
+fn red_wait(c: &mut Criterion<ThreadCpuTime>) {
+    let figures = Arc::new(NodeFigures::new(NodeState::Green));
+    let mut group = c.benchmark_group("red_wait_poll");
+    for (name, other_slot) in [("other_worker_same_slot", 0), ("other_worker_own_slot", 1)] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let other = std::thread::spawn({
+            let (figures, stop) = (figures.clone(), stop.clone());
+            move || {
+                bind_worker_slot(other_slot);
+                let mut red = pin!(figures.red());
+                while !stop.load(Relaxed) {
+                    let _ = red.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+                }
+            }
+        });
+        bind_worker_slot(0);
+        let mut red = pin!(figures.red());
+        group.bench_function(name, |b| {
+            b.iter(|| black_box(red.as_mut().poll(&mut Context::from_waker(Waker::noop()))))
+        });
+        stop.store(true, Relaxed);
+        other.join().unwrap();
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().with_measurement(ThreadCpuTime);
-    targets = pick, load_rating, snapshot_load, affinity_lookup
+    targets = pick, load_rating, snapshot_load, affinity_lookup, red_wait
 }
 criterion_main!(benches);

@@ -4,13 +4,14 @@
 //!
 //! No I/O here: building a snapshot is pure.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -98,8 +99,38 @@ pub struct NodeFigures {
     pub(crate) load: LoadFigures,
     /// Times the node went from available to unavailable or back.
     health_transitions: AtomicU64,
-    /// Wakes the node's open connections when it turns red, so they are cut.
-    turned_red: tokio::sync::Notify,
+    /// Wakes the node's open connections when it turns red, so they are cut:
+    /// one `Notify` per worker slot (see [`bind_worker_slot`]), each on cache
+    /// lines of its own. A waiting connection's task takes its `Notify`'s
+    /// mutex each time it is polled, that is on every wake-up; with one per
+    /// node, every worker would lock the same mutex for every request.
+    turned_red: Box<[Padded<tokio::sync::Notify>]>,
+}
+
+/// A value alone on its cache lines (128 bytes: x86-64 fetches lines in
+/// pairs), for what different workers write.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct Padded<T>(pub T);
+
+thread_local! {
+    /// This thread's worker slot: which of each node's per-worker parts it uses.
+    static WORKER_SLOT: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Makes this thread use worker slot `worker` (modulo the number of slots,
+/// one per CPU the process may use): called by each worker thread as it
+/// starts. Any other thread uses slot 0. Workers beyond the number of CPUs
+/// share slots, and only they contend with each other.
+pub fn bind_worker_slot(worker: usize) {
+    WORKER_SLOT.set(worker % worker_slots());
+}
+
+/// How many worker slots a node's per-worker parts have: one per CPU the
+/// process may use, counted once.
+fn worker_slots() -> usize {
+    static SLOTS: OnceLock<usize> = OnceLock::new();
+    *SLOTS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 impl NodeFigures {
@@ -114,7 +145,7 @@ impl NodeFigures {
             state: AtomicU8::new(state.to_u8()),
             load: LoadFigures::default(),
             health_transitions: AtomicU64::new(0),
-            turned_red: tokio::sync::Notify::new(),
+            turned_red: (0..worker_slots()).map(|_| Default::default()).collect(),
         }
     }
 
@@ -145,7 +176,9 @@ impl NodeFigures {
     pub fn set_state(&self, state: NodeState) {
         self.state.store(state.to_u8(), Relaxed);
         if state == NodeState::Red {
-            self.turned_red.notify_waiters();
+            for connections in &self.turned_red {
+                connections.0.notify_waiters();
+            }
         }
     }
     /// Whether the node may take a new connection: green and available.
@@ -174,13 +207,18 @@ impl NodeFigures {
     pub fn health_transitions(&self) -> u64 {
         self.health_transitions.load(Relaxed)
     }
-    /// Resolves once the node is red: at once if it is red now, else when it turns red.
+    /// Resolves once the node is red: at once if it is red now, else when it
+    /// turns red. Waits on this thread's worker slot.
     pub fn red(&self) -> TurnedRed<'_> {
         TurnedRed {
             figures: self,
-            turned: self.turned_red.notified(),
+            turned: self.turned_red_here().notified(),
             armed: false,
         }
+    }
+
+    fn turned_red_here(&self) -> &tokio::sync::Notify {
+        &self.turned_red[WORKER_SLOT.get()].0
     }
 
     /// Counts a connection as open until the returned guard drops.
@@ -220,7 +258,7 @@ impl Future for TurnedRed<'_> {
             }
             ready!(this.turned.as_mut().poll(cx));
             // Woken, but it may have turned back already: check again, on a new registration.
-            this.turned.set(this.figures.turned_red.notified());
+            this.turned.set(this.figures.turned_red_here().notified());
             *this.armed = false;
         }
     }
@@ -474,5 +512,61 @@ fn build_cluster(c: &ClusterConfig, previous: Option<&Snapshot>) -> Cluster {
         retry_interval: c.retry_interval,
         socket_buffer: c.socket_buffer,
         nodes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::pin;
+    use std::task::Waker;
+
+    fn is_ready(future: Pin<&mut impl Future<Output = ()>>) -> bool {
+        future.poll(&mut Context::from_waker(Waker::noop())).is_ready()
+    }
+
+    #[test]
+    fn a_red_node_cuts_a_connection_at_once() {
+        let figures = NodeFigures::new(NodeState::Red);
+        assert!(is_ready(pin!(figures.red())));
+        let figures = NodeFigures::new(NodeState::Yellow);
+        assert!(!is_ready(pin!(figures.red())), "only red cuts");
+    }
+
+    /// Connections on every worker slot are woken when their node turns red
+    /// on another thread (the admin API's).
+    #[test]
+    fn turning_red_wakes_the_connections_of_every_worker() {
+        let figures = Arc::new(NodeFigures::new(NodeState::Green));
+        let (waiting_tx, waiting_rx) = std::sync::mpsc::channel();
+        let workers: Vec<_> = (0..worker_slots() + 1)
+            .map(|worker| {
+                let (figures, waiting) = (figures.clone(), waiting_tx.clone());
+                std::thread::spawn(move || {
+                    bind_worker_slot(worker);
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    runtime.block_on(async {
+                        let mut red = pin!(figures.red());
+                        std::future::poll_fn(|cx| {
+                            assert!(red.as_mut().poll(cx).is_pending());
+                            Poll::Ready(())
+                        })
+                        .await;
+                        waiting.send(()).unwrap();
+                        tokio::time::timeout(Duration::from_secs(10), red).await
+                    })
+                })
+            })
+            .collect();
+        for _ in &workers {
+            waiting_rx.recv().unwrap();
+        }
+        figures.set_state(NodeState::Red);
+        for worker in workers {
+            worker.join().unwrap().expect("woken when the node turned red");
+        }
     }
 }

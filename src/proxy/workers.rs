@@ -44,6 +44,8 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::model::Padded;
+
 /// The running workers. Dropping this stops them: their runtimes end, and with
 /// them any task still running there.
 pub struct Workers {
@@ -51,7 +53,7 @@ pub struct Workers {
     /// The CPU each worker is pinned to, where new clients are steered by CPU.
     steering: Option<Vec<usize>>,
     /// Clients each worker has accepted.
-    accepted: Arc<[PaddedCount]>,
+    accepted: Arc<[Padded<AtomicU64>]>,
     stop: CancellationToken,
     /// One per worker, closed when its thread has ended (its log lines handed over).
     ended: std::sync::Mutex<Vec<oneshot::Receiver<()>>>,
@@ -101,6 +103,7 @@ impl Workers {
                         let _ = report.send(pin_this_thread(cpu));
                     }
                     crate::logging::batch_this_thread();
+                    crate::model::bind_worker_slot(i);
                     match busy_poll {
                         None => runtime.block_on(stopped.cancelled()),
                         Some(window) => runtime.block_on(async {
@@ -131,7 +134,7 @@ impl Workers {
         Ok(Workers {
             handles,
             steering,
-            accepted: (0..count).map(|_| PaddedCount::default()).collect(),
+            accepted: (0..count).map(|_| Padded::default()).collect(),
             stop,
             ended: std::sync::Mutex::new(ended),
         })
@@ -181,15 +184,11 @@ impl Workers {
     }
 }
 
-/// A worker's count, alone on its cache line: each worker bumps only its own.
-#[derive(Default)]
-#[repr(align(128))]
-struct PaddedCount(AtomicU64);
-
-/// One worker's count of accepted clients (see [`Workers::accepted`]).
+/// One worker's count of accepted clients (see [`Workers::accepted`]). Each
+/// count is alone on its cache line: each worker bumps only its own.
 #[derive(Clone)]
 pub struct AcceptCount {
-    all: Arc<[PaddedCount]>,
+    all: Arc<[Padded<AtomicU64>]>,
     worker: usize,
 }
 
