@@ -127,8 +127,9 @@ pub fn bind_worker_slot(worker: usize) {
 }
 
 /// How many worker slots a node's per-worker parts have: one per CPU the
-/// process may use, counted once.
-fn worker_slots() -> usize {
+/// process may use, counted once (a cgroup's CPU quota is read from files),
+/// which is also the default number of workers.
+pub fn worker_slots() -> usize {
     static SLOTS: OnceLock<usize> = OnceLock::new();
     *SLOTS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }

@@ -65,7 +65,7 @@ impl Workers {
     /// before it sleeps where that is set.
     pub fn start(count: usize, pin: bool, busy_poll: Option<Duration>) -> io::Result<Workers> {
         let count = if count == 0 {
-            thread::available_parallelism().map_or(1, |n| n.get())
+            crate::model::worker_slots()
         } else {
             count
         };
