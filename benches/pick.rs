@@ -18,7 +18,7 @@ use std::task::{Context, Waker};
 
 use criterion::measurement::{Measurement, ValueFormatter};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use protobalance::balance::LoadRating;
+use protobalance::config::LoadRating;
 use protobalance::config::{AlgorithmKind, Config};
 use protobalance::model::{NodeFigures, NodeState, Snapshot, bind_worker_slot};
 

@@ -6,7 +6,6 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -16,62 +15,11 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use crate::balance::{self, Balancer};
+pub use crate::config::NodeState;
 use crate::config::{
     AlgorithmKind, ClusterConfig, Config, ForwardMode, ListenSpec, NodeAddress, ServiceLimits, SocketBuffer,
 };
 use crate::rates::LoadFigures;
-
-/// A node's state, set by an operator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum NodeState {
-    /// Takes new connections.
-    Green,
-    /// Drains: no new connections, open ones continue.
-    Yellow,
-    /// Offline: open connections are cut, no new ones.
-    Red,
-}
-
-impl NodeState {
-    pub fn parse(s: &str) -> Option<NodeState> {
-        match s {
-            "green" => Some(NodeState::Green),
-            "yellow" => Some(NodeState::Yellow),
-            "red" => Some(NodeState::Red),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            NodeState::Green => "green",
-            NodeState::Yellow => "yellow",
-            NodeState::Red => "red",
-        }
-    }
-
-    fn from_u8(v: u8) -> NodeState {
-        match v {
-            0 => NodeState::Green,
-            1 => NodeState::Yellow,
-            _ => NodeState::Red,
-        }
-    }
-
-    fn to_u8(self) -> u8 {
-        match self {
-            NodeState::Green => 0,
-            NodeState::Yellow => 1,
-            NodeState::Red => 2,
-        }
-    }
-}
-
-impl fmt::Display for NodeState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// A node's identity across reloads: same cluster, name and address means the
 /// same node, whose figures carry over.

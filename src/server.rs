@@ -26,8 +26,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::affinity::{self, Affinity};
-use crate::config::diff::{ListenerKey, diff};
 use crate::config::{Config, ConfigError};
+use crate::config::{ListenerKey, diff};
 use crate::health;
 use crate::model::{NodeState, Snapshot};
 use crate::proxy::{self, DataPlane};
@@ -125,7 +125,7 @@ impl Server {
         warn_capped_socket_buffers(config);
         let workers =
             proxy::Workers::start(config.threads, config.pin_workers, config.busy_poll).map_err(StartError::Workers)?;
-        let keys = crate::config::diff::listeners(config);
+        let keys = crate::config::listeners(config);
         let bound = bind_all(keys.iter(), &workers)?;
         let affinity = {
             let (dir, config) = (config.state_dir.clone(), config.clone());

@@ -5,7 +5,8 @@
 
 use std::net::IpAddr;
 
-use super::{Balancer, LoadRating, TieBreak, Variable, lowest, rate_per_weight};
+use super::{Balancer, TieBreak, lowest, rate_per_weight};
+use crate::config::{LoadRating, Variable};
 use crate::model::Node;
 use crate::rates::{Rate, seeded_mean};
 

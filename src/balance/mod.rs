@@ -9,7 +9,6 @@
 mod connection_rate;
 mod ip_hash;
 mod least_load;
-mod load_rating;
 mod random;
 mod round_robin;
 mod traffic_rate;
@@ -24,7 +23,6 @@ use crate::rates::{Rate, seeded_mean};
 pub use connection_rate::ConnectionRate;
 pub use ip_hash::IpHash;
 pub use least_load::LeastLoad;
-pub use load_rating::{LoadRating, LoadRatingError, Variable};
 pub use random::Random;
 pub use round_robin::RoundRobin;
 pub use traffic_rate::TrafficRate;
@@ -40,18 +38,6 @@ pub trait Balancer: Send + Sync {
     /// (see docs/availability.md).
     fn home(&self, _client: IpAddr, _nodes: &[Node]) -> Option<usize> {
         None
-    }
-}
-
-/// Whether this build implements `kind` (config validation refuses the others).
-pub fn is_implemented(kind: AlgorithmKind) -> bool {
-    match kind {
-        AlgorithmKind::RoundRobin
-        | AlgorithmKind::Random
-        | AlgorithmKind::ConnectionRate
-        | AlgorithmKind::TrafficRate
-        | AlgorithmKind::LeastLoad
-        | AlgorithmKind::IpHash => true,
     }
 }
 

@@ -1,0 +1,370 @@
+//! Configuration: TOML text → raw structs (`deny_unknown_fields`) → a validated
+//! [`Config`] whose errors name the key, the bad value and the line.
+//!
+//! The ground floor of the crate: it imports nothing of the crate, and every
+//! other module may import it. It owns parsing and validation only: it reads
+//! no file except in [`Config::load`] and touches no socket. Node host names
+//! are the one exception to "no I/O": they are resolved here, once, when the
+//! file is loaded (see [`NodeAddress`]), so a name that does not resolve is a
+//! load error rather than a failure on some later connection.
+//!
+//! - `raw`: the file's shape, as serde reads it;
+//! - `validate`: raw → validated, with the errors;
+//! - `values`: the value types and their parsers (durations, addresses, states);
+//! - `load_rating`: least-load's expression, compiled here;
+//! - `listeners`: every listening socket a config asks for.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub mod listeners;
+pub mod load_rating;
+mod raw;
+mod validate;
+mod values;
+
+pub use listeners::{ListenerDiff, ListenerKey, diff, listeners};
+pub use load_rating::{LoadRating, LoadRatingError, Variable};
+pub use values::{
+    AlgorithmKind, ForwardMode, ListenSpec, NodeAddress, NodeState, Resolver, SocketBuffer, canonical,
+    offline_resolver, parse_duration, parse_listen, parse_node_address, parse_socket_buffer, system_resolver,
+};
+
+/// Default for `connect_timeout` when neither the cluster nor `[defaults]` sets it.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default for `retry_interval`.
+pub const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_secs(10);
+/// Default for `affinity_ttl`: long, because the product promises that a client
+/// finds its node again "even if disconnected for a long period of time".
+pub const DEFAULT_AFFINITY_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Default for `shutdown_grace`.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default admin address.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9900";
+/// Largest accepted `weight`: keeps weight arithmetic far from overflow.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+/// A validated configuration. Every name it holds refers to something that exists.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    /// Open client connections at most, all services together (`None`: only
+    /// the descriptor limit bounds them).
+    pub max_connections: Option<u64>,
+    /// Worker threads; 0 means one per CPU.
+    pub threads: usize,
+    /// Each worker pinned to a CPU of its own, new clients steered to the
+    /// worker on the CPU their connection arrives on.
+    pub pin_workers: bool,
+    /// How long a worker keeps polling for events after its last work
+    /// instead of sleeping (`None`: it sleeps at once).
+    pub busy_poll: Option<Duration>,
+    pub shutdown_grace: Duration,
+    pub forwarding: ForwardMode,
+    pub admin: AdminConfig,
+    pub services: Vec<ServiceConfig>,
+    pub clusters: Vec<ClusterConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub listen: Vec<ListenSpec>,
+    pub cluster: String,
+    pub limits: ServiceLimits,
+}
+
+/// What a service lets in and what each client may hold: connection limits,
+/// an idle timeout, which client addresses may connect, and the size of each
+/// client socket's kernel buffers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceLimits {
+    /// Open connections at most (`None`: no limit of its own).
+    pub max_connections: Option<u64>,
+    /// Open connections from one client IP at most.
+    pub max_connections_per_client: Option<u32>,
+    /// A connection with no byte either way for this long is closed.
+    pub idle_timeout: Option<Duration>,
+    /// When not empty, only clients inside one of these networks may connect.
+    pub allow: Vec<ipnet::IpNet>,
+    /// Clients inside one of these networks are refused (deny wins over allow).
+    pub deny: Vec<ipnet::IpNet>,
+    /// `socket_buffer`: the receive and send buffer size of each client's
+    /// socket (`None`: the kernel sizes them itself).
+    pub socket_buffer: Option<SocketBuffer>,
+}
+
+impl ServiceLimits {
+    /// Whether the access lists let `client` in.
+    pub fn admits(&self, client: IpAddr) -> bool {
+        let client = canonical(client);
+        (self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&client)))
+            && !self.deny.iter().any(|n| n.contains(&client))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    pub name: String,
+    pub algorithm: AlgorithmKind,
+    pub affinity: bool,
+    pub affinity_ttl: Duration,
+    /// Compiled when the config loads; least-load evaluates it per node.
+    pub load_rating: Option<LoadRating>,
+    pub hash_key: Option<String>,
+    pub connect_timeout: Duration,
+    pub retry_interval: Duration,
+    /// `socket_buffer`: the receive and send buffer size of each socket to a
+    /// node (`None`: the kernel sizes them itself).
+    pub socket_buffer: Option<SocketBuffer>,
+    pub nodes: Vec<NodeConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeConfig {
+    pub name: String,
+    pub address: NodeAddress,
+    /// As written in the file, for status output.
+    pub address_text: String,
+    pub weight: u32,
+    /// Index into the cluster's `nodes` of this node's fall-over node.
+    pub fallover: Option<usize>,
+    pub state: NodeState,
+    /// The node's load agent, polled every `retry_interval` (see `crate::health::agent`).
+    pub agent: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{source_name}{}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ConfigError {
+    /// The file name (or other label) the text came from.
+    pub source_name: String,
+    /// 1-based line of the offending key, when known.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl Config {
+    /// Parses and validates `text`; `source_name` labels messages (usually the
+    /// path). Node host names are resolved with the system resolver.
+    pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
+        Config::parse_with(text, source_name, system_resolver)
+    }
+
+    /// As [`Config::parse`], with `resolve` turning host names into addresses
+    /// (tests and fuzzing use one that asks no DNS server).
+    pub fn parse_with(text: &str, source_name: &str, resolve: Resolver) -> Result<Config, ConfigError> {
+        let ctx = validate::Ctx {
+            text,
+            source_name,
+            resolve,
+        };
+        let raw: raw::RawConfig =
+            toml::from_str(text).map_err(|e| ctx.error(e.span(), e.message().trim_end().to_string()))?;
+        raw.validate(&ctx)
+    }
+
+    /// Reads and parses the file at `path`.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            line: None,
+            message: format!("cannot read the file: {e}"),
+        })?;
+        Config::parse(&text, &name)
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<&ClusterConfig> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+
+    /// A one-line summary, as `check` prints it.
+    pub fn summary(&self) -> String {
+        let nodes: usize = self.clusters.iter().map(|c| c.nodes.len()).sum();
+        let listeners: usize = self
+            .services
+            .iter()
+            .flat_map(|s| &s.listen)
+            .map(|l| usize::from(l.last_port - l.first_port) + 1)
+            .sum();
+        format!(
+            "ok: {} service(s) on {} listening port(s), {} cluster(s), {} node(s)",
+            self.services.len(),
+            listeners,
+            self.clusters.len(),
+            nodes
+        )
+    }
+
+    /// The configuration `protobalance forward LISTEN NODE...` runs: one service,
+    /// one round-robin cluster, no affinity, nothing persisted.
+    pub fn forward(listen: &str, nodes: &[String]) -> Result<Config, ConfigError> {
+        let mut text = format!(
+            "state_dir = \"\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"forward\"\nlisten = [{}]\ncluster = \"forward\"\n[[cluster]]\nname = \"forward\"\n",
+            toml_string(listen)
+        );
+        for (i, node) in nodes.iter().enumerate() {
+            text.push_str(&format!(
+                "[[cluster.node]]\nname = \"node{}\"\naddress = {}\n",
+                i + 1,
+                toml_string(node)
+            ));
+        }
+        Config::parse(&text, "command line")
+    }
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("50us"), Ok(Duration::from_micros(50)));
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86400)));
+        assert!(parse_duration("30").unwrap_err().contains("missing unit"));
+        assert!(parse_duration("3w").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("99999999999d").unwrap_err().contains("too long"));
+    }
+
+    #[test]
+    fn socket_buffer_sizes() {
+        let bytes = |s: &str| parse_socket_buffer(s).map(SocketBuffer::bytes);
+        assert_eq!(bytes("65536"), Ok(65536));
+        assert_eq!(bytes("256k"), Ok(256 * 1024));
+        assert_eq!(bytes("4M"), Ok(4 * 1024 * 1024));
+        assert!(bytes("2k").unwrap_err().contains("4k to 64m"));
+        assert!(bytes("65m").unwrap_err().contains("4k to 64m"));
+        assert!(bytes("1g").unwrap_err().contains("unknown unit"));
+        assert!(bytes("-4k").unwrap_err().contains("whole number"));
+        assert!(bytes("99999999999999999999k").is_err());
+    }
+
+    #[test]
+    fn socket_buffer_layers_like_the_other_cluster_keys() {
+        let text = "[defaults]\nsocket_buffer = \"512k\"\n\
+                    [[service]]\nname = \"s\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"a\"\nsocket_buffer = \"64k\"\n\
+                    [[cluster]]\nname = \"a\"\n[[cluster.node]]\nname = \"n\"\naddress = \"127.0.0.1:1\"\n\
+                    [[cluster]]\nname = \"b\"\nsocket_buffer = \"1m\"\n[[cluster.node]]\nname = \"n\"\naddress = \"127.0.0.1:1\"\n";
+        let c = Config::parse(text, "t").unwrap();
+        let size = |b: Option<SocketBuffer>| b.map(SocketBuffer::bytes);
+        assert_eq!(size(c.services[0].limits.socket_buffer), Some(64 * 1024));
+        assert_eq!(size(c.clusters[0].socket_buffer), Some(512 * 1024), "from [defaults]");
+        assert_eq!(
+            size(c.clusters[1].socket_buffer),
+            Some(1024 * 1024),
+            "the cluster's own"
+        );
+        let none = Config::forward("127.0.0.1:0", &["127.0.0.1:1".to_string()]).unwrap();
+        assert_eq!(
+            none.services[0].limits.socket_buffer, None,
+            "the kernel's sizing by default"
+        );
+        assert_eq!(none.clusters[0].socket_buffer, None);
+
+        let bad = text.replace("\"1m\"", "\"1 MB\"");
+        let err = Config::parse(&bad, "t").unwrap_err().to_string();
+        assert!(
+            err.starts_with("t:15: cluster \"b\": socket_buffer = \"1 MB\": unknown unit"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn listen_specs() {
+        let l = parse_listen("0.0.0.0:30000-30009").unwrap();
+        assert_eq!((l.first_port, l.last_port), (30000, 30009));
+        assert_eq!(l.addrs().count(), 10);
+        assert_eq!(parse_listen("[::1]:80").unwrap().ip, "::1".parse::<IpAddr>().unwrap());
+        assert!(parse_listen("1.2.3.4:9-3").unwrap_err().contains("reversed"));
+        assert!(parse_listen("1.2.3.4:70000").is_err());
+        assert!(parse_listen("nowhere:80").is_err());
+        let any = parse_listen("0.0.0.0:80").unwrap();
+        assert!(any.overlaps(&parse_listen("127.0.0.1:70-90").unwrap()));
+        assert!(!any.overlaps(&parse_listen("127.0.0.1:81").unwrap()));
+        assert!(
+            !parse_listen("127.0.0.1:0")
+                .unwrap()
+                .overlaps(&parse_listen("127.0.0.1:0").unwrap())
+        );
+    }
+
+    #[test]
+    fn node_addresses() {
+        assert_eq!(
+            parse_node_address("10.0.0.1:80", offline_resolver),
+            Ok(NodeAddress::Socket("10.0.0.1:80".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_node_address("10.0.0.1", offline_resolver),
+            Ok(NodeAddress::SamePort("10.0.0.1".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_node_address("[::1]", offline_resolver),
+            Ok(NodeAddress::SamePort("::1".parse().unwrap()))
+        );
+        assert!(
+            matches!(parse_node_address("localhost:80", offline_resolver), Ok(NodeAddress::Socket(a)) if a.port() == 80)
+        );
+        assert!(parse_node_address("bad host:80", offline_resolver).is_err());
+        assert!(parse_node_address("10.0.0.1:99999", offline_resolver).is_err());
+    }
+
+    fn cluster_with(algorithm: &str, extra: &str, node_extra: &str) -> Result<Config, ConfigError> {
+        Config::parse(
+            &format!(
+                "[[service]]\nname = \"s\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"c\"\n[[cluster]]\nname = \"c\"\nalgorithm = \"{algorithm}\"\n{extra}\n[[cluster.node]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n{node_extra}\n"
+            ),
+            "t.toml",
+        )
+    }
+
+    #[test]
+    fn every_algorithm_is_accepted() {
+        for kind in AlgorithmKind::ALL {
+            let c = cluster_with(kind.name(), "load_rating = \"connections\"", "").unwrap();
+            assert_eq!(c.clusters[0].algorithm, kind);
+        }
+    }
+
+    #[test]
+    fn load_rating_is_compiled_and_a_bad_one_is_reported_where_it_is() {
+        let c = cluster_with("least-load", "load_rating = \"agent_load * 2 + connections\"", "").unwrap();
+        assert_eq!(
+            c.clusters[0].load_rating.as_ref().unwrap().source(),
+            "agent_load * 2 + connections"
+        );
+        let e = cluster_with("least-load", "load_rating = \"connections / wieght\"", "").unwrap_err();
+        assert_eq!(e.line, Some(8));
+        assert!(e.message.contains("load_rating = \"connections / wieght\""), "{e}");
+        assert!(e.message.contains("at column 15: unknown name \"wieght\""), "{e}");
+        let e = cluster_with("least-load", "", "").unwrap_err();
+        assert!(e.message.contains("least-load needs a load_rating"), "{e}");
+        let e = cluster_with("ip-hash", "hash_key = \"\"", "").unwrap_err();
+        assert!(e.message.contains("hash_key"), "{e}");
+    }
+
+    #[test]
+    fn node_agents() {
+        let c = cluster_with("round-robin", "", "agent = \"127.0.0.1:5555\"").unwrap();
+        assert_eq!(c.clusters[0].nodes[0].agent, Some("127.0.0.1:5555".parse().unwrap()));
+        let e = cluster_with("round-robin", "", "agent = \"127.0.0.1\"").unwrap_err();
+        assert!(e.message.contains("agent = \"127.0.0.1\": needs a port"), "{e}");
+        assert_eq!(e.line, Some(12));
+        let e = cluster_with("round-robin", "", "agent = \"no such:1\"").unwrap_err();
+        assert!(e.message.contains("agent"), "{e}");
+    }
+}

@@ -1,0 +1,86 @@
+//! The file's shape: raw structs that serde fills (`deny_unknown_fields`),
+//! every value wrapped in `Spanned` so that validation can name its line.
+//! Nothing is checked here beyond types and key names.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub(super) state_dir: Option<Spanned<String>>,
+    pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) threads: Option<Spanned<i64>>,
+    pub(super) pin_workers: Option<Spanned<bool>>,
+    pub(super) busy_poll: Option<Spanned<String>>,
+    pub(super) shutdown_grace: Option<Spanned<String>>,
+    pub(super) forwarding: Option<Spanned<String>>,
+    pub(super) admin: Option<RawAdmin>,
+    pub(super) defaults: Option<RawDefaults>,
+    #[serde(default)]
+    pub(super) service: Vec<RawService>,
+    #[serde(default)]
+    pub(super) cluster: Vec<RawCluster>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub(super) listen: Option<Spanned<String>>,
+    pub(super) token: Option<Spanned<String>>,
+}
+
+/// Cluster keys that `[defaults]` may set for every cluster.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDefaults {
+    pub(super) algorithm: Option<Spanned<String>>,
+    pub(super) affinity: Option<Spanned<bool>>,
+    pub(super) affinity_ttl: Option<Spanned<String>>,
+    pub(super) connect_timeout: Option<Spanned<String>>,
+    pub(super) retry_interval: Option<Spanned<String>>,
+    pub(super) socket_buffer: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawService {
+    pub(super) name: Spanned<String>,
+    pub(super) listen: Spanned<Vec<Spanned<String>>>,
+    pub(super) cluster: Spanned<String>,
+    pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) max_connections_per_client: Option<Spanned<i64>>,
+    pub(super) idle_timeout: Option<Spanned<String>>,
+    pub(super) socket_buffer: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(super) deny: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    pub(super) name: Spanned<String>,
+    pub(super) algorithm: Option<Spanned<String>>,
+    pub(super) affinity: Option<Spanned<bool>>,
+    pub(super) affinity_ttl: Option<Spanned<String>>,
+    pub(super) load_rating: Option<Spanned<String>>,
+    pub(super) hash_key: Option<Spanned<String>>,
+    pub(super) connect_timeout: Option<Spanned<String>>,
+    pub(super) retry_interval: Option<Spanned<String>>,
+    pub(super) socket_buffer: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) node: Vec<RawNode>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNode {
+    pub(super) name: Spanned<String>,
+    pub(super) address: Spanned<String>,
+    pub(super) weight: Option<Spanned<i64>>,
+    pub(super) fallover: Option<Spanned<String>>,
+    pub(super) state: Option<Spanned<String>>,
+    pub(super) agent: Option<Spanned<String>>,
+}
