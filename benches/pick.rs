@@ -36,7 +36,7 @@ fn snapshot(algorithm: AlgorithmKind, nodes: usize) -> Snapshot {
             1 + i % 5
         ));
     }
-    let snapshot = Snapshot::build(&Config::parse(&text, "bench").unwrap(), None);
+    let snapshot = protobalance::balance::compile(&Config::parse(&text, "bench").unwrap(), None);
     for (i, node) in snapshot.clusters["c"].nodes.iter().enumerate() {
         let x = i as f64;
         node.figures
@@ -139,7 +139,7 @@ fn snapshot_load(c: &mut Criterion<ThreadCpuTime>) {
 
 /// A client's pin among 10,000, found and not found.
 fn affinity_lookup(c: &mut Criterion<ThreadCpuTime>) {
-    let affinity = protobalance::affinity::Affinity::in_memory();
+    let affinity = protobalance::model::Pins::default();
     let ip = |i: u32| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | i));
     for i in 0..10_000 {
         affinity.pin("c", ip(i), &format!("n{}", i % 30));

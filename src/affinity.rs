@@ -1,22 +1,13 @@
-//! Client affinity: pins, their time to live, and their persistence.
+//! Client affinity's persistence: the pins of `model::Pins`, kept across
+//! restarts in `state_dir/affinity.redb`, a redb file. This module writes and
+//! reads that file and never chooses nodes; the rules of pins themselves (the
+//! TTL, the per-cluster bound) are `model::pins`'s, and which pin a client
+//! gets is the proxy's (see docs/availability.md).
 //!
-//! A **pin** ties a client IP to a node of a cluster. Pins belong to the
-//! cluster, not to a listener, so every listener of a service (a passive-FTP
-//! data port included) finds the same pin. This module keeps pins and never
-//! chooses nodes: the proxy asks [`Affinity::pinned`] and tells
-//! [`Affinity::pin`] what it chose (see docs/availability.md for the rules).
-//!
-//! - The hot path is an in-memory map per cluster behind one short mutex: a
-//!   lookup and an update per connection, no I/O.
-//! - Each cluster keeps at most [`MAX_PINS_PER_CLUSTER`] pins; beyond that the
-//!   least recently seen client is forgotten.
-//! - A pin lives for the cluster's `affinity_ttl` after its client was last seen
-//!   (at the start and at the end of each of its connections). Time is wall-clock
-//!   (Unix milliseconds), because pins outlive the process.
-//! - Persistence: `state_dir/affinity.redb`, a redb file. Changed pins are
-//!   marked dirty and written in one transaction per [`FLUSH_INTERVAL`] by a
-//!   background task (and once more at shutdown), never on a connection's path.
-//!   A damaged file is logged, moved aside to `affinity.redb.corrupt` and
+//! - Changed pins are marked dirty in memory and written in one transaction
+//!   per [`FLUSH_INTERVAL`] by a background task (and once more at shutdown),
+//!   never on a connection's path.
+//! - A damaged file is logged, moved aside to `affinity.redb.corrupt` and
 //!   replaced by an empty one. A file that cannot be used for another reason
 //!   (held by another process, no permission) is left alone and pins are kept
 //!   in memory only. The balancer never refuses to start because of this file.
@@ -25,57 +16,32 @@
 //!   on): opening it runs enough of the store library to cost about half a
 //!   megabyte of resident memory, for nothing while no client is pinned.
 
-use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use lru::LruCache;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
-use crate::model::NodeState;
+use crate::config::{Config, NodeState};
+use crate::model::{Change, Pin, Pins, WallClock, expired};
+
+pub use crate::model::MAX_PINS_PER_CLUSTER;
 
 /// The store's file name inside `state_dir`.
 pub const STORE_FILE: &str = "affinity.redb";
 /// How often changed pins are written to the store.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
-/// Most pins a cluster keeps (memory: roughly 100 bytes each).
-pub const MAX_PINS_PER_CLUSTER: usize = 1_000_000;
 
 /// (cluster, client IP octets: 4 or 16) → (node name, last seen in Unix ms).
 const PINS: TableDefinition<(&str, &[u8]), (&str, u64)> = TableDefinition::new("pins");
 
-#[derive(Debug, Clone)]
-struct Pin {
-    node: Arc<str>,
-    last_seen_ms: u64,
-}
-
-/// One cluster's pins, most recently seen last.
-struct ClusterPins {
-    pins: LruCache<IpAddr, Pin>,
-    /// Clients whose pin changed (or went) since the last flush.
-    dirty: HashSet<IpAddr>,
-}
-
-impl ClusterPins {
-    fn new() -> ClusterPins {
-        ClusterPins {
-            pins: LruCache::unbounded(),
-            dirty: HashSet::new(),
-        }
-    }
-}
-
 /// The pins of every cluster, and the file they are kept in.
 pub struct Affinity {
-    clusters: Mutex<HashMap<String, ClusterPins>>,
-    limit: usize,
+    pins: Arc<Pins>,
     store: Mutex<Store>,
 }
 
@@ -89,24 +55,25 @@ enum Store {
     Open(Arc<Database>),
 }
 
-/// A pin to write to the store (cluster, client, pin); `None`: delete it.
-type Change = (String, IpAddr, Option<(Arc<str>, u64)>);
 /// A pin read from the store: cluster, client, pin.
 type StoredPin = (String, IpAddr, Pin);
 
 impl Affinity {
     /// Pins kept in memory only.
     pub fn in_memory() -> Affinity {
-        Affinity::with_limit(MAX_PINS_PER_CLUSTER)
+        Affinity::with_pins(Pins::default())
     }
 
-    /// In memory only, keeping at most `limit` pins per cluster.
-    pub fn with_limit(limit: usize) -> Affinity {
+    fn with_pins(pins: Pins) -> Affinity {
         Affinity {
-            clusters: Mutex::new(HashMap::new()),
-            limit: limit.max(1),
+            pins: Arc::new(pins),
             store: Mutex::new(Store::None),
         }
+    }
+
+    /// The pins in memory, which the data plane reads and writes.
+    pub fn pins(&self) -> &Arc<Pins> {
+        &self.pins
     }
 
     /// Opens (or creates) the store under `state_dir` and loads the pins that
@@ -114,10 +81,11 @@ impl Affinity {
     /// exists, their TTL has not run out. An empty `state_dir` means no store.
     /// Without a file and without a cluster that has affinity, there is
     /// nothing to load or clean up: the file is created later, when needed.
+    /// At most `limit` pins per cluster, aged by `clock`.
     /// Never fails: problems are logged and pins are then kept in memory.
     /// Blocking (file I/O): call it from a blocking context.
-    pub fn open(state_dir: &Path, config: &Config, limit: usize) -> Affinity {
-        let affinity = Affinity::with_limit(limit);
+    pub fn open(state_dir: &Path, config: &Config, limit: usize, clock: WallClock) -> Affinity {
+        let affinity = Affinity::with_pins(Pins::new(limit, clock));
         if state_dir.as_os_str().is_empty() {
             return affinity;
         }
@@ -133,39 +101,18 @@ impl Affinity {
             *affinity.store() = Store::Deferred(path);
             return affinity;
         }
-        let Some((db, mut entries)) = open_store(&path) else {
+        let Some((db, entries)) = open_store(&path) else {
             return affinity;
         };
-        let now = now_ms();
-        entries.sort_by_key(|(_, _, pin)| pin.last_seen_ms);
-        let mut kept = 0;
-        {
-            let mut clusters = affinity.lock();
-            for (cluster_name, ip, pin) in entries {
-                let honoured = config.cluster(&cluster_name).is_some_and(|c| {
-                    c.affinity
-                        && c.nodes
-                            .iter()
-                            .any(|n| *n.name == *pin.node && n.state != NodeState::Red)
-                        && !expired(pin.last_seen_ms, c.affinity_ttl, now)
-                });
-                let table = clusters.entry(cluster_name).or_insert_with(ClusterPins::new);
-                if honoured {
-                    table.pins.put(ip, pin);
-                    kept += 1;
-                }
-                // Dropped pins (and those evicted below) are deleted at the first flush.
-                table.dirty.insert(ip);
-            }
-            for table in clusters.values_mut() {
-                while table.pins.len() > affinity.limit {
-                    table.pins.pop_lru();
-                    kept -= 1;
-                }
-                let ClusterPins { pins, dirty } = table;
-                dirty.retain(|ip| !pins.contains(ip));
-            }
-        }
+        let kept = affinity.pins.restore(entries, |cluster, pin, now| {
+            config.cluster(cluster).is_some_and(|c| {
+                c.affinity
+                    && c.nodes
+                        .iter()
+                        .any(|n| *n.name == *pin.node && n.state != NodeState::Red)
+                    && !expired(pin.last_seen_ms, c.affinity_ttl, now)
+            })
+        });
         info!("affinity store {}: {kept} pin(s) restored", path.display());
         *affinity.store() = Store::Open(Arc::new(db));
         affinity
@@ -192,109 +139,21 @@ impl Affinity {
         };
         // Pins another process wrote since start: this process never loaded
         // them, so (as at start) they go at this first flush.
-        let mut clusters = self.lock();
-        for (cluster, ip, _) in entries {
-            let table = clusters.entry(cluster).or_insert_with(ClusterPins::new);
-            if !table.pins.contains(&ip) {
-                table.dirty.insert(ip);
-            }
-        }
+        self.pins
+            .forget_unknown(entries.into_iter().map(|(cluster, ip, _)| (cluster, ip)));
         info!("affinity store {} created", path.display());
         let db = Arc::new(db);
         *store = Store::Open(db.clone());
         Some(db)
     }
 
-    fn has_dirty(&self) -> bool {
-        self.lock().values().any(|t| !t.dirty.is_empty())
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, ClusterPins>> {
-        // A panic elsewhere while holding the lock leaves the map consistent (every
-        // update is one call on it): keep serving.
-        self.clusters.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The node `client` is pinned to in `cluster`, if its pin is younger than
-    /// `ttl`. An expired pin is forgotten.
-    pub fn pinned(&self, cluster: &str, client: IpAddr, ttl: Duration) -> Option<Arc<str>> {
-        let mut clusters = self.lock();
-        let table = clusters.get_mut(cluster)?;
-        let pin = table.pins.get(&client)?;
-        if !expired(pin.last_seen_ms, ttl, now_ms()) {
-            return Some(pin.node.clone());
-        }
-        table.pins.pop(&client);
-        table.dirty.insert(client);
-        None
-    }
-
-    /// Pins `client` to `node` in `cluster` (or refreshes the pin), seen now.
-    pub fn pin(&self, cluster: &str, client: IpAddr, node: &str) {
-        let now = now_ms();
-        let mut clusters = self.lock();
-        let table = match clusters.get_mut(cluster) {
-            Some(t) => t,
-            None => clusters.entry(cluster.to_string()).or_insert_with(ClusterPins::new),
-        };
-        match table.pins.get_mut(&client) {
-            Some(pin) if *pin.node == *node => pin.last_seen_ms = now,
-            _ => {
-                table.pins.put(
-                    client,
-                    Pin {
-                        node: node.into(),
-                        last_seen_ms: now,
-                    },
-                );
-                if table.pins.len() > self.limit
-                    && let Some((evicted, _)) = table.pins.pop_lru()
-                {
-                    table.dirty.insert(evicted);
-                }
-            }
-        }
-        table.dirty.insert(client);
-    }
-
-    /// Marks `client` as seen now, if it has a pin in `cluster`.
-    pub fn touch(&self, cluster: &str, client: IpAddr) {
-        let mut clusters = self.lock();
-        if let Some(table) = clusters.get_mut(cluster)
-            && let Some(pin) = table.pins.get_mut(&client)
-        {
-            pin.last_seen_ms = now_ms();
-            table.dirty.insert(client);
-        }
-    }
-
-    /// Drops every pin to `node` in `cluster` (the node turned red): its
-    /// clients are pinned anew on their next connection. Returns how many.
-    pub fn forget_node(&self, cluster: &str, node: &str) -> usize {
-        let mut clusters = self.lock();
-        let Some(table) = clusters.get_mut(cluster) else {
-            return 0;
-        };
-        let gone: Vec<IpAddr> = table
-            .pins
-            .iter()
-            .filter(|(_, pin)| *pin.node == *node)
-            .map(|(ip, _)| *ip)
-            .collect();
-        for ip in &gone {
-            table.pins.pop(ip);
-            table.dirty.insert(*ip);
-        }
-        gone.len()
-    }
-
-    /// How many pins `cluster` holds now (expired ones not yet noticed included).
+    /// How many pins `cluster` holds now.
     pub fn len(&self, cluster: &str) -> usize {
-        self.lock().get(cluster).map_or(0, |t| t.pins.len())
+        self.pins.len(cluster)
     }
 
     pub fn is_empty(&self, cluster: &str) -> bool {
-        self.len(cluster) == 0
+        self.pins.is_empty(cluster)
     }
 
     /// Whether pins are written to a file (one still to be created included).
@@ -313,42 +172,24 @@ impl Affinity {
         };
         let db = match store {
             Some(db) => db,
-            None if !self.has_dirty() => return Ok(0),
+            None if !self.pins.has_dirty() => return Ok(0),
             None => match self.open_deferred() {
                 Some(db) => db,
                 None => return Ok(0),
             },
         };
-        let changes = self.take_dirty();
+        let changes = self.pins.take_dirty();
         if changes.is_empty() {
             return Ok(0);
         }
         match write(&db, &changes) {
             Ok(()) => Ok(changes.len()),
             Err(e) => {
-                let mut clusters = self.lock();
-                for (cluster, ip, _) in changes {
-                    if let Some(t) = clusters.get_mut(&cluster) {
-                        t.dirty.insert(ip);
-                    }
-                }
+                self.pins.mark_dirty(&changes);
                 Err(e)
             }
         }
     }
-
-    fn take_dirty(&self) -> Vec<Change> {
-        let mut clusters = self.lock();
-        let mut changes = Vec::new();
-        for (name, table) in clusters.iter_mut() {
-            for ip in table.dirty.drain() {
-                let pin = table.pins.peek(&ip).map(|p| (p.node.clone(), p.last_seen_ms));
-                changes.push((name.clone(), ip, pin));
-            }
-        }
-        changes
-    }
-
     /// Flushes once more and closes the store; later pins stay in memory.
     pub fn close(&self) {
         if let Err(e) = self.flush() {
@@ -382,16 +223,6 @@ pub async fn run_flusher(affinity: Arc<Affinity>, stop: CancellationToken) {
     if let Err(e) = tokio::task::spawn_blocking(move || a.close()).await {
         error!("affinity store: closing failed: {e}");
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn expired(last_seen_ms: u64, ttl: Duration, now_ms: u64) -> bool {
-    now_ms.saturating_sub(last_seen_ms) > ttl.as_millis() as u64
 }
 
 fn ip_octets(ip: IpAddr) -> Vec<u8> {
@@ -557,34 +388,24 @@ mod tests {
     fn ten_thousand_pins_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let config = config("1d");
-        let store = Affinity::open(dir.path(), &config, MAX_PINS_PER_CLUSTER);
+        let store = Affinity::open(dir.path(), &config, MAX_PINS_PER_CLUSTER, WallClock::System);
         assert!(store.is_persistent());
         for i in 1..=10_000 {
-            store.pin("c", ip(i), if i % 3 == 0 { "a" } else { "b" });
+            store.pins().pin("c", ip(i), if i % 3 == 0 { "a" } else { "b" });
         }
         store.close();
         drop(store);
 
-        let store = Affinity::open(dir.path(), &config, MAX_PINS_PER_CLUSTER);
+        let store = Affinity::open(dir.path(), &config, MAX_PINS_PER_CLUSTER, WallClock::System);
         assert_eq!(store.len("c"), 10_000);
         for i in 1..=10_000 {
             let want = if i % 3 == 0 { "a" } else { "b" };
-            assert_eq!(store.pinned("c", ip(i), DAY).as_deref(), Some(want), "client {}", ip(i));
-        }
-    }
-
-    #[test]
-    fn the_least_recently_seen_client_is_evicted() {
-        let store = Affinity::with_limit(3);
-        for i in 1..=3 {
-            store.pin("c", ip(i), "a");
-        }
-        store.pinned("c", ip(1), DAY); // seen again: now the most recent
-        store.pin("c", ip(4), "b");
-        assert_eq!(store.len("c"), 3);
-        assert!(store.pinned("c", ip(2), DAY).is_none(), "oldest evicted");
-        for i in [1, 3, 4] {
-            assert!(store.pinned("c", ip(i), DAY).is_some(), "client {i} kept");
+            assert_eq!(
+                store.pins().pinned("c", ip(i), DAY).as_deref(),
+                Some(want),
+                "client {}",
+                ip(i)
+            );
         }
     }
 
@@ -592,52 +413,33 @@ mod tests {
     fn eviction_is_persisted_and_the_bound_holds_on_load() {
         let dir = tempfile::tempdir().unwrap();
         let config = config("1d");
-        let store = Affinity::open(dir.path(), &config, 10);
+        let store = Affinity::open(dir.path(), &config, 10, WallClock::System);
         for i in 1..=20 {
-            store.pin("c", ip(i), "a");
+            store.pins().pin("c", ip(i), "a");
         }
         store.close();
-        let store = Affinity::open(dir.path(), &config, 5);
+        let store = Affinity::open(dir.path(), &config, 5, WallClock::System);
         assert_eq!(store.len("c"), 5);
         for i in 16..=20 {
-            assert!(store.pinned("c", ip(i), DAY).is_some(), "most recent client {i} kept");
+            assert!(
+                store.pins().pinned("c", ip(i), DAY).is_some(),
+                "most recent client {i} kept"
+            );
         }
     }
 
     #[test]
     fn pins_of_removed_nodes_and_clusters_without_affinity_are_dropped_on_load() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Affinity::open(dir.path(), &config("1d"), 100);
-        store.pin("c", ip(1), "a");
-        store.pin("c", ip(2), "gone");
-        store.pin("other", ip(3), "a");
+        let store = Affinity::open(dir.path(), &config("1d"), 100, WallClock::System);
+        store.pins().pin("c", ip(1), "a");
+        store.pins().pin("c", ip(2), "gone");
+        store.pins().pin("other", ip(3), "a");
         store.close();
-        let store = Affinity::open(dir.path(), &config("1d"), 100);
-        assert_eq!(store.pinned("c", ip(1), DAY).as_deref(), Some("a"));
-        assert!(store.pinned("c", ip(2), DAY).is_none());
-        assert!(store.pinned("other", ip(3), DAY).is_none());
-    }
-
-    #[test]
-    fn forgetting_a_node_drops_its_pins_only() {
-        let store = Affinity::in_memory();
-        store.pin("c", ip(1), "a");
-        store.pin("c", ip(2), "b");
-        store.pin("c", ip(3), "a");
-        assert_eq!(store.forget_node("c", "a"), 2);
-        assert!(store.pinned("c", ip(1), DAY).is_none());
-        assert_eq!(store.pinned("c", ip(2), DAY).as_deref(), Some("b"));
-    }
-
-    #[test]
-    fn expired_pins_are_forgotten() {
-        let store = Affinity::in_memory();
-        store.pin("c", ip(1), "a");
-        assert!(store.pinned("c", ip(1), DAY).is_some());
-        // Wait comfortably past a 1 ms TTL.
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(store.pinned("c", ip(1), Duration::from_millis(1)).is_none());
-        assert!(store.pinned("c", ip(1), DAY).is_none(), "forgotten once expired");
+        let store = Affinity::open(dir.path(), &config("1d"), 100, WallClock::System);
+        assert_eq!(store.pins().pinned("c", ip(1), DAY).as_deref(), Some("a"));
+        assert!(store.pins().pinned("c", ip(2), DAY).is_none());
+        assert!(store.pins().pinned("other", ip(3), DAY).is_none());
     }
 
     #[test]
@@ -648,20 +450,20 @@ mod tests {
             b"this is not a redb file at all, not even close",
         )
         .unwrap();
-        let store = Affinity::open(dir.path(), &config("1d"), 100);
+        let store = Affinity::open(dir.path(), &config("1d"), 100, WallClock::System);
         assert!(store.is_persistent(), "a fresh store replaces the corrupt one");
         assert!(dir.path().join("affinity.redb.corrupt").exists());
-        store.pin("c", ip(1), "b");
+        store.pins().pin("c", ip(1), "b");
         store.close();
-        let store = Affinity::open(dir.path(), &config("1d"), 100);
-        assert_eq!(store.pinned("c", ip(1), DAY).as_deref(), Some("b"));
+        let store = Affinity::open(dir.path(), &config("1d"), 100, WallClock::System);
+        assert_eq!(store.pins().pinned("c", ip(1), DAY).as_deref(), Some("b"));
     }
 
     #[test]
     fn a_truncated_file_is_damaged_too() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Affinity::open(dir.path(), &config("1d"), 100);
-        store.pin("c", ip(1), "b");
+        let store = Affinity::open(dir.path(), &config("1d"), 100, WallClock::System);
+        store.pins().pin("c", ip(1), "b");
         store.close();
         drop(store);
         let path = dir.path().join(STORE_FILE);
@@ -672,7 +474,7 @@ mod tests {
             .unwrap()
             .set_len(len / 3)
             .unwrap();
-        let store = Affinity::open(dir.path(), &config("1d"), 100);
+        let store = Affinity::open(dir.path(), &config("1d"), 100, WallClock::System);
         assert!(store.is_persistent());
         assert!(dir.path().join("affinity.redb.corrupt").exists(), "moved aside");
     }
@@ -680,17 +482,17 @@ mod tests {
     #[test]
     fn a_store_held_by_another_owner_is_left_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let first = Affinity::open(dir.path(), &config("1d"), 100);
-        first.pin("c", ip(1), "b");
-        let second = Affinity::open(dir.path(), &config("1d"), 100);
+        let first = Affinity::open(dir.path(), &config("1d"), 100, WallClock::System);
+        first.pins().pin("c", ip(1), "b");
+        let second = Affinity::open(dir.path(), &config("1d"), 100, WallClock::System);
         assert!(!second.is_persistent(), "the second owner keeps pins in memory");
         assert!(
             !dir.path().join("affinity.redb.corrupt").exists(),
             "the file was not moved"
         );
         first.close();
-        let again = Affinity::open(dir.path(), &config("1d"), 100);
-        assert_eq!(again.pinned("c", ip(1), DAY).as_deref(), Some("b"));
+        let again = Affinity::open(dir.path(), &config("1d"), 100, WallClock::System);
+        assert_eq!(again.pins().pinned("c", ip(1), DAY).as_deref(), Some("b"));
     }
 
     fn without_affinity() -> Config {
@@ -706,30 +508,33 @@ mod tests {
     fn without_affinity_the_file_waits_for_a_first_pin() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(STORE_FILE);
-        let store = Affinity::open(dir.path(), &without_affinity(), 100);
+        let store = Affinity::open(dir.path(), &without_affinity(), 100, WallClock::System);
         assert!(store.is_persistent());
         assert_eq!(store.flush().unwrap(), 0);
         assert!(!path.exists(), "nothing to write: no file yet");
         // A reload turned affinity on and a client was pinned.
-        store.pin("c", ip(1), "a");
+        store.pins().pin("c", ip(1), "a");
         assert_eq!(store.flush().unwrap(), 1);
         assert!(path.exists());
         store.close();
-        let store = Affinity::open(dir.path(), &config("1d"), 100);
-        assert_eq!(store.pinned("c", ip(1), DAY).as_deref(), Some("a"));
+        let store = Affinity::open(dir.path(), &config("1d"), 100, WallClock::System);
+        assert_eq!(store.pins().pinned("c", ip(1), DAY).as_deref(), Some("a"));
     }
 
     #[test]
     fn without_affinity_an_existing_file_is_still_cleaned_at_start() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Affinity::open(dir.path(), &config("1d"), 100);
-        store.pin("c", ip(1), "a");
+        let store = Affinity::open(dir.path(), &config("1d"), 100, WallClock::System);
+        store.pins().pin("c", ip(1), "a");
         store.close();
-        let store = Affinity::open(dir.path(), &without_affinity(), 100);
-        assert!(store.pinned("c", ip(1), DAY).is_none());
+        let store = Affinity::open(dir.path(), &without_affinity(), 100, WallClock::System);
+        assert!(store.pins().pinned("c", ip(1), DAY).is_none());
         store.close();
-        let store = Affinity::open(dir.path(), &config("1d"), 100);
-        assert!(store.pinned("c", ip(1), DAY).is_none(), "dropped from the file too");
+        let store = Affinity::open(dir.path(), &config("1d"), 100, WallClock::System);
+        assert!(
+            store.pins().pinned("c", ip(1), DAY).is_none(),
+            "dropped from the file too"
+        );
     }
 
     #[test]
@@ -737,9 +542,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("not-a-dir");
         std::fs::write(&file, b"x").unwrap();
-        let store = Affinity::open(&file, &config("1d"), 100);
+        let store = Affinity::open(&file, &config("1d"), 100, WallClock::System);
         assert!(!store.is_persistent());
-        store.pin("c", ip(1), "a");
-        assert_eq!(store.pinned("c", ip(1), DAY).as_deref(), Some("a"));
+        store.pins().pin("c", ip(1), "a");
+        assert_eq!(store.pins().pinned("c", ip(1), DAY).as_deref(), Some("a"));
     }
 }

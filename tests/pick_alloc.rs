@@ -6,7 +6,6 @@ use std::cell::Cell;
 use std::net::{IpAddr, Ipv4Addr};
 
 use protobalance::config::{AlgorithmKind, Config};
-use protobalance::model::Snapshot;
 
 thread_local! {
     static COUNTING: Cell<bool> = const { Cell::new(false) };
@@ -51,7 +50,7 @@ fn no_pick_allocates() {
                 1 + i % 4
             ));
         }
-        let snapshot = Snapshot::build(&Config::parse(&text, "test").unwrap(), None);
+        let snapshot = protobalance::balance::compile(&Config::parse(&text, "test").unwrap(), None);
         let cluster = &snapshot.clusters["c"];
         // Half the nodes have been sampled, half are new (the warm-up path).
         for node in cluster.nodes.iter().step_by(2) {

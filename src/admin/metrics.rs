@@ -12,7 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::model::{NodeState, Refusal, Snapshot};
+use crate::model::{NodeFigures, NodeState, Refusal, ServiceFigures, Snapshot};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NodeLabels {
@@ -51,129 +51,158 @@ struct RefusedLabels {
     reason: &'static str,
 }
 
+/// Every metric family, filled from the figures of one snapshot.
+#[derive(Default)]
+struct Families {
+    active: Family<NodeLabels, Gauge>,
+    connections: Family<NodeLabels, Counter>,
+    bytes: Family<BytesLabels, Counter>,
+    failures: Family<NodeLabels, Counter>,
+    transitions: Family<NodeLabels, Counter>,
+    available: Family<NodeLabels, Gauge>,
+    state: Family<StateLabels, Gauge>,
+    accepted: Family<ServiceLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
+    worker_accepted: Family<WorkerLabels, Counter>,
+}
+
 /// Renders every metric of `snapshot`, and the clients each worker thread
 /// has accepted (`accepted_by_worker`, indexed by worker).
 pub fn render(snapshot: &Snapshot, accepted_by_worker: &[u64]) -> Result<String, std::fmt::Error> {
-    let active = Family::<NodeLabels, Gauge>::default();
-    let connections = Family::<NodeLabels, Counter>::default();
-    let bytes = Family::<BytesLabels, Counter>::default();
-    let failures = Family::<NodeLabels, Counter>::default();
-    let transitions = Family::<NodeLabels, Counter>::default();
-    let available = Family::<NodeLabels, Gauge>::default();
-    let state = Family::<StateLabels, Gauge>::default();
-    let accepted = Family::<ServiceLabels, Counter>::default();
-    let refused = Family::<RefusedLabels, Counter>::default();
-
+    let families = Families::default();
     for cluster in snapshot.clusters.values() {
         for node in &cluster.nodes {
-            let f = &node.figures;
-            let labels = NodeLabels {
-                cluster: cluster.name.clone(),
-                node: node.name.clone(),
-            };
-            active.get_or_create(&labels).set(gauge(f.active_connections()));
-            connections.get_or_create(&labels).inc_by(f.total_connections());
-            failures.get_or_create(&labels).inc_by(f.connect_failures());
-            transitions.get_or_create(&labels).inc_by(f.health_transitions());
-            available.get_or_create(&labels).set(i64::from(f.is_available()));
-            for (direction, n) in [("in", f.bytes_in()), ("out", f.bytes_out())] {
-                let labels = BytesLabels {
-                    cluster: cluster.name.clone(),
-                    node: node.name.clone(),
-                    direction,
-                };
-                bytes.get_or_create(&labels).inc_by(n);
-            }
-            for s in [NodeState::Green, NodeState::Yellow, NodeState::Red] {
-                let labels = StateLabels {
-                    cluster: cluster.name.clone(),
-                    node: node.name.clone(),
-                    state: s.name(),
-                };
-                state.get_or_create(&labels).set(i64::from(f.state() == s));
-            }
+            families.add_node(&cluster.name, &node.name, &node.figures);
         }
     }
     for service in snapshot.services.values() {
-        let f = &service.figures;
-        accepted
-            .get_or_create(&ServiceLabels {
-                service: service.name.clone(),
-            })
-            .inc_by(f.accepted());
-        for reason in Refusal::ALL {
-            let labels = RefusedLabels {
-                service: service.name.clone(),
-                reason: reason.name(),
-            };
-            refused.get_or_create(&labels).inc_by(f.refused(reason));
-        }
+        families.add_service(&service.name, &service.figures);
     }
-
-    let worker_accepted = Family::<WorkerLabels, Counter>::default();
     for (worker, &n) in accepted_by_worker.iter().enumerate() {
-        worker_accepted
+        families
+            .worker_accepted
             .get_or_create(&WorkerLabels {
                 worker: worker.to_string(),
             })
             .inc_by(n);
     }
-
-    let mut registry = Registry::default();
-    // Counters get their `_total` suffix from the encoder.
-    registry.register(
-        "protobalance_node_active_connections",
-        "Connections open to the node now",
-        active,
-    );
-    registry.register(
-        "protobalance_node_connections",
-        "Connections forwarded to the node",
-        connections,
-    );
-    registry.register(
-        "protobalance_node_bytes",
-        "Bytes forwarded (in = client to node, out = node to client)",
-        bytes,
-    );
-    registry.register(
-        "protobalance_node_connect_failures",
-        "Failed connection attempts to the node",
-        failures,
-    );
-    registry.register(
-        "protobalance_node_health_transitions",
-        "Changes of the node's health (available <-> unavailable)",
-        transitions,
-    );
-    registry.register(
-        "protobalance_node_available",
-        "1 when health checks find the node available",
-        available,
-    );
-    registry.register(
-        "protobalance_node_state",
-        "1 for the node's current operator state",
-        state,
-    );
-    registry.register(
-        "protobalance_service_accepted",
-        "Clients accepted by the service",
-        accepted,
-    );
-    registry.register(
-        "protobalance_service_refused",
-        "Clients turned away, by reason (see docs/configuration.md)",
-        refused,
-    );
-    registry.register(
-        "protobalance_worker_accepted",
-        "Clients accepted by each worker thread (admitted or refused): how they spread over the workers",
-        worker_accepted,
-    );
     let mut text = String::new();
-    encode(&mut text, &registry)?;
+    encode(&mut text, &families.registry())?;
     Ok(text)
+}
+
+impl Families {
+    fn add_node(&self, cluster: &str, node: &str, f: &NodeFigures) {
+        let labels = NodeLabels {
+            cluster: cluster.to_string(),
+            node: node.to_string(),
+        };
+        self.active.get_or_create(&labels).set(gauge(f.active_connections()));
+        self.connections.get_or_create(&labels).inc_by(f.total_connections());
+        self.failures.get_or_create(&labels).inc_by(f.connect_failures());
+        self.transitions.get_or_create(&labels).inc_by(f.health_transitions());
+        self.available.get_or_create(&labels).set(i64::from(f.is_available()));
+        for (direction, n) in [("in", f.bytes_in()), ("out", f.bytes_out())] {
+            let labels = BytesLabels {
+                cluster: cluster.to_string(),
+                node: node.to_string(),
+                direction,
+            };
+            self.bytes.get_or_create(&labels).inc_by(n);
+        }
+        for s in [NodeState::Green, NodeState::Yellow, NodeState::Red] {
+            let labels = StateLabels {
+                cluster: cluster.to_string(),
+                node: node.to_string(),
+                state: s.name(),
+            };
+            self.state.get_or_create(&labels).set(i64::from(f.state() == s));
+        }
+    }
+
+    fn add_service(&self, service: &str, f: &ServiceFigures) {
+        self.accepted
+            .get_or_create(&ServiceLabels {
+                service: service.to_string(),
+            })
+            .inc_by(f.accepted());
+        for reason in Refusal::ALL {
+            let labels = RefusedLabels {
+                service: service.to_string(),
+                reason: reason.name(),
+            };
+            self.refused.get_or_create(&labels).inc_by(f.refused(reason));
+        }
+    }
+
+    /// A registry holding every family under its name (counters get their
+    /// `_total` suffix from the encoder).
+    fn registry(self) -> Registry {
+        let mut registry = Registry::default();
+        let Families {
+            active,
+            connections,
+            bytes,
+            failures,
+            transitions,
+            available,
+            state,
+            accepted,
+            refused,
+            worker_accepted,
+        } = self;
+        registry.register(
+            "protobalance_node_active_connections",
+            "Connections open to the node now",
+            active,
+        );
+        registry.register(
+            "protobalance_node_connections",
+            "Connections forwarded to the node",
+            connections,
+        );
+        registry.register(
+            "protobalance_node_bytes",
+            "Bytes forwarded (in = client to node, out = node to client)",
+            bytes,
+        );
+        registry.register(
+            "protobalance_node_connect_failures",
+            "Failed connection attempts to the node",
+            failures,
+        );
+        registry.register(
+            "protobalance_node_health_transitions",
+            "Changes of the node's health (available <-> unavailable)",
+            transitions,
+        );
+        registry.register(
+            "protobalance_node_available",
+            "1 when health checks find the node available",
+            available,
+        );
+        registry.register(
+            "protobalance_node_state",
+            "1 for the node's current operator state",
+            state,
+        );
+        registry.register(
+            "protobalance_service_accepted",
+            "Clients accepted by the service",
+            accepted,
+        );
+        registry.register(
+            "protobalance_service_refused",
+            "Clients turned away, by reason (see docs/configuration.md)",
+            refused,
+        );
+        registry.register(
+            "protobalance_worker_accepted",
+            "Clients accepted by each worker thread (admitted or refused): how they spread over the workers",
+            worker_accepted,
+        );
+        registry
+    }
 }
 
 fn gauge(v: u64) -> i64 {

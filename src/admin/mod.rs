@@ -2,7 +2,7 @@
 //! dashboard page and the `ctl` client that talks to them.
 //!
 //! The API never touches the proxy's sockets: every change goes through a
-//! [`Server`] method (which publishes a new snapshot), and every read comes
+//! [`Control`] method (which publishes a new snapshot), and every read comes
 //! from the published snapshot and the node figures.
 //!
 //! Authentication: with `[admin] token` set, every request, the dashboard page
@@ -33,8 +33,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::model::NodeState;
-use crate::server::{ControlError, Server};
+use crate::config::NodeState;
+use crate::control::{Control, ControlError};
 
 /// The largest request body accepted: the API's bodies are a few dozen bytes.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -43,8 +43,8 @@ pub const MAX_BODY: usize = 16 * 1024;
 const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// Serves the admin API on `listener` until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, server: Server, stop: CancellationToken) {
-    if let Err(e) = axum::serve(listener, router(server))
+pub async fn serve(listener: TcpListener, control: Control, stop: CancellationToken) {
+    if let Err(e) = axum::serve(listener, router(control))
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
     {
@@ -53,7 +53,7 @@ pub async fn serve(listener: TcpListener, server: Server, stop: CancellationToke
 }
 
 /// Every route of the admin API, behind the token check.
-pub fn router(server: Server) -> Router {
+pub fn router(control: Control) -> Router {
     Router::new()
         .route("/", get(dashboard))
         .route("/api/v1/status", get(status))
@@ -65,9 +65,9 @@ pub fn router(server: Server) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
         })
-        .layer(middleware::from_fn_with_state(server.clone(), authorize))
+        .layer(middleware::from_fn_with_state(control.clone(), authorize))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(server)
+        .with_state(control)
 }
 
 /// An error answer: `{"error": "..."}` with a 4xx status.
@@ -113,8 +113,8 @@ impl From<ControlError> for ApiError {
 }
 
 /// Refuses a request without the configured token (401).
-async fn authorize(State(server): State<Server>, request: Request, next: Next) -> Response {
-    let token = server.admin_token();
+async fn authorize(State(control): State<Control>, request: Request, next: Next) -> Response {
+    let token = control.admin_token();
     if let Some(token) = token.as_deref()
         && !presented_token(request.headers()).is_some_and(|t| bool::from(t.as_bytes().ct_eq(token.as_bytes())))
     {
@@ -163,12 +163,12 @@ async fn dashboard() -> impl IntoResponse {
     ([(header::CACHE_CONTROL, "no-store")], Html(DASHBOARD))
 }
 
-async fn status(State(server): State<Server>) -> impl IntoResponse {
-    axum::Json(status::Status::of(&server).await)
+async fn status(State(control): State<Control>) -> impl IntoResponse {
+    axum::Json(status::Status::of(&control))
 }
 
-async fn metrics(State(server): State<Server>) -> Response {
-    match metrics::render(&server.snapshot(), &server.accepted_by_worker()) {
+async fn metrics(State(control): State<Control>) -> Response {
+    match metrics::render(&control.snapshot(), &control.data().accepted_by_worker()) {
         Ok(text) => (
             [(
                 header::CONTENT_TYPE,
@@ -188,7 +188,7 @@ struct StateBody {
 }
 
 async fn set_node_state(
-    State(server): State<Server>,
+    State(control): State<Control>,
     Path((cluster, node)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -199,7 +199,7 @@ async fn set_node_state(
             format!("bad state {state:?}: expected green, yellow or red"),
         )
     })?;
-    server.set_node_state(&cluster, &node, state)?;
+    control.set_node_state(&cluster, &node, state)?;
     Ok(axum::Json(
         json!({ "cluster": cluster, "node": node, "state": state.name() }),
     ))
@@ -212,18 +212,18 @@ struct ClusterBody {
 }
 
 async fn set_service_cluster(
-    State(server): State<Server>,
+    State(control): State<Control>,
     Path(service): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let ClusterBody { cluster } = json_body(body)?;
-    server.set_service_cluster(&service, &cluster).await?;
+    control.set_service_cluster(&service, &cluster)?;
     Ok(axum::Json(json!({ "service": service, "cluster": cluster })))
 }
 
-async fn reload(State(server): State<Server>) -> Result<impl IntoResponse, ApiError> {
+async fn reload(State(control): State<Control>) -> Result<impl IntoResponse, ApiError> {
     info!("reload asked through the admin API");
-    match server.reload().await {
+    match control.reload().await {
         Ok(report) => Ok(axum::Json(report)),
         Err(e) => {
             warn!("reload refused, running configuration unchanged: {e}");

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::control::Control;
 use crate::model::{Node, Refusal, Snapshot};
-use crate::server::Server;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
@@ -67,10 +67,10 @@ pub struct NodeStatus {
 
 impl Status {
     /// The status now, sorted by name.
-    pub async fn of(server: &Server) -> Status {
-        let snapshot = server.snapshot();
-        let redirects = server.redirects().await;
-        let bound = server.listen_addrs();
+    pub fn of(control: &Control) -> Status {
+        let snapshot = control.snapshot();
+        let redirects = control.redirects();
+        let bound = control.data().listen_addrs();
         let mut services: Vec<ServiceStatus> = snapshot
             .services
             .values()
@@ -142,7 +142,7 @@ fn node(n: &Node, fallover: Option<String>) -> NodeStatus {
 }
 
 /// A node's connection and traffic rates (per second): the EWMA figures that
-/// `crate::rates` samples for the rate-based algorithms.
+/// `crate::model::rates` samples for the rate-based algorithms.
 fn rates(node: &Node) -> (f64, f64) {
     (node.figures.connection_rate(), node.figures.traffic_rate())
 }

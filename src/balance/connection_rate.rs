@@ -1,6 +1,6 @@
 //! Connection rate: the eligible node with the lowest live rate of new
 //! connections per unit of weight, `connection_rate / weight`, where the rate
-//! is the EWMA of `crate::rates` (time constant `rates::TIME_CONSTANT`) plus the
+//! is the EWMA of `crate::model::rates` (time constant `rates::TIME_CONSTANT`) plus the
 //! connections opened since its last sample. A node that has not been sampled
 //! yet is rated at its cluster's mean (the warm-up rule), so it is not flooded.
 
@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use super::{Balancer, TieBreak, lowest_rate_per_weight};
 use crate::model::Node;
-use crate::rates::Rate;
+use crate::model::Rate;
 
 #[derive(Debug, Default)]
 pub struct ConnectionRate {
@@ -26,9 +26,9 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::balance::testing::{nodes, shares, weight_shares};
     use crate::model::NodeState;
-    use crate::rates::sample;
+    use crate::model::rates::sample;
+    use crate::model::testing::{nodes, shares, weight_shares};
 
     fn ip() -> IpAddr {
         "127.0.0.1".parse().unwrap()

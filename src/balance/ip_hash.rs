@@ -131,8 +131,8 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::balance::testing::{nodes, shares, weight_shares};
     use crate::model::NodeState;
+    use crate::model::testing::{nodes, shares, weight_shares};
 
     fn hasher(key: Option<&str>, ns: &[Node]) -> IpHash {
         IpHash::new(key, ns.iter().map(|n| n.name.as_str()))

@@ -1,14 +1,15 @@
 //! Least load: the eligible node with the lowest value of the cluster's
 //! `load_rating` expression (see `load_rating`), evaluated over each node's
 //! live figures. Rates of nodes not sampled yet follow the warm-up rule of
-//! `crate::rates` (their cluster's mean per unit of weight, times their weight).
+//! `crate::model::rates` (their cluster's mean per unit of weight, times their weight).
 
 use std::net::IpAddr;
 
 use super::{Balancer, TieBreak, lowest, rate_per_weight};
 use crate::config::{LoadRating, Variable};
 use crate::model::Node;
-use crate::rates::{Rate, seeded_mean};
+use crate::model::Rate;
+use crate::model::rates::seeded_mean;
 
 #[derive(Debug)]
 pub struct LeastLoad {
@@ -78,8 +79,8 @@ impl Balancer for LeastLoad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::testing::{nodes, shares, weight_shares};
     use crate::model::NodeState;
+    use crate::model::testing::{nodes, shares, weight_shares};
 
     fn ip() -> IpAddr {
         "127.0.0.1".parse().unwrap()

@@ -13,12 +13,12 @@ mod random;
 mod round_robin;
 mod traffic_rate;
 
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-use crate::config::{AlgorithmKind, ClusterConfig};
-use crate::model::Node;
-use crate::rates::{Rate, seeded_mean};
+use crate::config::{AlgorithmKind, ClusterConfig, Config};
+pub use crate::model::Balancer;
+use crate::model::rates::seeded_mean;
+use crate::model::{Node, Rate, Snapshot};
 
 pub use connection_rate::ConnectionRate;
 pub use ip_hash::IpHash;
@@ -27,18 +27,10 @@ pub use random::Random;
 pub use round_robin::RoundRobin;
 pub use traffic_rate::TrafficRate;
 
-/// A balancing algorithm.
-pub trait Balancer: Send + Sync {
-    /// The node to try first for `client`, or `None` when no node is eligible.
-    fn pick(&self, client: IpAddr, nodes: &[Node]) -> Option<usize>;
-
-    /// The node `client` belongs to whatever the nodes' state and health, for
-    /// algorithms that assign clients to nodes (ip-hash); `None` for the others.
-    /// When that node cannot take the client, its fall-over chain comes first
-    /// (see docs/availability.md).
-    fn home(&self, _client: IpAddr, _nodes: &[Node]) -> Option<usize> {
-        None
-    }
+/// A snapshot of `config` with each cluster's algorithm compiled, reusing the
+/// figures of `previous` for nodes and services that stay.
+pub fn compile(config: &Config, previous: Option<&Snapshot>) -> Snapshot {
+    Snapshot::build(config, previous, build)
 }
 
 /// The balancer a validated cluster config asks for.
@@ -98,7 +90,7 @@ fn lowest(nodes: &[Node], start: usize, score: impl Fn(&Node) -> f64) -> Option<
 
 /// A node's live `rate` per unit of weight, an unseeded node taking its
 /// cluster's `mean` per unit of weight plus what it took since it joined (the
-/// warm-up rule of `crate::rates`).
+/// warm-up rule of `crate::model::rates`).
 fn rate_per_weight(node: &Node, rate: Rate, mean: f64) -> f64 {
     let own = node.figures.rate(rate) / f64::from(node.weight);
     if node.figures.is_seeded() { own } else { mean + own }
@@ -112,47 +104,4 @@ fn lowest_rate_per_weight(nodes: &[Node], ties: &TieBreak, rate: Rate) -> Option
         0.0
     };
     lowest(nodes, ties.next_start(nodes.len()), |n| rate_per_weight(n, rate, mean))
-}
-
-#[cfg(test)]
-pub(crate) mod testing {
-    use std::sync::Arc;
-
-    use crate::config::NodeAddress;
-    use crate::model::{Node, NodeFigures, NodeState};
-
-    /// Share of each node over `picks` picks by `pick`.
-    pub fn shares(len: usize, picks: usize, mut pick: impl FnMut(usize) -> Option<usize>) -> Vec<f64> {
-        let mut counts = vec![0usize; len];
-        for i in 0..picks {
-            counts[pick(i).expect("a node is eligible")] += 1;
-        }
-        counts.iter().map(|&c| c as f64 / picks as f64).collect()
-    }
-
-    /// Each node's share of the weight.
-    pub fn weight_shares(weights: &[u32]) -> Vec<f64> {
-        let total: u32 = weights.iter().sum();
-        weights.iter().map(|&w| f64::from(w) / f64::from(total)).collect()
-    }
-
-    /// Green, available nodes with the given weights, on made-up addresses.
-    pub fn nodes(weights: &[u32]) -> Vec<Node> {
-        weights
-            .iter()
-            .enumerate()
-            .map(|(i, &weight)| {
-                let addr = format!("127.0.0.1:{}", 10_000 + i);
-                Node {
-                    name: format!("n{i}"),
-                    address: NodeAddress::Socket(addr.parse().unwrap()),
-                    address_text: addr,
-                    weight,
-                    fallover: None,
-                    figures: Arc::new(NodeFigures::new(NodeState::Green)),
-                    agent: None,
-                }
-            })
-            .collect()
-    }
 }

@@ -32,8 +32,8 @@ impl Balancer for Random {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::testing::{nodes, shares, weight_shares};
     use crate::model::NodeState;
+    use crate::model::testing::{nodes, shares, weight_shares};
 
     #[test]
     fn shares_of_100_000_picks_at_1_2_3_are_within_one_point() {

@@ -50,8 +50,8 @@ impl Balancer for RoundRobin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::testing::nodes;
     use crate::model::NodeState;
+    use crate::model::testing::nodes;
 
     #[test]
     fn weights_3_1_interleave_in_every_window_of_four() {

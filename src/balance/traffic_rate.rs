@@ -2,13 +2,13 @@
 //! directions, per unit of weight: `(rx_rate + tx_rate) / weight`. The pump
 //! counts bytes as each chunk moves, and the live rate includes the bytes since
 //! the last sample, so a long-lived connection weighs from its first bytes.
-//! Unsampled nodes follow the warm-up rule of `crate::rates`.
+//! Unsampled nodes follow the warm-up rule of `crate::model::rates`.
 
 use std::net::IpAddr;
 
 use super::{Balancer, TieBreak, lowest_rate_per_weight};
 use crate::model::Node;
-use crate::rates::Rate;
+use crate::model::Rate;
 
 #[derive(Debug, Default)]
 pub struct TrafficRate {
@@ -26,8 +26,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::balance::testing::{nodes, shares, weight_shares};
-    use crate::rates::sample;
+    use crate::model::rates::sample;
+    use crate::model::testing::{nodes, shares, weight_shares};
 
     fn ip() -> IpAddr {
         "127.0.0.1".parse().unwrap()

@@ -18,13 +18,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub mod listeners;
+mod listeners;
 pub mod load_rating;
 mod raw;
 mod validate;
 mod values;
 
-pub use listeners::{ListenerDiff, ListenerKey, diff, listeners};
+pub use listeners::{ListenerKey, listeners};
 pub use load_rating::{LoadRating, LoadRatingError, Variable};
 pub use values::{
     AlgorithmKind, ForwardMode, ListenSpec, NodeAddress, NodeState, Resolver, SocketBuffer, canonical,

@@ -17,16 +17,17 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use crate::model::NodeFigures;
-use crate::proxy::DataPlane;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{Live, NodeFigures};
 
 /// How often the poller looks for agents that are due.
 const TICK: Duration = Duration::from_millis(100);
@@ -78,19 +79,23 @@ struct Agent {
 }
 
 /// Polls the agents of every node of the current snapshot, each every
-/// `retry_interval` of its cluster, until the data plane is dropped.
-/// Spawned by `Server::start`; follows reloads (agents of nodes that leave
+/// `retry_interval` of its cluster, until `stop` is cancelled. One of the
+/// control plane's background tasks; follows reloads (agents of nodes that leave
 /// stop being polled, new ones start at once).
-pub async fn poll_forever(plane: Weak<DataPlane>) {
+pub async fn poll_forever(live: Arc<Live>, stop: CancellationToken) {
     // Keyed by node identity and agent address.
     let mut agents: HashMap<(String, String, SocketAddr), Agent> = HashMap::new();
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Polls in flight: they end with this task (dropping the set aborts them).
+    let mut polls = tokio::task::JoinSet::new();
     loop {
-        ticker.tick().await;
-        let Some(plane) = plane.upgrade() else { return };
-        let snapshot = plane.snapshot.load_full();
-        drop(plane);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        while polls.try_join_next().is_some() {}
+        let snapshot = live.snapshot.load_full();
         let now = Instant::now();
         agents.values_mut().for_each(|a| a.seen = false);
         for cluster in snapshot.clusters.values() {
@@ -109,7 +114,7 @@ pub async fn poll_forever(plane: Weak<DataPlane>) {
                 agent.due = now + cluster.retry_interval;
                 let timeout = cluster.connect_timeout;
                 let what = format!("cluster \"{}\" node \"{}\": agent {addr}", cluster.name, node.name);
-                tokio::spawn(poll_once(
+                polls.spawn(poll_once(
                     addr,
                     timeout,
                     node.figures.clone(),

@@ -18,8 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::NodeAddress;
-use crate::model::{Cluster, Node, NodeFigures, Snapshot};
-use crate::proxy::DataPlane;
+use crate::model::{Cluster, Live, Node, NodeFigures, Snapshot};
 
 /// How long the prober sleeps when no cluster is configured.
 const IDLE_TICK: Duration = Duration::from_secs(1);
@@ -48,13 +47,13 @@ pub fn mark_available(cluster: &Cluster, node: &Node, why: impl fmt::Display) ->
 
 /// Probes unavailable nodes until `stop` is cancelled. Reads the snapshot
 /// afresh every round, so reloads add and remove nodes and clusters.
-pub async fn run(plane: Arc<DataPlane>, stop: CancellationToken) {
+pub async fn run(live: Arc<Live>, stop: CancellationToken) {
     let mut due: HashMap<String, Instant> = HashMap::new();
     // Nodes whose probe is still in flight (by figures identity): one probe per node at a time.
     let mut in_flight: HashSet<usize> = HashSet::new();
     let mut probes: JoinSet<usize> = JoinSet::new();
     loop {
-        let snapshot = plane.snapshot.load_full();
+        let snapshot = live.snapshot.load_full();
         let now = Instant::now();
         for cluster in snapshot.clusters.values() {
             let next = due.entry(cluster.name.clone()).or_insert(now + cluster.retry_interval);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
-use super::DataPlane;
+use super::shared::Shared;
 use crate::config::{ForwardMode, SocketBuffer, canonical};
 use crate::model::{Cluster, Refusal, ServiceFigures, ServiceGuard};
 
@@ -31,8 +31,8 @@ pub struct Admitted {
 }
 
 /// Admits `client` to `service`, or says why not.
-pub fn admit(plane: &Arc<DataPlane>, service_name: &str, client: IpAddr) -> Result<Admitted, Refused> {
-    let snapshot = plane.snapshot.load();
+pub fn admit(shared: &Arc<Shared>, service_name: &str, client: IpAddr) -> Result<Admitted, Refused> {
+    let snapshot = shared.live.snapshot.load();
     let Some((service, cluster)) = snapshot.cluster_of(service_name) else {
         return Err(Refused {
             service: None,
@@ -49,7 +49,7 @@ pub fn admit(plane: &Arc<DataPlane>, service_name: &str, client: IpAddr) -> Resu
     if !limits.admits(client) {
         return refuse(Refusal::Denied);
     }
-    let Some(global) = GlobalGuard::open(plane, snapshot.max_connections) else {
+    let Some(global) = GlobalGuard::open(shared, snapshot.max_connections) else {
         return refuse(Refusal::GlobalMaxConnections);
     };
     let Some(in_service) = service.figures.try_open(limits.max_connections) else {
@@ -117,13 +117,13 @@ fn process_millis() -> u64 {
 struct GlobalGuard(Arc<AtomicU64>);
 
 impl GlobalGuard {
-    fn open(plane: &DataPlane, max: Option<u64>) -> Option<GlobalGuard> {
-        let before = plane.open_clients.fetch_add(1, Relaxed);
+    fn open(shared: &Shared, max: Option<u64>) -> Option<GlobalGuard> {
+        let before = shared.open_clients.fetch_add(1, Relaxed);
         if max.is_some_and(|m| before >= m) {
-            plane.open_clients.fetch_sub(1, Relaxed);
+            shared.open_clients.fetch_sub(1, Relaxed);
             return None;
         }
-        Some(GlobalGuard(plane.open_clients.clone()))
+        Some(GlobalGuard(shared.open_clients.clone()))
     }
 }
 

@@ -100,8 +100,8 @@ impl Iterator for Candidates<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::testing::nodes;
     use crate::model::NodeState;
+    use crate::model::testing::nodes;
 
     #[test]
     fn pick_then_chain_then_the_rest() {

@@ -48,7 +48,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::Candidates;
-use super::pump::{SpareBuffers, keep_spare, take_spare};
+use super::channel::{SpareBuffers, keep_spare, take_spare};
 use crate::config::SocketBuffer;
 use crate::health::probe;
 use crate::model::{Cluster, NodeFigures};
@@ -150,7 +150,7 @@ pub async fn connect_client(
         let target = node.address.target(local_port);
         let stream = match connect(target, cluster.connect_timeout, cluster.socket_buffer).await {
             Ok(stream) => stream,
-            Err(e) if super::is_exhaustion(&e) => return Outcome::Exhausted(e),
+            Err(e) if is_exhaustion(&e) => return Outcome::Exhausted(e),
             Err(e) => {
                 node.figures.count_connect_failure();
                 probe::mark_unavailable(cluster, node, format_args!("connect to {target} failed: {e}"));
@@ -200,7 +200,7 @@ pub(super) async fn connect(
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))??;
     stream.set_nodelay(true)?;
     if let Some(size) = buffer
-        && let Err(e) = super::set_socket_buffer(&stream, size)
+        && let Err(e) = set_socket_buffer(&stream, size)
     {
         // Not the node's fault: keep the connection with the kernel's sizing.
         tracing::debug!("cannot set socket_buffer on the connection to {target}: {e}");
@@ -284,7 +284,7 @@ async fn client_event(client: &TcpStream, held: &mut FirstBytes) -> io::Result<C
         // Reads into the spare capacity only: never more than HELD_BYTES in all.
         // A short read empties the socket: its readiness is cleared, which saves
         // the read that would only fail with EAGAIN.
-        match super::pump::partial_io(client, Interest::READABLE, room, || client.try_read_buf(&mut held.buf)) {
+        match super::channel::partial_io(client, Interest::READABLE, room, || client.try_read_buf(&mut held.buf)) {
             Ok(0) => return Ok(ClientEvent::Eof),
             Ok(n) => return Ok(ClientEvent::Read(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -358,6 +358,23 @@ async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Sizes both kernel buffers of an established connection (a
+/// `socket_buffer`; `connect::connect` says why not before the connect).
+pub(super) fn set_socket_buffer(stream: &TcpStream, size: SocketBuffer) -> io::Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    socket.set_recv_buffer_size(size.bytes())?;
+    socket.set_send_buffer_size(size.bytes())
+}
+
+/// Whether an error means the balancer ran out of descriptors or memory.
+pub(super) fn is_exhaustion(e: &io::Error) -> bool {
+    #[cfg(unix)]
+    if let Some(code) = e.raw_os_error() {
+        return [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM].contains(&code);
+    }
+    e.kind() == io::ErrorKind::OutOfMemory
 }
 
 #[cfg(test)]

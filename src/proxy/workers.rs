@@ -82,6 +82,9 @@ impl Workers {
             (Some(tx), Some(rx))
         };
         let stop = CancellationToken::new();
+        // Each worker says it runs, so that once `start` returns every thread
+        // exists under its name (`/proc/PID/task/*/comm`, `top -H`).
+        let (running_tx, running_rx) = std::sync::mpsc::channel::<()>();
         let mut handles = Vec::with_capacity(count);
         let mut ended = Vec::with_capacity(count);
         for i in 0..count {
@@ -95,9 +98,11 @@ impl Workers {
             let stopped = stop.clone();
             let (end, ended_rx) = oneshot::channel::<()>();
             ended.push(ended_rx);
+            let running = running_tx.clone();
             let started = thread::Builder::new()
                 .name(format!("protobalance-w{i}"))
                 .spawn(move || {
+                    let _ = running.send(());
                     if let Some((cpu, report)) = pin_to {
                         // Err: start() has given up already.
                         let _ = report.send(pin_this_thread(cpu));
@@ -123,6 +128,11 @@ impl Workers {
             }
         }
         drop(pinned_tx);
+        drop(running_tx);
+        for _ in 0..count {
+            // Err: a worker died before it ran; it is reported when stopped.
+            let _ = running_rx.recv();
+        }
         if let Some(window) = busy_poll {
             tracing::info!("busy_poll: each worker keeps polling for events {window:?} after its last work");
         }

@@ -108,7 +108,7 @@ pub async fn run(listen: &str) -> ExitCode {
         Err(e) => eprintln!("note: no dashboard: {e}"),
     }
     println!("Press Ctrl-C to stop.");
-    if let Err(e) = crate::cli::stop_signal().await {
+    if let Err(e) = super::signals::stop_signal().await {
         eprintln!("error: cannot wait for Ctrl-C: {e}");
     }
     server.shutdown(std::time::Duration::from_secs(1)).await;

@@ -41,12 +41,13 @@
 //! `agent_load` is whatever number the node's load agent last answered
 //! (`crate::health::agent`); 0 until it first answers.
 
-use std::sync::Weak;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use crate::model::{Node, NodeFigures};
-use crate::proxy::DataPlane;
+use tokio_util::sync::CancellationToken;
+
+use super::{Live, Node, NodeFigures};
 
 /// τ, the time constant of every EWMA rate: a step change in load shows as
 /// 63% of its size after τ and 95% after 3τ. Five seconds follows a change
@@ -223,16 +224,18 @@ pub fn sample(nodes: &[Node], dt: Duration) {
 }
 
 /// Samples every cluster of the current snapshot every [`SAMPLE_PERIOD`],
-/// until the data plane is dropped. Spawned by `Server::start`.
-pub async fn sample_forever(plane: Weak<DataPlane>) {
+/// until `stop` is cancelled. One of the control plane's background tasks.
+pub async fn sample_forever(live: Arc<Live>, stop: CancellationToken) {
     let mut ticker = tokio::time::interval(SAMPLE_PERIOD);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = Instant::now();
     loop {
-        ticker.tick().await;
-        let Some(plane) = plane.upgrade() else { return };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
         let now = Instant::now();
-        let snapshot = plane.snapshot.load();
+        let snapshot = live.snapshot.load();
         for cluster in snapshot.clusters.values() {
             sample(&cluster.nodes, now - last);
         }
@@ -243,7 +246,7 @@ pub async fn sample_forever(plane: Weak<DataPlane>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::testing::nodes;
+    use crate::model::testing::nodes;
 
     const TAU: f64 = 5.0;
 

@@ -1,34 +1,20 @@
-//! The live model: the immutable [`Snapshot`] of services, clusters and nodes
-//! that the data plane loads per connection, and the per-node [`NodeFigures`]
-//! (atomics) that outlive snapshots so that a reload keeps a node's counters.
-//!
-//! No I/O here: building a snapshot is pure.
+//! Live figures: per-node counters, health and state ([`NodeFigures`]) and
+//! per-service counters ([`ServiceFigures`]), all atomics behind an `Arc`
+//! that outlives snapshots, so a reload keeps the counters of what stays.
+//! Also the per-worker slots that keep what workers write on cache lines of
+//! their own. Never any I/O.
 
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
-use crate::balance::{self, Balancer};
-pub use crate::config::NodeState;
-use crate::config::{
-    AlgorithmKind, ClusterConfig, Config, ForwardMode, ListenSpec, NodeAddress, ServiceLimits, SocketBuffer,
-};
-use crate::rates::LoadFigures;
-
-/// A node's identity across reloads: same cluster, name and address means the
-/// same node, whose figures carry over.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct NodeKey {
-    pub cluster: String,
-    pub name: String,
-    pub address: NodeAddress,
-}
+use super::rates::LoadFigures;
+use crate::config::NodeState;
 
 /// Live figures of one node. Relaxed atomics: each figure is independent and
 /// only ever read as an approximate, monotonic-enough value.
@@ -43,7 +29,7 @@ pub struct NodeFigures {
     connect_failures: AtomicU64,
     available: AtomicBool,
     state: AtomicU8,
-    /// EWMA rates and agent load; kept by `crate::rates`, which adds their getters.
+    /// EWMA rates and agent load; kept by `rates`, which adds their getters.
     pub(crate) load: LoadFigures,
     /// Times the node went from available to unavailable or back.
     health_transitions: AtomicU64,
@@ -318,152 +304,6 @@ impl Drop for ServiceGuard {
     }
 }
 
-/// One node as the data plane sees it.
-#[derive(Debug)]
-pub struct Node {
-    pub name: String,
-    pub address: NodeAddress,
-    pub address_text: String,
-    pub weight: u32,
-    /// Index of the fall-over node in the cluster's `nodes`.
-    pub fallover: Option<usize>,
-    pub figures: Arc<NodeFigures>,
-    /// The node's load agent (`crate::health::agent`), if it has one.
-    pub agent: Option<SocketAddr>,
-}
-
-impl Node {
-    pub fn is_eligible(&self) -> bool {
-        self.figures.is_eligible()
-    }
-}
-
-pub struct Cluster {
-    pub name: String,
-    pub algorithm: AlgorithmKind,
-    pub balancer: Box<dyn Balancer>,
-    pub affinity: bool,
-    pub affinity_ttl: Duration,
-    pub connect_timeout: Duration,
-    pub retry_interval: Duration,
-    /// Buffer size of each socket to a node (`None`: the kernel's own sizing).
-    pub socket_buffer: Option<SocketBuffer>,
-    pub nodes: Vec<Node>,
-}
-
-impl Cluster {
-    pub fn node(&self, name: &str) -> Option<&Node> {
-        self.nodes.iter().find(|n| n.name == name)
-    }
-
-    /// The algorithm's choice for `client` among eligible nodes.
-    pub fn pick(&self, client: IpAddr) -> Option<usize> {
-        self.balancer.pick(client, &self.nodes)
-    }
-}
-
-pub struct Service {
-    pub name: String,
-    pub listen: Vec<ListenSpec>,
-    pub cluster: String,
-    pub limits: ServiceLimits,
-    pub figures: Arc<ServiceFigures>,
-}
-
-/// Everything the data plane needs, immutable once built; replaced whole on reload.
-pub struct Snapshot {
-    pub forwarding: ForwardMode,
-    /// Open client connections at most, all services together.
-    pub max_connections: Option<u64>,
-    pub services: HashMap<String, Service>,
-    pub clusters: HashMap<String, Arc<Cluster>>,
-}
-
-impl Snapshot {
-    /// Builds a snapshot from a validated config, reusing the figures of
-    /// `previous` for nodes and services that stay.
-    pub fn build(config: &Config, previous: Option<&Snapshot>) -> Snapshot {
-        let clusters = config
-            .clusters
-            .iter()
-            .map(|c| (c.name.clone(), Arc::new(build_cluster(c, previous))))
-            .collect();
-        let services = config
-            .services
-            .iter()
-            .map(|s| {
-                let figures = previous
-                    .and_then(|p| p.services.get(&s.name))
-                    .map(|old| old.figures.clone())
-                    .unwrap_or_default();
-                let service = Service {
-                    name: s.name.clone(),
-                    listen: s.listen.clone(),
-                    cluster: s.cluster.clone(),
-                    limits: s.limits.clone(),
-                    figures,
-                };
-                (s.name.clone(), service)
-            })
-            .collect();
-        Snapshot {
-            forwarding: config.forwarding,
-            max_connections: config.max_connections,
-            services,
-            clusters,
-        }
-    }
-
-    /// The cluster serving `service` now.
-    pub fn cluster_of(&self, service: &str) -> Option<(&Service, &Arc<Cluster>)> {
-        let s = self.services.get(service)?;
-        Some((s, self.clusters.get(&s.cluster)?))
-    }
-
-    fn node_figures(&self, key: &NodeKey) -> Option<Arc<NodeFigures>> {
-        let cluster = self.clusters.get(&key.cluster)?;
-        let node = cluster.node(&key.name)?;
-        (node.address == key.address).then(|| node.figures.clone())
-    }
-}
-
-fn build_cluster(c: &ClusterConfig, previous: Option<&Snapshot>) -> Cluster {
-    let nodes = c
-        .nodes
-        .iter()
-        .map(|n| {
-            let key = NodeKey {
-                cluster: c.name.clone(),
-                name: n.name.clone(),
-                address: n.address,
-            };
-            let figures = previous
-                .and_then(|p| p.node_figures(&key))
-                .unwrap_or_else(|| Arc::new(NodeFigures::new(n.state)));
-            Node {
-                name: n.name.clone(),
-                address: n.address,
-                address_text: n.address_text.clone(),
-                weight: n.weight,
-                fallover: n.fallover,
-                figures,
-                agent: n.agent,
-            }
-        })
-        .collect();
-    Cluster {
-        name: c.name.clone(),
-        algorithm: c.algorithm,
-        balancer: balance::build(c),
-        affinity: c.affinity,
-        affinity_ttl: c.affinity_ttl,
-        connect_timeout: c.connect_timeout,
-        retry_interval: c.retry_interval,
-        socket_buffer: c.socket_buffer,
-        nodes,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,7 +345,7 @@ mod tests {
                         })
                         .await;
                         waiting.send(()).unwrap();
-                        tokio::time::timeout(Duration::from_secs(10), red).await
+                        tokio::time::timeout(std::time::Duration::from_secs(10), red).await
                     })
                 })
             })

@@ -1,0 +1,285 @@
+//! The control plane's owner: the control state (the file's configuration
+//! and the run-time overrides on top of it) and every change to it — reload,
+//! node state, redirect — one at a time under one lock. Each change builds
+//! a whole new snapshot from the effective configuration and publishes it;
+//! a reload is first decided by the pure [`plan`], then carried out here.
+//!
+//! It tells the data plane what to do (bind, open, close listeners) and
+//! never touches a connection. The admin API calls it; it knows nothing of
+//! HTTP.
+
+mod plan;
+mod state;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use arc_swap::ArcSwap;
+use tracing::{info, warn};
+
+pub use plan::{Plan, RestartOnly, plan};
+pub use state::{ControlState, Overrides};
+
+use crate::config::{Config, ConfigError, NodeState};
+use crate::model::{Live, Snapshot};
+use crate::proxy::{BindError, DataPlane, warn_capped_socket_buffers};
+
+/// Why a run-time change was refused; nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no service named \"{0}\"")]
+    UnknownService(String),
+    #[error("no cluster named \"{0}\"")]
+    UnknownCluster(String),
+    #[error("cluster \"{cluster}\" has no node named \"{node}\"")]
+    UnknownNode { cluster: String, node: String },
+    #[error("no config file to reload (the balancer was started without --config)")]
+    NoConfigFile,
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Bind(#[from] BindError),
+}
+
+/// What a reload did.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ReloadReport {
+    /// `service address` of each listener opened.
+    pub opened: Vec<String>,
+    /// `service address` of each listener closed.
+    pub closed: Vec<String>,
+    /// Redirects dropped because the file changed that service's cluster (or dropped the service or cluster).
+    pub redirects_dropped: Vec<String>,
+    /// `cluster/node` of each run-time state dropped because the file changed that node.
+    #[serde(default)]
+    pub states_dropped: Vec<String>,
+    /// Settings changed in the file that take effect at the next start.
+    #[serde(default)]
+    pub restart_only: Vec<String>,
+}
+
+/// A handle on the control state; clones share it.
+#[derive(Clone)]
+pub struct Control {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Mutex<ControlState>,
+    live: Arc<Live>,
+    data: Arc<DataPlane>,
+    /// The file `reload` reads; unset for `forward` and in-process configs.
+    config_path: OnceLock<PathBuf>,
+    /// The admin token of the config now in force, read per admin request.
+    admin_token: ArcSwap<Option<String>>,
+}
+
+impl Control {
+    /// The control state of `file` (already published in `live`), over `data`.
+    pub fn new(file: Config, live: Arc<Live>, data: Arc<DataPlane>) -> Control {
+        Control {
+            inner: Arc::new(Inner {
+                admin_token: ArcSwap::from_pointee(file.admin.token.clone()),
+                state: Mutex::new(ControlState::new(file)),
+                live,
+                data,
+                config_path: OnceLock::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ControlState> {
+        // Every change is applied whole before the lock is released.
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The snapshot the data plane uses now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner.live.snapshot.load_full()
+    }
+
+    /// The live state: snapshot and pins.
+    pub fn live(&self) -> &Arc<Live> {
+        &self.inner.live
+    }
+
+    /// The data plane this control plane drives.
+    pub fn data(&self) -> &DataPlane {
+        &self.inner.data
+    }
+
+    /// Remembers the file that [`Control::reload`] re-reads.
+    pub fn set_config_path(&self, path: PathBuf) {
+        let _ = self.inner.config_path.set(path);
+    }
+
+    /// The admin token in force now (a reload may change it).
+    pub fn admin_token(&self) -> Arc<Option<String>> {
+        self.inner.admin_token.load_full()
+    }
+
+    /// A copy of the control state now.
+    pub fn state(&self) -> ControlState {
+        self.lock().clone()
+    }
+
+    /// The run-time redirects in force: service → the file's cluster it overrides.
+    pub fn redirects(&self) -> BTreeMap<String, String> {
+        let state = self.lock();
+        state
+            .overrides
+            .redirects
+            .keys()
+            .filter_map(|service| Some((service.clone(), state.file_cluster(service)?.to_string())))
+            .collect()
+    }
+
+    /// Sets a node's state at run time; it lasts until the file changes that
+    /// node (see [`plan`]). Setting the file's own state removes the override.
+    pub fn set_node_state(&self, cluster: &str, node: &str, state: NodeState) -> Result<(), ControlError> {
+        let mut control = self.lock();
+        let file_state = control.file_state(cluster, node).ok_or_else(|| {
+            if control.file.cluster(cluster).is_none() {
+                ControlError::UnknownCluster(cluster.into())
+            } else {
+                ControlError::UnknownNode {
+                    cluster: cluster.into(),
+                    node: node.into(),
+                }
+            }
+        })?;
+        let key = (cluster.to_string(), node.to_string());
+        if file_state == state {
+            control.overrides.node_states.remove(&key);
+        } else {
+            control.overrides.node_states.insert(key, state);
+        }
+        self.apply_node_state(cluster, node, state);
+        Ok(())
+    }
+
+    /// Moves `service`'s new connections to `cluster` (a controller redirect);
+    /// open connections keep their node. Naming the file's cluster reverts.
+    pub fn set_service_cluster(&self, service: &str, cluster: &str) -> Result<(), ControlError> {
+        let mut control = self.lock();
+        let file_cluster = control
+            .file_cluster(service)
+            .ok_or_else(|| ControlError::UnknownService(service.into()))?
+            .to_string();
+        if control.file.cluster(cluster).is_none() {
+            return Err(ControlError::UnknownCluster(cluster.into()));
+        }
+        if file_cluster == cluster {
+            control.overrides.redirects.remove(service);
+        } else {
+            control.overrides.redirects.insert(service.into(), cluster.into());
+        }
+        self.publish(&control);
+        info!(service, "new connections now go to cluster \"{cluster}\"");
+        Ok(())
+    }
+
+    /// Re-reads the config file (SIGHUP, `POST /api/v1/reload`).
+    pub async fn reload(&self) -> Result<ReloadReport, ControlError> {
+        let path = self.inner.config_path.get().ok_or(ControlError::NoConfigFile)?.clone();
+        // Reading the file and resolving node names block: off the runtime.
+        let source_name = path.display().to_string();
+        let config = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| ConfigError {
+                source_name,
+                line: None,
+                message: format!("loading stopped: {e}"),
+            })??;
+        self.apply(config)
+    }
+
+    /// Carries out the plan from the state in force to the file `new`. What
+    /// can fail (binding new listeners) comes first: on failure nothing has
+    /// changed.
+    pub fn apply(&self, new: Config) -> Result<ReloadReport, ControlError> {
+        let mut control = self.lock();
+        let plan = plan(&control, &new);
+        let data = &self.inner.data;
+        let bound = data.bind(&plan.open)?;
+        for setting in &plan.restart_only {
+            match setting {
+                RestartOnly::Threads(_) => warn!(
+                    "{setting} in the file: the {} worker threads running stay until the next start",
+                    data.worker_count()
+                ),
+                _ => warn!("{setting} in the file: takes effect at the next start"),
+            }
+        }
+        warn_capped_socket_buffers(&new);
+
+        control.file = new;
+        control.overrides = plan.overrides.clone();
+        self.publish(&control);
+        self.inner.admin_token.store(Arc::new(control.file.admin.token.clone()));
+        data.close(&plan.close);
+        data.open(bound);
+        let named = |keys: &[crate::config::ListenerKey]| -> Vec<String> {
+            keys.iter().map(|k| format!("{} {}", k.service, k.addr)).collect()
+        };
+        let report = ReloadReport {
+            opened: named(&plan.open),
+            closed: named(&plan.close),
+            redirects_dropped: plan.redirects_dropped,
+            states_dropped: plan.states_dropped.iter().map(|(c, n)| format!("{c}/{n}")).collect(),
+            restart_only: plan.restart_only.iter().map(ToString::to_string).collect(),
+        };
+        info!(
+            "reloaded: {}; {} listener(s) opened, {} closed",
+            control.file.summary(),
+            report.opened.len(),
+            report.closed.len()
+        );
+        Ok(report)
+    }
+
+    /// Publishes the snapshot of the effective configuration. Nodes that stay
+    /// keep their figures, whose state is then brought to the effective one.
+    fn publish(&self, control: &ControlState) {
+        let effective = control.effective();
+        let live = &self.inner.live;
+        let current = live.snapshot.load();
+        live.snapshot
+            .store(Arc::new(crate::balance::compile(&effective, Some(&current))));
+        for cluster in &effective.clusters {
+            for node in &cluster.nodes {
+                self.apply_node_state(&cluster.name, &node.name, node.state);
+            }
+        }
+    }
+
+    /// Brings a node of the published snapshot to `state`, when it is not in
+    /// it already: the one place where a node's state changes at run time.
+    /// Red also moves the node's pins for good.
+    fn apply_node_state(&self, cluster: &str, node: &str, state: NodeState) {
+        let snapshot = self.inner.live.snapshot.load();
+        let Some(figures) = snapshot
+            .clusters
+            .get(cluster)
+            .and_then(|c| c.node(node))
+            .map(|n| &n.figures)
+        else {
+            return;
+        };
+        if figures.state() == state {
+            return;
+        }
+        figures.set_state(state);
+        if state == NodeState::Red {
+            // Red moves pins for good: the clients of a red node are pinned anew.
+            let moved = self.inner.live.pins.forget_node(cluster, node);
+            info!(
+                cluster,
+                node, "node state set to {state}; {moved} client pin(s) dropped"
+            );
+        } else {
+            info!(cluster, node, "node state set to {state}");
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! One connection's life: the choice of node (pin or pick, then the
+//! candidates), the connect phase, the pump, the cuts that may end it (idle,
+//! red, shutdown) and its access-log line. Everything a connection owns sits
+//! once in its task ([`Accepted`]). Never touches a listener.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::admission::{self, Admitted};
+use super::connect::{self, set_socket_buffer};
+use super::pump::{self, PumpError, Side};
+use super::shared::Shared;
+use crate::model::{Cluster, NodeFigures, NodeState, Pins, Refusal};
+
+/// How a connection ended, for the access log.
+struct Ending<'a>(&'a Result<(), PumpError>);
+
+impl std::fmt::Display for Ending<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Ok(_) => f.write_str("closed"),
+            Err(PumpError {
+                side: Side::Balancer,
+                error,
+            }) => error.fmt(f),
+            Err(e) => write!(f, "{} error: {}", e.side.name(), e.error),
+        }
+    }
+}
+
+/// Counts one connection's bytes into its node's figures as they flow, and
+/// keeps the connection's own totals for the access log and its last
+/// activity for the idle timeout.
+struct ConnectionBytes<'a> {
+    node: &'a NodeFigures,
+    /// When the client was accepted.
+    started: Instant,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    /// Milliseconds after `started` that the last byte moved, or
+    /// [`UNTRACKED`] without an idle timeout: then nobody reads it, and
+    /// reading the clock for every chunk would cost about 1.5 % of the
+    /// balancer's CPU under keep-alive load.
+    last_activity_ms: AtomicU64,
+}
+
+/// `last_activity_ms` of a connection whose service has no idle timeout.
+const UNTRACKED: u64 = u64::MAX;
+
+impl ConnectionBytes<'_> {
+    fn touch(&self) {
+        if self.last_activity_ms.load(Relaxed) != UNTRACKED {
+            self.last_activity_ms
+                .store(self.started.elapsed().as_millis() as u64, Relaxed);
+        }
+    }
+
+    /// Resolves once no byte has moved either way for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.started + Duration::from_millis(self.last_activity_ms.load(Relaxed));
+            let deadline = last + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+}
+
+impl pump::Counter for ConnectionBytes<'_> {
+    fn bytes_in(&self, n: u64) {
+        self.node.add_bytes_in(n);
+        self.bytes_in.fetch_add(n, Relaxed);
+        self.touch();
+    }
+    fn bytes_out(&self, n: u64) {
+        self.node.add_bytes_out(n);
+        self.bytes_out.fetch_add(n, Relaxed);
+        self.touch();
+    }
+}
+
+/// Everything a connection's task owns, stored once in the task.
+///
+/// Why one struct behind a reference: an `async fn` keeps its by-value
+/// arguments twice in its future (as arguments and as locals), and the task
+/// that awaited it would keep its own copies too. The task's size is most of
+/// what an idle connection costs, so the spawned block owns this and
+/// [`serve_client`] only borrows it.
+pub(super) struct Accepted {
+    pub(super) client: TcpStream,
+    pub(super) peer: SocketAddr,
+    /// The port the client reached us on (see `NodeAddress::target`).
+    pub(super) local_port: u16,
+    pub(super) service: Arc<str>,
+    pub(super) admitted: Admitted,
+    pub(super) shared: Arc<Shared>,
+    /// Cancelled to cut the connection at the end of the shutdown grace period.
+    pub(super) cut: CancellationToken,
+}
+
+/// The task of one connection: it owns the connection's state for its whole life.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep `accepted` twice in the task (see `Accepted`)"
+)]
+pub(super) fn connection_task(accepted: Accepted) -> impl Future<Output = ()> + Send {
+    async move { serve_client(&accepted).await }
+}
+
+/// Picks the client's node and connects to it, falling over along the
+/// candidates; on success the node's index, the stream to it and the client
+/// bytes already forwarded. A client that cannot be served is logged here.
+async fn connect_phase(accepted: &Accepted) -> Option<(usize, TcpStream, u64)> {
+    let Accepted {
+        client,
+        peer,
+        local_port,
+        service,
+        admitted,
+        shared,
+        cut,
+    } = accepted;
+    let (peer, service) = (*peer, &**service);
+    let cluster = &admitted.cluster;
+    if let Some(size) = admitted.client_buffer
+        && let Err(e) = set_socket_buffer(client, size)
+    {
+        debug!(service, "client {peer}: cannot set its socket_buffer: {e}");
+    }
+
+    let pinned = pinned_node(&shared.live.pins, cluster, peer);
+    // A client's home node (ip-hash), even when it cannot take the client, so
+    // that its fall-over chain comes first; else the algorithm's pick.
+    let first = pinned
+        .or_else(|| cluster.balancer.home(peer.ip(), &cluster.nodes))
+        .or_else(|| cluster.pick(peer.ip()));
+    let outcome = tokio::select! {
+        outcome = connect::connect_client(client, cluster, first, *local_port, admitted.idle_timeout) => outcome,
+        _ = cut.cancelled() => return None,
+    };
+    match outcome {
+        connect::Outcome::Connected {
+            node,
+            stream,
+            forwarded,
+        } => {
+            if cluster.affinity {
+                // A pin stays on its node while the client is served by the node's fall-over chain.
+                let pin_to = &cluster.nodes[pinned.unwrap_or(node)].name;
+                shared.live.pins.pin(&cluster.name, peer.ip(), pin_to);
+            }
+            Some((node, stream, forwarded))
+        }
+        connect::Outcome::NoNode => {
+            admitted.service.count_refused(Refusal::NoNode);
+            warn!(service, cluster = %cluster.name, "no node could take client {peer}; closing it");
+            None
+        }
+        connect::Outcome::Exhausted(e) => {
+            // Our fault, not the node's: no other node would do better.
+            admitted.service.count_refused(Refusal::Exhausted);
+            admission::log_refusal(&admitted.service, service, peer.ip(), Refusal::Exhausted);
+            debug!(
+                service,
+                "no descriptor or memory for a node connection: {e}; closing {peer}"
+            );
+            None
+        }
+        connect::Outcome::Idle => {
+            debug!(service, cluster = %cluster.name, "client {peer}: idle timeout before the node answered; closing");
+            None
+        }
+        connect::Outcome::ClientGone(e) => {
+            debug!(service, cluster = %cluster.name, "client {peer} went away while connecting: {e}");
+            None
+        }
+    }
+}
+
+/// One admitted client, from the choice of node to the access log line.
+async fn serve_client(accepted: &Accepted) {
+    let started = Instant::now();
+    // Boxed: the connect phase's state (probation, timers) is large and short-lived;
+    // inline, every open connection's task would keep room for it.
+    let Some((i, upstream, forwarded)) = Box::pin(connect_phase(accepted)).await else {
+        return;
+    };
+    // From here on, `accepted`'s fields are named where they are used rather
+    // than bound to locals: a local that lives across the await below is
+    // stored in the task, and every open connection's task would keep it.
+    let node = &accepted.admitted.cluster.nodes[i];
+    let _in_node = node.figures.open_connection();
+    let bytes = ConnectionBytes {
+        node: &node.figures,
+        started,
+        bytes_in: AtomicU64::new(0),
+        bytes_out: AtomicU64::new(0),
+        last_activity_ms: AtomicU64::new(match accepted.admitted.idle_timeout {
+            Some(_) => 0,
+            None => UNTRACKED,
+        }),
+    };
+    // Boxed, and only for a service with an idle timeout: a timer is big,
+    // and the task of every connection would otherwise carry one.
+    let mut idle_watch = accepted
+        .admitted
+        .idle_timeout
+        .map(|idle| Box::pin(bytes.idle_for(idle)));
+    let idle = std::future::poll_fn(|cx| match &mut idle_watch {
+        Some(watch) => watch.as_mut().poll(cx),
+        None => Poll::Pending,
+    });
+    pump::Counter::bytes_in(&bytes, forwarded);
+    let result = tokio::select! {
+        r = pump::pump(&accepted.client, &upstream, accepted.admitted.forwarding, &bytes) => r,
+        _ = idle => Err(PumpError { side: Side::Balancer, error: io::Error::new(io::ErrorKind::TimedOut, "idle timeout") }),
+        _ = accepted.cut.cancelled() => Err(PumpError { side: Side::Balancer, error: io::Error::other("cut at shutdown") }),
+        _ = node.figures.red() => Err(abort_both(&accepted.client, &upstream, "cut: the node turned red")),
+    };
+    drop(idle_watch);
+    let Accepted {
+        peer,
+        service,
+        admitted,
+        shared,
+        ..
+    } = accepted;
+    let cluster = &admitted.cluster;
+    if cluster.affinity {
+        shared.live.pins.touch(&cluster.name, peer.ip());
+    }
+    crate::logging::access(format_args!(
+        "{peer} service={service} cluster={} node={} in={} out={} ms={} end=\"{}\"",
+        cluster.name,
+        node.name,
+        bytes.bytes_in.into_inner(),
+        bytes.bytes_out.into_inner(),
+        bytes.started.elapsed().as_millis(),
+        Ending(&result),
+    ));
+}
+
+/// The node `peer` is pinned to, if the cluster keeps affinity and the pin
+/// still holds. A pin to a node no longer configured, or to a red one (pins
+/// are dropped when a node turns red; this catches a race with that), moves
+/// for good: the caller pins the client anew.
+fn pinned_node(pins: &Pins, cluster: &Cluster, peer: SocketAddr) -> Option<usize> {
+    if !cluster.affinity {
+        return None;
+    }
+    let node = pins.pinned(&cluster.name, peer.ip(), cluster.affinity_ttl)?;
+    cluster
+        .nodes
+        .iter()
+        .position(|n| *n.name == *node && n.figures.state() != NodeState::Red)
+}
+
+/// Makes dropping `client` and `node` reset both connections (SO_LINGER 0),
+/// for a cut that must not wait for buffered data.
+fn abort_both(client: &TcpStream, node: &TcpStream, why: &str) -> PumpError {
+    pump::reset_on_drop(&[client, node]);
+    PumpError {
+        side: Side::Balancer,
+        error: io::Error::other(why.to_string()),
+    }
+}
+
+/// What an idle connection costs is mostly its task: this prints the sizes of
+/// the futures involved. `cargo test --release --lib future_sizes -- --ignored --nocapture`
+#[cfg(test)]
+mod future_sizes {
+    #[test]
+    #[ignore = "a figure to read, not a check: sizes differ between builds"]
+    fn future_sizes() {
+        let config = crate::config::Config::forward("127.0.0.1:0", &["127.0.0.1:1".to_string()]).unwrap();
+        let live = crate::model::Live::new(crate::balance::compile(&config, None), Default::default());
+        let shared = std::sync::Arc::new(super::Shared::new(std::sync::Arc::new(live)));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            struct Nop;
+            impl super::pump::Counter for Nop {
+                fn bytes_in(&self, _: u64) {}
+                fn bytes_out(&self, _: u64) {}
+            }
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let pump = super::pump::pump(&c, &c, crate::config::ForwardMode::Auto, &Nop);
+            println!("pump future: {} bytes", std::mem::size_of_val(&pump));
+            drop(pump);
+            let connect =
+                super::connect::connect("127.0.0.1:1".parse().unwrap(), std::time::Duration::from_secs(1), None);
+            println!("connect future: {} bytes", std::mem::size_of_val(&connect));
+            let peer: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+            let admitted = super::admission::admit(&shared, "forward", peer.ip()).ok().unwrap();
+            let accepted = super::Accepted {
+                client: c,
+                peer,
+                local_port: 1,
+                service: "forward".into(),
+                admitted,
+                shared: shared.clone(),
+                cut: shared.cut_all.child_token(),
+            };
+            let serve = super::serve_client(&accepted);
+            println!("serve_client future: {} bytes", std::mem::size_of_val(&serve));
+            drop(serve);
+            let task = super::connection_task(accepted);
+            println!("connection task future: {} bytes", std::mem::size_of_val(&task));
+        });
+    }
+}

@@ -1,0 +1,295 @@
+//! The data plane's owner: it starts, holds and stops the worker threads,
+//! the listeners and the connection tasks. It carries out what it is told
+//! (bind these, open those, close that, stop) and decides nothing about
+//! the configuration: that is the control plane's job.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use super::accept::accept_loop;
+use super::shared::Shared;
+use super::workers::{Workers, bind_group, share_with_neighbours};
+use crate::config::{Config, ListenerKey};
+use crate::model::Live;
+
+/// How the worker threads run; fixed for the life of the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerSettings {
+    /// 0: one per CPU.
+    pub threads: usize,
+    pub pin_workers: bool,
+    pub busy_poll: Option<Duration>,
+}
+
+impl WorkerSettings {
+    pub fn of(config: &Config) -> WorkerSettings {
+        WorkerSettings {
+            threads: config.threads,
+            pin_workers: config.pin_workers,
+            busy_poll: config.busy_poll,
+        }
+    }
+}
+
+/// A listening address that could not be bound; nothing was opened.
+#[derive(Debug, thiserror::Error)]
+#[error("service \"{service}\": cannot listen on {addr}: {source}")]
+pub struct BindError {
+    pub service: String,
+    pub addr: SocketAddr,
+    pub source: io::Error,
+}
+
+/// Listening sockets bound but not yet accepting: [`DataPlane::open`] starts
+/// them, dropping them closes them.
+pub struct Bound(Vec<(ListenerKey, Vec<std::net::TcpListener>)>);
+
+/// A listening socket of a service.
+struct Listener {
+    service: Arc<str>,
+    /// As the file names it (port 0 stays 0): the listener's identity across reloads.
+    configured: SocketAddr,
+    addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+/// The data plane: workers, listeners, connections.
+pub struct DataPlane {
+    shared: Arc<Shared>,
+    workers: Workers,
+    listeners: Mutex<Vec<Listener>>,
+    accept_loops: TaskTracker,
+}
+
+impl DataPlane {
+    /// Starts the worker threads; no listener yet.
+    pub fn start(settings: WorkerSettings, live: Arc<Live>) -> io::Result<DataPlane> {
+        let workers = Workers::start(settings.threads, settings.pin_workers, settings.busy_poll)?;
+        Ok(DataPlane {
+            shared: Arc::new(Shared::new(live)),
+            workers,
+            listeners: Mutex::new(Vec::new()),
+            accept_loops: TaskTracker::new(),
+        })
+    }
+
+    fn listeners(&self) -> MutexGuard<'_, Vec<Listener>> {
+        self.listeners.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Binds every listener named, one socket per worker each, or none: on
+    /// the first failure the ones already bound are closed and the error
+    /// says which address failed.
+    pub fn bind<'a>(&self, keys: impl IntoIterator<Item = &'a ListenerKey>) -> Result<Bound, BindError> {
+        keys.into_iter()
+            .map(|key| {
+                bind_group(key.addr, self.workers.count(), self.workers.steering())
+                    .map(|l| (key.clone(), l))
+                    .map_err(|source| BindError {
+                        service: key.service.clone(),
+                        addr: key.addr,
+                        source,
+                    })
+            })
+            .collect::<Result<_, _>>()
+            .map(Bound)
+    }
+
+    /// Starts the accept loops of each bound listener: each worker accepts
+    /// from its own socket of the group and its neighbour's
+    /// (`workers::share_with_neighbours`).
+    pub fn open(&self, bound: Bound) {
+        let mut listeners = self.listeners();
+        let steered = self.workers.steering().is_some();
+        for (key, group) in bound.0 {
+            let addr = group[0].local_addr().expect("a bound listener has an address");
+            let service = Arc::<str>::from(key.service.as_str());
+            let stop = CancellationToken::new();
+            info!(service = %service, "listening on {addr}");
+            for (worker, listener) in share_with_neighbours(group, steered) {
+                let accept = accept_loop(
+                    listener,
+                    service.clone(),
+                    self.shared.clone(),
+                    self.workers.accept_count(worker),
+                    stop.clone(),
+                );
+                self.workers.spawn_on(worker, self.accept_loops.track_future(accept));
+            }
+            listeners.push(Listener {
+                service,
+                configured: key.addr,
+                addr,
+                stop,
+            });
+        }
+    }
+
+    /// Stops accepting on the listeners named (connections they accepted go
+    /// on); returns the addresses closed.
+    pub fn close(&self, keys: &[ListenerKey]) -> Vec<SocketAddr> {
+        let mut closed = Vec::new();
+        self.listeners().retain(|l| {
+            let closing = keys.iter().any(|k| *k.service == *l.service && k.addr == l.configured);
+            if closing {
+                l.stop.cancel();
+                info!(service = %l.service, "closed listener on {}", l.addr);
+                closed.push(l.addr);
+            }
+            !closing
+        });
+        closed
+    }
+
+    /// Every listening address, with its service (ports chosen by the kernel resolved).
+    pub fn listen_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners()
+            .iter()
+            .map(|l| (l.service.to_string(), l.addr))
+            .collect()
+    }
+
+    /// The first listening address of `service`.
+    pub fn addr_of(&self, service: &str) -> Option<SocketAddr> {
+        self.listeners().iter().find(|l| &*l.service == service).map(|l| l.addr)
+    }
+
+    /// Clients each worker thread has accepted since start.
+    pub fn accepted_by_worker(&self) -> Vec<u64> {
+        self.workers.accepted()
+    }
+
+    /// How many worker threads run.
+    pub fn worker_count(&self) -> usize {
+        self.workers.count()
+    }
+
+    /// Connections being served now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.connections.len()
+    }
+
+    /// Stops accepting on every listener and waits for the accept loops to end.
+    pub async fn stop_accepting(&self) {
+        for l in self.listeners().iter() {
+            l.stop.cancel();
+        }
+        self.accept_loops.close();
+        self.accept_loops.wait().await;
+    }
+
+    /// Lets open connections finish for up to `grace`, then cuts the rest.
+    /// Returns how many were cut.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        let connections = &self.shared.connections;
+        let open = connections.len();
+        if open > 0 {
+            info!("stopped accepting; waiting up to {grace:?} for {open} open connection(s)");
+        }
+        connections.close();
+        if tokio::time::timeout(grace, connections.wait()).await.is_ok() {
+            return 0;
+        }
+        let cut = connections.len();
+        info!("grace period over: cutting {cut} connection(s)");
+        self.shared.cut_all.cancel();
+        connections.wait().await;
+        cut
+    }
+
+    /// Stops the worker threads (each hands over its batched access-log lines as it ends).
+    pub async fn stop_workers(&self) {
+        self.workers.stop().await;
+    }
+}
+
+/// Warns about each `socket_buffer` larger than the kernel grants an
+/// unprivileged `setsockopt` (`net.core.rmem_max` / `wmem_max`): Linux caps
+/// it there without an error, and an operator who asked for more should
+/// know. Reads the two limits only when some `socket_buffer` is set (a start
+/// without one pays nothing), and says nothing where they cannot be read.
+pub fn warn_capped_socket_buffers(config: &Config) {
+    let sized = socket_buffers(config);
+    if sized.is_empty() {
+        return;
+    }
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+    };
+    if let (Some(rmem_max), Some(wmem_max)) = (read("rmem_max"), read("wmem_max")) {
+        for message in capped_socket_buffers(&sized, rmem_max, wmem_max) {
+            warn!("{message}");
+        }
+    }
+}
+
+/// Every `socket_buffer` of `config`: who sets it, and the size in bytes.
+fn socket_buffers(config: &Config) -> Vec<(String, usize)> {
+    let services = config
+        .services
+        .iter()
+        .map(|s| (format!("service \"{}\"", s.name), s.limits.socket_buffer));
+    let clusters = config
+        .clusters
+        .iter()
+        .map(|c| (format!("cluster \"{}\"", c.name), c.socket_buffer));
+    services
+        .chain(clusters)
+        .filter_map(|(owner, size)| Some((owner, size?.bytes())))
+        .collect()
+}
+
+/// The sizes of `sized` above `rmem_max` or `wmem_max`, each described for the log.
+fn capped_socket_buffers(sized: &[(String, usize)], rmem_max: usize, wmem_max: usize) -> Vec<String> {
+    sized
+        .iter()
+        .filter(|(_, size)| *size > rmem_max.min(wmem_max))
+        .map(|(owner, size)| {
+            format!(
+                "{owner}: socket_buffer = {size} bytes is above net.core.rmem_max ({rmem_max}) or \
+                 net.core.wmem_max ({wmem_max}); Linux caps each buffer at its maximum: raise them \
+                 for the full size"
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_buffers_above_the_kernel_maximum_are_named() {
+        let config = Config::parse(
+            "[[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"a\"\nsocket_buffer = \"1m\"\n\
+             [[cluster]]\nname = \"a\"\nsocket_buffer = \"128k\"\n[[cluster.node]]\nname = \"n\"\naddress = \"127.0.0.1:1\"\n\
+             [[cluster]]\nname = \"b\"\n[[cluster.node]]\nname = \"n\"\naddress = \"127.0.0.1:1\"\n",
+            "t",
+        )
+        .unwrap();
+        let sized = socket_buffers(&config);
+        assert_eq!(sized.len(), 2, "the service and cluster a set one; b does not");
+        // Debian's defaults: 208 KiB each.
+        let capped = capped_socket_buffers(&sized, 212_992, 212_992);
+        assert_eq!(capped.len(), 1, "{capped:?}");
+        assert!(
+            capped[0].starts_with("service \"web\": socket_buffer = 1048576 bytes is above net.core.rmem_max (212992)"),
+            "{}",
+            capped[0]
+        );
+        assert!(capped_socket_buffers(&sized, 4 << 20, 4 << 20).is_empty());
+        assert_eq!(
+            capped_socket_buffers(&sized, 4 << 20, 100_000).len(),
+            2,
+            "wmem_max counts too"
+        );
+    }
+}
