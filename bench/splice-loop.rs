@@ -1,13 +1,14 @@
 //! The floor a splice(2) proxy reaches on this machine, for comparison with
-//! the balancer (`scripts/floor-ab`, docs/performance.md "The floor"): the
-//! "bare splice loop" of issue 6. Every accepted connection gets a connection
+//! the balancer (the `floor` variant of `bench/ab`): the "bare splice loop"
+//! the team's bulk target was set from. Every accepted connection gets a connection
 //! to NODE and one blocking thread per direction, each moving bytes through
 //! its own pipe (1 MiB unless PIPE_BYTES says otherwise): no event loop, no
 //! pools, no balancing, no logging. A measuring tool only.
 //!
-//! Built by `scripts/floor-ab` with plain `rustc` (std only, so that it needs
-//! no crate and leaves the project's build alone: as a Cargo example it would
-//! pull the dev-dependencies' features into the balancer's own release build).
+//! Built by `bench/ab` with plain `rustc` into target/bench/ (std only, so
+//! that it needs no crate and leaves the project's build alone: as a Cargo
+//! example it would pull the dev-dependencies' features into the balancer's
+//! own release build).
 //!
 //! Usage: splice-loop LISTEN NODE [PIPE_BYTES]
 
