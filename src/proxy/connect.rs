@@ -186,10 +186,9 @@ pub async fn connect_client(
 /// refuse them, the connection goes on with its own sizing).
 ///
 /// The buffers are sized once the connection is up, not before the connect:
-/// set before (which also makes the SYN announce a smaller window scale),
-/// 8 iperf3 streams through the balancer measured no gain in 7 interleaved
-/// rounds; set afterwards, the same sizes gained about 20 %
-/// (docs/performance.md, "Bulk").
+/// set before, they also make the SYN announce a smaller window scale, and
+/// bulk streams through the balancer gained nothing; set afterwards, they
+/// did (the socket_buffer runs in bench/results/).
 pub(super) async fn connect(
     target: SocketAddr,
     timeout: Duration,

@@ -250,9 +250,10 @@ pub fn bind_group(
 /// its own socket and from a duplicate of worker i+1's (the last from the
 /// first's), so every socket is watched by two workers and a client queued
 /// on a busy worker's socket is taken by its neighbour if that one is free
-/// first. Measured on 16 cores (docs/performance.md): with one watcher per
-/// socket, 4 workers were idle up to 18 % of the time under a stream of new
-/// connections while clients waited in their neighbours' queues.
+/// first. With one watcher per socket, workers on a 16-core machine sat
+/// idle under a stream of new connections while clients waited in their
+/// neighbours' queues (docs/architecture.md, "Clients not yet accepted are
+/// shared with a neighbour").
 ///
 /// Why a neighbour and not every worker: a new client wakes every idle worker
 /// that watches its socket, and only one of them gets it. Two watchers give
