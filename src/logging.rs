@@ -4,12 +4,12 @@
 //! The access log writes a line per connection, so its path is kept cheap:
 //! a worker thread of the data plane appends its lines to a buffer of its
 //! own, and hands the buffer to the writer thread in one piece once it holds
-//! [`BATCH_BYTES`] or [`BATCH_DELAY`] after its first line, whichever comes
+//! `BATCH_BYTES` or `BATCH_DELAY` after its first line, whichever comes
 //! first (and when the worker stops). A worker thus pays one hand-off per
 //! batch instead of one per line: a channel send, and often a futex wake-up
 //! of the writer thread, which cost about 5 µs per connection when batches
 //! were handed over each time a worker went idle. A line appears at most
-//! [`BATCH_DELAY`] late. Every other thread (control plane, start-up) writes
+//! `BATCH_DELAY` late. Every other thread (control plane, start-up) writes
 //! each line through at once.
 //!
 //! Access-log lines are also formatted here ([`access`]) rather than by the
