@@ -19,7 +19,7 @@ use arc_swap::ArcSwap;
 use tracing::{info, warn};
 
 pub use plan::{Plan, RestartOnly, plan};
-pub use state::{ControlState, Overrides};
+pub use state::{ControlState, Origin, Override, Overrides};
 
 use crate::config::{Config, ConfigError, NodeState};
 use crate::model::{Live, Snapshot};
@@ -153,7 +153,8 @@ impl Control {
         if file_state == state {
             control.overrides.node_states.remove(&key);
         } else {
-            control.overrides.node_states.insert(key, state);
+            let now = self.inner.live.clock().now_ms();
+            control.overrides.node_states.insert(key, Override::here(state, now));
         }
         self.apply_node_state(cluster, node, state);
         Ok(())
@@ -173,7 +174,11 @@ impl Control {
         if file_cluster == cluster {
             control.overrides.redirects.remove(service);
         } else {
-            control.overrides.redirects.insert(service.into(), cluster.into());
+            let now = self.inner.live.clock().now_ms();
+            control
+                .overrides
+                .redirects
+                .insert(service.into(), Override::here(cluster.into(), now));
         }
         self.publish(&control);
         info!(service, "new connections now go to cluster \"{cluster}\"");

@@ -80,7 +80,7 @@ pub fn plan(old: &ControlState, new: &Config) -> Plan {
     for (service, target) in &old.overrides.redirects {
         let file_now = new.services.iter().find(|s| s.name == *service).map(|s| &s.cluster);
         let unchanged = file_now.is_some_and(|c| old.file_cluster(service) == Some(c.as_str()));
-        if unchanged && new.cluster(target).is_some() {
+        if unchanged && new.cluster(&target.value).is_some() {
             plan.overrides.redirects.insert(service.clone(), target.clone());
         } else {
             plan.redirects_dropped.push(service.clone());
@@ -93,7 +93,7 @@ pub fn plan(old: &ControlState, new: &Config) -> Plan {
             (Some(b), Some(n)) if b == n => {
                 plan.overrides
                     .node_states
-                    .insert((cluster.clone(), node.clone()), *state);
+                    .insert((cluster.clone(), node.clone()), state.clone());
             }
             _ => plan.states_dropped.push((cluster.clone(), node.clone())),
         }
@@ -150,6 +150,7 @@ fn restart_only(old: &Config, new: &Config) -> Vec<RestartOnly> {
 mod tests {
     use super::*;
     use crate::config::NodeState;
+    use crate::control::state::Override;
 
     /// (name, address, state) of each node of a cluster.
     type Nodes<'a> = &'a [(&'a str, &'a str, &'a str)];
@@ -188,12 +189,14 @@ mod tests {
     fn with_overrides(file: Config, redirect: bool, state: bool) -> ControlState {
         let mut s = ControlState::new(file);
         if redirect {
-            s.overrides.redirects.insert("web".into(), "green".into());
+            s.overrides
+                .redirects
+                .insert("web".into(), Override::here("green".into(), 1));
         }
         if state {
             s.overrides
                 .node_states
-                .insert(("blue".into(), "a".into()), NodeState::Yellow);
+                .insert(("blue".into(), "a".into()), Override::here(NodeState::Yellow, 1));
         }
         s
     }

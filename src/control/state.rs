@@ -7,13 +7,39 @@ use std::collections::BTreeMap;
 
 use crate::config::{Config, NodeState};
 
+/// Where and when a run-time change was made.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Origin {
+    /// The instance that made it; `None`: this one.
+    pub instance: Option<String>,
+    /// When, in Unix milliseconds.
+    pub at_ms: u64,
+}
+
+/// A value set at run time over the file's, and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Override<T> {
+    pub value: T,
+    pub origin: Origin,
+}
+
+impl<T> Override<T> {
+    /// `value`, set by this instance at `at_ms`.
+    pub fn here(value: T, at_ms: u64) -> Override<T> {
+        Override {
+            value,
+            origin: Origin { instance: None, at_ms },
+        }
+    }
+}
+
 /// Changes made at run time (admin API, `ctl`, dashboard) that override the file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Overrides {
     /// service → the cluster its new connections go to instead of the file's.
-    pub redirects: BTreeMap<String, String>,
+    pub redirects: BTreeMap<String, Override<String>>,
     /// (cluster, node) → the state set at run time, where it differs from the file's.
-    pub node_states: BTreeMap<(String, String), NodeState>,
+    pub node_states: BTreeMap<(String, String), Override<NodeState>>,
 }
 
 /// The file's configuration and the run-time overrides in force.
@@ -37,7 +63,7 @@ impl ControlState {
         let mut effective = self.file.clone();
         for service in &mut effective.services {
             if let Some(target) = self.overrides.redirects.get(&service.name) {
-                service.cluster.clone_from(target);
+                service.cluster.clone_from(&target.value);
             }
         }
         for cluster in &mut effective.clusters {
@@ -47,7 +73,7 @@ impl ControlState {
                     .node_states
                     .get(&(cluster.name.clone(), node.name.clone()))
                 {
-                    node.state = *state;
+                    node.state = state.value;
                 }
             }
         }

@@ -44,6 +44,12 @@ impl Live {
             pins,
         }
     }
+
+    /// The wall clock of this balancer (the pins' own: a test's manual
+    /// clock moves everything that is dated in wall-clock time).
+    pub fn clock(&self) -> &WallClock {
+        self.pins.clock()
+    }
 }
 
 #[cfg(test)]
