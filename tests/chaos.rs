@@ -69,22 +69,21 @@ impl Node {
         self.running.lock().unwrap().is_some()
     }
 
-    fn kill(&self) {
+    /// Closes the listener and, with the accept loop, every connection; the
+    /// listener is closed when this returns.
+    async fn kill(&self) {
         self.disruptions.fetch_add(1, SeqCst);
-        // Dropping the set aborts the accept loop and, with it, every connection.
-        self.running.lock().unwrap().take();
+        let running = self.running.lock().unwrap().take();
+        if let Some(mut set) = running {
+            set.shutdown().await;
+        }
     }
 
     async fn restart(&self) {
-        // The port may linger a moment after the kill; retry briefly.
-        for _ in 0..100 {
-            if let Ok(listener) = TcpListener::bind(self.addr).await {
-                self.run(listener);
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("node {} could not rebind {}", self.index, self.addr);
+        let listener = TcpListener::bind(self.addr)
+            .await
+            .unwrap_or_else(|e| panic!("node {} could not rebind {}: {e}", self.index, self.addr));
+        self.run(listener);
     }
 }
 
@@ -180,21 +179,20 @@ async fn chaos_keeps_every_client_served_while_a_green_node_can() {
     for i in 0..NODES {
         nodes.push(Node::start(i as u8).await);
     }
-    let mut text = String::from(
-        "[[service]]\nname = \"svc\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"pool\"\n\
-         [[cluster]]\nname = \"pool\"\nconnect_timeout = \"500ms\"\nretry_interval = \"100ms\"\n",
-    );
+    // A ring of fall-over nodes would be a loop; a chain: n0 -> n1 -> n2 -> n3.
+    let mut cluster = Cluster::new("pool")
+        .key("connect_timeout = \"500ms\"")
+        .key("retry_interval = \"100ms\"");
     for n in &nodes {
-        text.push_str(&format!(
-            "[[cluster.node]]\nname = \"n{}\"\naddress = \"{}\"\nfallover = \"n{}\"\n",
-            n.index,
-            n.addr,
-            (n.index as usize + 1) % NODES
-        ));
+        let node = common::Node::new(&format!("n{}", n.index), n.addr);
+        let next = n.index as usize + 1;
+        cluster = cluster.node(if next < NODES {
+            node.fallover(&format!("n{next}"))
+        } else {
+            node
+        });
     }
-    // A ring of fall-over nodes is a loop; chain them instead: n0 -> n1 -> n2 -> n3.
-    let text = text.replace("fallover = \"n0\"\n", "");
-    let (server, addr) = start(&config(&text)).await;
+    let (server, addr) = ConfigText::one_service(cluster).start().await;
     let server = Arc::new(server);
 
     let nodes = Arc::new(nodes);
@@ -217,6 +215,7 @@ async fn chaos_keeps_every_client_served_while_a_green_node_can() {
     let mut actions = Vec::new();
     let mut disrupted_last_round: Option<usize> = None;
     while started.elapsed() < CHAOS {
+        // Paced: the clients run a few exchanges between two actions.
         tokio::time::sleep(Duration::from_millis(rand::rng().random_range(50..250))).await;
         if let Some(j) = disrupted_last_round.take() {
             nodes[j].disruptions.fetch_add(1, SeqCst);
@@ -239,7 +238,7 @@ async fn chaos_keeps_every_client_served_while_a_green_node_can() {
         match action {
             0 if nodes[i].is_running() && healthy_others > 0 => {
                 tally.disruptions.fetch_add(1, SeqCst);
-                nodes[i].kill();
+                nodes[i].kill().await;
                 disrupted_last_round = Some(i);
                 actions.push(format!("kill n{i}"));
             }
@@ -280,12 +279,7 @@ async fn chaos_keeps_every_client_served_while_a_green_node_can() {
 
     // The figures add up: every accepted connection finished and is counted.
     let figures = server.snapshot().services["svc"].figures.clone();
-    within("connections drain", async {
-        while figures.active_connections() > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    wait_until("connections drain", || async { figures.active_connections() == 0 }).await;
     let attempts = tally.attempts.load(SeqCst);
     assert_eq!(
         figures.accepted(),

@@ -123,22 +123,13 @@ async fn hostile_admin_requests_never_panic_or_change_state_when_refused() {
 /// and at any log level; the admin API is on loopback unless a token is set.
 #[test]
 fn no_secret_is_ever_logged() {
-    let node = dead_addr();
-    let text = format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\
-         [[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"blue\"\n\
-         [[cluster]]\nname = \"blue\"\n[[cluster.node]]\nname = \"a\"\naddress = \"{node}\"\n"
-    );
-    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    std::fs::write(file.path(), &text).unwrap();
-    let mut command = std::process::Command::new(BIN);
-    command
-        .args(["--log-level", "trace", "run", "--config"])
-        .arg(file.path());
-    let mut proc = Running::start(command);
+    let config = ConfigText::new()
+        .token(TOKEN)
+        .service(Service::new("web", "blue"))
+        .cluster(Cluster::of("blue", &[("a", dead_addr())]));
+    let mut proc = Running::run(&config, &["--log-level", "trace"]);
     let admin = proc.admin_addr();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
+    blocking(async {
         for raw in [
             format!(
                 "GET /api/v1/status HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
@@ -155,11 +146,7 @@ fn no_secret_is_ever_logged() {
         }
     });
     // A reload that fails on a bad token value must not echo it either.
-    std::fs::write(
-        file.path(),
-        text.replace(&format!("token = \"{TOKEN}\""), "token = \"short\""),
-    )
-    .unwrap();
+    std::fs::write(proc.config_path(), config.clone().token("short").text()).unwrap();
     proc.signal(libc::SIGHUP);
     proc.wait_for("reload refused");
     proc.signal(libc::SIGTERM);
@@ -178,14 +165,10 @@ fn no_secret_is_ever_logged() {
     }
 
     // Off loopback without a token the balancer refuses to start.
-    std::fs::write(
-        file.path(),
-        text.replace("listen = \"127.0.0.1:0\"\ntoken", "listen = \"0.0.0.0:0\"\n#token"),
-    )
-    .unwrap();
+    let open = config.admin_listen("0.0.0.0:0").no_token().file();
     let out = std::process::Command::new(BIN)
         .args(["run", "--config"])
-        .arg(file.path())
+        .arg(open.path())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
