@@ -129,6 +129,8 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// Connections open now.
     open: Arc<AtomicUsize>,
+    /// The listener's descriptor, owned by `task`.
+    listener: std::os::fd::RawFd,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -145,13 +147,29 @@ impl Backend {
         let listener = socket.listen(128).unwrap();
         let addr = listener.local_addr().unwrap();
         let open = Arc::new(AtomicUsize::new(0));
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
         let task = tokio::spawn(run_backend(listener, name.to_string(), behaviour, open.clone()));
-        Backend { addr, open, task }
+        Backend {
+            addr,
+            open,
+            listener: fd,
+            task,
+        }
     }
 
     /// Closes the listener and every open connection, as a crash would; when
     /// it returns, connecting to the address is refused.
     pub async fn kill(mut self) -> SocketAddr {
+        // Closing the descriptor is not enough: a process that another test
+        // forks meanwhile holds a copy of it until it execs, and the socket
+        // listens on as long as a copy is open. Shutting a listening socket
+        // down ends its listening state for every copy at once.
+        // SAFETY: the task owns the descriptor and is still alive (not yet
+        // aborted), so the number still names the listener.
+        let listener = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.listener) };
+        socket2::SockRef::from(&listener)
+            .shutdown(std::net::Shutdown::Read)
+            .expect("shutting the listener down");
         self.task.abort();
         let _ = (&mut self.task).await;
         self.addr
@@ -171,8 +189,9 @@ impl Drop for Backend {
 async fn run_backend(listener: TcpListener, name: String, behaviour: Behaviour, open: Arc<AtomicUsize>) {
     let mut connections = JoinSet::new();
     loop {
+        // An error ends the backend: after a kill's shutdown every accept fails.
         let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
+            return;
         };
         let name = name.clone();
         let open = open.clone();
