@@ -111,6 +111,7 @@ async fn allow_and_deny_lists_ipv4() {
         .await;
     assert!(try_client(addr, "127.0.0.1").await.is_none(), "outside allow");
     assert!(try_client(addr, "127.0.0.2").await.is_some(), "inside allow");
+    assert_eq!(refused(&server, Refusal::Denied), 1);
     server.shutdown(Duration::ZERO).await;
 }
 
@@ -126,6 +127,7 @@ async fn allow_and_deny_lists_ipv6() {
     server.shutdown(Duration::ZERO).await;
     let (server, addr) = service_config(node, "[::1]:0", "deny = [\"::/0\"]").start().await;
     assert!(try_client(addr, "::1").await.is_none());
+    assert_eq!(refused(&server, Refusal::Denied), 1);
     server.shutdown(Duration::ZERO).await;
 }
 
