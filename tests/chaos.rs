@@ -87,7 +87,6 @@ impl Node {
     }
 }
 
-#[derive(Default)]
 struct Tally {
     /// Every disruption of any node, for failures before the client knows its node.
     disruptions: AtomicU64,
@@ -95,20 +94,38 @@ struct Tally {
     ok: AtomicU64,
     cut: AtomicU64,
     bytes: AtomicU64,
+    /// The chaos driver's rounds so far; `u64::MAX` once it has stopped.
+    rounds: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Tally {
+            disruptions: AtomicU64::new(0),
+            attempts: AtomicU64::new(0),
+            ok: AtomicU64::new(0),
+            cut: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            rounds: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 /// Whether `counter` moved past `before`. The chaos driver bumps a node's
-/// counter before disrupting it and again one round later, once the
-/// disruption has surely taken effect, so a failure it caused is seen here
-/// within a round (at most 250 ms) even if the first bump preceded `before`.
-async fn disrupted_since(counter: &AtomicU64, before: u64) -> bool {
-    for _ in 0..60 {
-        if counter.load(SeqCst) != before {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    false
+/// counter before disrupting it and again at the start of the next round,
+/// once the disruption has surely taken effect; so after the next round has
+/// begun, a failure the disruption caused shows here even if the first bump
+/// preceded `before`.
+async fn disrupted_since(counter: &AtomicU64, before: u64, tally: &Tally) -> bool {
+    let now = *tally.rounds.borrow();
+    let mut rounds = tally.rounds.subscribe();
+    within(
+        "the chaos driver's next round",
+        rounds.wait_for(|r| *r > now.saturating_add(1)),
+    )
+    .await
+    .expect("the driver keeps the round counter");
+    counter.load(SeqCst) != before
 }
 
 /// One exchange: read the node's index, send a random payload, read it back.
@@ -124,7 +141,7 @@ async fn exchange(addr: SocketAddr, nodes: &[Arc<Node>], tally: &Tally) -> Resul
         // before this task got round to finishing its connect, which then
         // reports the reset: the same case as a lost greeting below.
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-            if disrupted_since(&tally.disruptions, any_before).await {
+            if disrupted_since(&tally.disruptions, any_before, tally).await {
                 tally.cut.fetch_add(1, SeqCst);
                 return Ok(false);
             }
@@ -137,7 +154,7 @@ async fn exchange(addr: SocketAddr, nodes: &[Arc<Node>], tally: &Tally) -> Resul
         // The node had greeted the balancer and was disrupted before the
         // greeting reached the client: the client cannot tell which node it
         // was, so any disruption meanwhile accounts for it.
-        if disrupted_since(&tally.disruptions, any_before).await {
+        if disrupted_since(&tally.disruptions, any_before, tally).await {
             tally.cut.fetch_add(1, SeqCst);
             return Ok(false);
         }
@@ -161,7 +178,7 @@ async fn exchange(addr: SocketAddr, nodes: &[Arc<Node>], tally: &Tally) -> Resul
     }
     // Any difference other than a truncation is corruption.
     assert!(payload.starts_with(&back), "bytes changed through node {}", node.index);
-    if disrupted_since(&node.disruptions, before[node.index as usize]).await {
+    if disrupted_since(&node.disruptions, before[node.index as usize], tally).await {
         tally.cut.fetch_add(1, SeqCst);
         Ok(false)
     } else {
@@ -221,6 +238,7 @@ async fn chaos_keeps_every_client_served_while_a_green_node_can() {
             nodes[j].disruptions.fetch_add(1, SeqCst);
             tally.disruptions.fetch_add(1, SeqCst);
         }
+        tally.rounds.send_modify(|r| *r += 1);
         let i = rand::rng().random_range(0..NODES);
         // Healthy: running, green, and known to the balancer as available (a
         // node restarted moments ago stays unavailable until its next retry).
@@ -271,6 +289,13 @@ async fn chaos_keeps_every_client_served_while_a_green_node_can() {
         }
     }
     stop.store(true, SeqCst);
+    // The last disruption's second bump, then no more rounds: a client still
+    // asking whether its failure had a cause gets its answer now.
+    if let Some(j) = disrupted_last_round.take() {
+        nodes[j].disruptions.fetch_add(1, SeqCst);
+        tally.disruptions.fetch_add(1, SeqCst);
+    }
+    tally.rounds.send_replace(u64::MAX);
     while let Some(result) = within("clients finish", clients.join_next()).await {
         if let Err(e) = result.unwrap() {
             panic!("{e}\nchaos so far: {}", actions.join(", "));
