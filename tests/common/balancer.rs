@@ -147,12 +147,6 @@ impl Running {
         self.history.lock().unwrap().clone()
     }
 
-    /// Whether an output line seen so far, or arriving within a second, contains `needle`.
-    pub fn saw(&self, needle: &str) -> bool {
-        while let Ok(_line) = self.lines.recv_timeout(std::time::Duration::from_secs(1)) {}
-        self.history.lock().unwrap().iter().any(|l| l.contains(needle))
-    }
-
     /// The address of the first service listener it logged (`listening on
     /// ADDR`; the admin API's `admin listening on` line is not one).
     pub fn listen_addr(&self) -> SocketAddr {
