@@ -295,9 +295,8 @@ fn pin_workers_puts_each_worker_on_a_cpu_of_its_own_and_still_serves() {
         assert_eq!(fetch(addr), "a");
     }
     let pid = proc.child.id();
-    let mut worker_cpus: Vec<String> = threads(pid)
+    let mut worker_cpus: Vec<String> = worker_threads(pid, 2)
         .into_iter()
-        .filter(|(name, _)| name.starts_with("protobalance-w"))
         .map(|(_, dir)| {
             let status = std::fs::read_to_string(dir.join("status")).unwrap();
             let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap();
@@ -324,10 +323,7 @@ fn pin_workers_puts_each_worker_on_a_cpu_of_its_own_and_still_serves() {
 #[test]
 fn busy_poll_keeps_a_worker_on_its_cpu_after_work_and_lets_it_sleep_when_idle() {
     let (mut proc, addr) = run_with_one_node("threads = 1\nbusy_poll = \"300ms\"");
-    let (_, worker) = threads(proc.child.id())
-        .into_iter()
-        .find(|(name, _)| name == "protobalance-w0")
-        .unwrap();
+    let (_, worker) = worker_threads(proc.child.id(), 1).remove(0);
     // The scheduler's state of the worker thread: R running or runnable, S asleep.
     let state = || {
         let stat = std::fs::read_to_string(worker.join("stat")).unwrap();
@@ -381,18 +377,27 @@ fn thread_names(pid: u32) -> Vec<String> {
     threads(pid).into_iter().map(|(name, _)| name).collect()
 }
 
+/// `pid`'s worker threads, once at least `count` carry their name: a thread
+/// names itself as it starts, which may be just after the balancer has
+/// logged that it listens.
+fn worker_threads(pid: u32, count: usize) -> Vec<(String, std::path::PathBuf)> {
+    let workers = || {
+        threads(pid)
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("protobalance-w"))
+            .collect::<Vec<_>>()
+    };
+    wait_until_blocking(&format!("{count} named worker threads"), || workers().len() >= count);
+    workers()
+}
+
 #[test]
 fn run_uses_exactly_the_worker_threads_asked_for_however_many_clients() {
     let nodes = name_backends(&["a"]);
     let listen = nodes[0].to_string();
     let mut proc = Running::spawn(&["forward", "--threads", "3", "127.0.0.1:0", &listen]);
     let addr = proc.listen_addr();
-    let workers = |pid| {
-        thread_names(pid)
-            .iter()
-            .filter(|n| n.starts_with("protobalance-w"))
-            .count()
-    };
+    let workers = |pid| worker_threads(pid, 3).len();
     assert_eq!(workers(proc.child.id()), 3);
     let before = thread_names(proc.child.id()).len();
     let clients: Vec<_> = (0..100).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();

@@ -180,9 +180,14 @@ impl Running {
         }
     }
 
+    /// Sends `sig`, which the process handles (SIGTERM, SIGHUP), once its
+    /// handler is installed: the balancer installs it after logging that it
+    /// listens, and until then the signal's default action would kill it.
     pub fn signal(&self, sig: i32) {
+        let pid = self.child.id();
+        wait_until_blocking(&format!("process {pid} to catch signal {sig}"), || catches(pid, sig));
         // SAFETY: kill(2) on the pid of our own child.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+        assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
     }
 
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
@@ -193,6 +198,17 @@ impl Running {
         });
         status.unwrap()
     }
+}
+
+/// Whether process `pid` has a handler for `sig` (its `SigCgt` mask in
+/// /proc/PID/status).
+fn catches(pid: u32, sig: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (sig - 1)) != 0)
 }
 
 fn word_after(line: &str, needle: &str) -> String {
