@@ -11,11 +11,11 @@ use tokio::net::TcpStream;
 
 const TOKEN: &str = "s3cret-admin-token";
 
-async fn setup() -> (protobalance::server::Server, String, tempfile::NamedTempFile) {
+async fn setup() -> (Server, String, tempfile::NamedTempFile) {
     start_web_blue_green(TOKEN).await
 }
 
-fn assert_error(reply: &protobalance::admin::client::Reply, status: u16) {
+fn assert_error(reply: &Reply, status: u16) {
     assert_eq!(reply.status, status, "{}", reply.text());
     assert!(
         reply.json()["error"].as_str().is_some_and(|e| !e.is_empty()),
@@ -210,14 +210,13 @@ async fn redirect_route() {
 async fn reload_route() {
     let (server, admin, file) = setup().await;
     let extra = echo_backend().await;
-    let good = format!(
-        "{}{}{}{}{}",
-        head_toml(Some(TOKEN)),
-        service_toml("web", "blue"),
-        service_toml("extra", "green"),
-        cluster_toml("blue", &[("a", extra), ("b", extra)]),
-        cluster_toml("green", &[("g", extra)])
-    );
+    let good = ConfigText::new()
+        .token(TOKEN)
+        .service(Service::new("web", "blue"))
+        .service(Service::new("extra", "green"))
+        .cluster(Cluster::of("blue", &[("a", extra), ("b", extra)]))
+        .cluster(Cluster::of("green", &[("g", extra)]))
+        .text();
 
     // A bad file is refused with its error; nothing changes.
     let before = control_view(&status(&admin, Some(TOKEN)).await);
@@ -259,14 +258,9 @@ async fn reload_route() {
 #[tokio::test]
 async fn reload_without_a_file_is_refused() {
     let backend = echo_backend().await;
-    let text = format!(
-        "{}{}{}",
-        head_toml(None),
-        service_toml("web", "c"),
-        cluster_toml("c", &[("n", backend)])
-    );
-    let config = protobalance::config::Config::parse(&text, "test").unwrap();
-    let server = protobalance::server::Server::start(&config).await.unwrap();
+    let (server, _) = ConfigText::one_service(Cluster::of("c", &[("n", backend)]))
+        .start()
+        .await;
     let admin = server.start_admin().await.unwrap().to_string();
     assert_error(&api(&admin, None, Method::POST, "/api/v1/reload", None).await, 409);
     server.shutdown(PATIENCE).await;
@@ -281,7 +275,7 @@ async fn metrics_route() {
         c.write_all(b"abc").await.unwrap();
         c.read_exact(&mut [0u8; 3]).await.unwrap();
     }
-    api(
+    let red = api(
         &admin,
         Some(TOKEN),
         Method::PUT,
@@ -289,6 +283,7 @@ async fn metrics_route() {
         Some(r#"{"state":"red"}"#),
     )
     .await;
+    assert_eq!(red.status, 200, "{}", red.text());
     let reply = api(&admin, Some(TOKEN), Method::GET, "/metrics", None).await;
     assert_eq!(reply.status, 200);
     let text = reply.text();

@@ -3,188 +3,18 @@
 //! affinity that survives restarts. Every backend is a real listener on
 //! 127.0.0.1; client source addresses are 127.x.y.z.
 
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 
-use protobalance::config::Config;
-use protobalance::model::{NodeFigures, NodeState};
-use protobalance::server::Server;
+use common::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::task::JoinSet;
-
-/// Generous: the suite runs on a loaded two-core machine.
-const PATIENCE: Duration = Duration::from_secs(20);
+use tokio::net::TcpStream;
 
 // ---------------------------------------------------------------------------
-// Backends
-
-/// How a test backend treats each connection.
-#[derive(Clone, Copy)]
-enum Behaviour {
-    /// Waits for the client's first bytes, answers "NAME\n" followed by them,
-    /// then echoes everything.
-    Echo,
-    /// Accepts and closes at once, reading nothing.
-    CloseAtOnce,
-    /// Reads the client's first bytes and closes without a word.
-    ReadAndClose,
-    /// Resets the connection (RST) as soon as the client's bytes arrive, unread.
-    ResetOnData,
-    /// Reads until the client's EOF, then answers "NAME got N bytes".
-    AnswerAfterEof,
-    /// Greets "220 NAME\r\n" first, then echoes.
-    Greet,
-    /// Greets "220 NAME\r\n" and closes.
-    GreetAndClose,
-}
-
-/// A backend listening on 127.0.0.1. Dropping it (or [`Backend::kill`]) closes
-/// its listener and every connection it holds.
-struct Backend {
-    addr: SocketAddr,
-    /// Connections open now.
-    open: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Backend {
-    async fn start(name: &str, behaviour: Behaviour) -> Backend {
-        Backend::start_on(name, behaviour, "127.0.0.1:0".parse().unwrap()).await
-    }
-
-    async fn start_on(name: &str, behaviour: Behaviour, addr: SocketAddr) -> Backend {
-        let socket = TcpSocket::new_v4().unwrap();
-        socket.set_reuseaddr(true).unwrap();
-        socket.bind(addr).unwrap();
-        let listener = socket.listen(128).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let open = Arc::new(AtomicUsize::new(0));
-        let task = tokio::spawn(serve(listener, name.to_string(), behaviour, open.clone()));
-        Backend { addr, open, task }
-    }
-
-    /// Closes the listener and every open connection, as a crash would.
-    async fn kill(mut self) -> SocketAddr {
-        self.task.abort();
-        let _ = (&mut self.task).await;
-        self.addr
-    }
-
-    fn open_connections(&self) -> usize {
-        self.open.load(SeqCst)
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn serve(listener: TcpListener, name: String, behaviour: Behaviour, open: Arc<AtomicUsize>) {
-    let mut connections = JoinSet::new();
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let name = name.clone();
-        let open = open.clone();
-        open.fetch_add(1, SeqCst);
-        connections.spawn(async move {
-            let _ = answer(&mut stream, &name, behaviour).await;
-            open.fetch_sub(1, SeqCst);
-        });
-    }
-}
-
-async fn answer(stream: &mut TcpStream, name: &str, behaviour: Behaviour) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
-    match behaviour {
-        Behaviour::CloseAtOnce => return Ok(()),
-        Behaviour::ResetOnData => {
-            stream.readable().await?;
-            socket2::SockRef::from(&*stream).set_linger(Some(Duration::ZERO))?;
-            return Ok(());
-        }
-        Behaviour::AnswerAfterEof => {
-            let mut got = Vec::new();
-            stream.read_to_end(&mut got).await?;
-            stream
-                .write_all(format!("{name} got {} bytes", got.len()).as_bytes())
-                .await?;
-            return Ok(());
-        }
-        Behaviour::ReadAndClose => {
-            let _first_bytes = stream.read(&mut buf).await?;
-            return Ok(());
-        }
-        Behaviour::GreetAndClose => {
-            stream.write_all(format!("220 {name}\r\n").as_bytes()).await?;
-            return Ok(());
-        }
-        Behaviour::Greet => stream.write_all(format!("220 {name}\r\n").as_bytes()).await?,
-        Behaviour::Echo => {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            stream.write_all(format!("{name}\n").as_bytes()).await?;
-            stream.write_all(&buf[..n]).await?;
-        }
-    }
-    loop {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        stream.write_all(&buf[..n]).await?;
-    }
-}
-
-/// A port where nothing listens (connect is refused).
-fn dead_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-/// A listener that never accepts, with its accept queue full: a connect to it
-/// gets no answer at all. Keep the returned sockets alive.
-fn never_accepts() -> (SocketAddr, Vec<socket2::Socket>) {
-    use socket2::{Domain, Socket, Type};
-    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    listener
-        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-        .unwrap();
-    listener.listen(0).unwrap();
-    let addr = listener.local_addr().unwrap().as_socket().unwrap();
-    let mut keep = vec![listener];
-    // Backlog 0 queues one connection; the rest wait in SYN-SENT. Either way the
-    // queue is full and further SYNs are dropped.
-    for _ in 0..8 {
-        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-        s.set_nonblocking(true).unwrap();
-        let _ = s.connect(&addr.into());
-        keep.push(s);
-    }
-    (addr, keep)
-}
-
-// ---------------------------------------------------------------------------
-// Clients
-
-/// Connects to `to` from source address `from` (any port).
-async fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(from, 0)).unwrap();
-    tokio::time::timeout(PATIENCE, socket.connect(to))
-        .await
-        .expect("connect in time")
-        .expect("connect")
-}
+// Clients of Behaviour::Echo backends
 
 /// Which node serves a connection from `from`: sends "ping\n", reads the
 /// backend's name line and the echo.
@@ -198,10 +28,10 @@ async fn who(to: SocketAddr) -> String {
     who_from(IpAddr::V4(Ipv4Addr::LOCALHOST), to).await
 }
 
-/// Sends `payload` to an [`Behaviour::Echo`] backend through the balancer;
+/// Sends `payload` to a [`Behaviour::Echo`] backend through the balancer;
 /// returns the backend's name and the echoed bytes.
 async fn exchange(stream: TcpStream, payload: &[u8]) -> (String, Vec<u8>) {
-    tokio::time::timeout(PATIENCE, async {
+    within("the answer", async {
         let mut stream = BufReader::new(stream);
         stream.get_mut().write_all(payload).await.unwrap();
         let mut name = String::new();
@@ -212,86 +42,24 @@ async fn exchange(stream: TcpStream, payload: &[u8]) -> (String, Vec<u8>) {
         (name.trim_end().to_string(), echo)
     })
     .await
-    .expect("answered in time")
-}
-
-fn ip(a: u8, b: u8, c: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, a, b, c))
-}
-
-/// Waits (bounded) until `cond` holds; for conditions without a signal to await.
-async fn eventually(what: &str, cond: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 // ---------------------------------------------------------------------------
 // The balancer
 
-struct NodeSpec<'a> {
-    name: &'a str,
-    addr: SocketAddr,
-    weight: u32,
-    fallover: Option<&'a str>,
-}
-
-fn node<'a>(name: &'a str, addr: SocketAddr) -> NodeSpec<'a> {
-    NodeSpec {
-        name,
-        addr,
-        weight: 1,
-        fallover: None,
-    }
-}
-
-impl<'a> NodeSpec<'a> {
-    fn fallover(mut self, to: &'a str) -> Self {
-        self.fallover = Some(to);
-        self
-    }
-    fn weight(mut self, w: u32) -> Self {
-        self.weight = w;
-        self
-    }
-}
-
-/// One service "s" (listening on `listeners` kernel-chosen ports) served by
-/// cluster "c"; `cluster_keys` are extra TOML lines for the cluster.
-fn config(state_dir: &Path, listeners: usize, cluster_keys: &str, nodes: &[NodeSpec<'_>]) -> Config {
-    let listen = vec!["\"127.0.0.1:0\""; listeners].join(", ");
-    let mut text = format!(
-        "state_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-         [[service]]\nname = \"s\"\nlisten = [{listen}]\ncluster = \"c\"\n\
-         [[cluster]]\nname = \"c\"\nretry_interval = \"100ms\"\n{cluster_keys}\n",
-        state_dir.display().to_string()
-    );
-    for n in nodes {
-        text.push_str(&format!(
-            "[[cluster.node]]\nname = \"{}\"\naddress = \"{}\"\nweight = {}\n",
-            n.name, n.addr, n.weight
-        ));
-        if let Some(f) = n.fallover {
-            text.push_str(&format!("fallover = \"{f}\"\n"));
-        }
-    }
-    Config::parse(&text, "test").unwrap()
-}
-
-async fn start(config: &Config) -> (Server, SocketAddr) {
-    let server = Server::start(config).await.expect("balancer starts");
-    let addr = server.addr_of("s").unwrap();
-    (server, addr)
+/// Service "svc" served by cluster "c" of `nodes`, whose probe retries
+/// unavailable nodes every 100 ms, with `keys` for the cluster.
+fn cluster(keys: &str, nodes: impl IntoIterator<Item = Node>) -> ConfigText {
+    ConfigText::one_service(
+        Cluster::new("c")
+            .key("retry_interval = \"100ms\"")
+            .key(keys)
+            .nodes(nodes),
+    )
 }
 
 fn figures(server: &Server, node: &str) -> Arc<NodeFigures> {
     server.snapshot().clusters["c"].node(node).unwrap().figures.clone()
-}
-
-fn no_state() -> &'static Path {
-    Path::new("")
 }
 
 // ---------------------------------------------------------------------------
@@ -301,8 +69,8 @@ fn no_state() -> &'static Path {
 async fn a_node_killed_mid_test_is_skipped_then_probed_back() {
     let a = Backend::start("a", Behaviour::Echo).await;
     let b = Backend::start("b", Behaviour::Echo).await;
-    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
-    let (server, addr) = start(&cfg).await;
+    let cfg = cluster("", [Node::new("a", a.addr).fallover("b"), Node::new("b", b.addr)]);
+    let (server, addr) = cfg.start().await;
 
     let mut served = Vec::new();
     for _ in 0..4 {
@@ -322,7 +90,7 @@ async fn a_node_killed_mid_test_is_skipped_then_probed_back() {
 
     // a comes back on the same address: the background probe (not a client) notices.
     let _a = Backend::start_on("a", Behaviour::Echo, a_addr).await;
-    eventually("the probe marks a available", || fa.is_available()).await;
+    wait_until("the probe marks a available", || async { fa.is_available() }).await;
     assert_eq!(fa.health_transitions(), 2);
     let mut served: Vec<String> = Vec::new();
     for _ in 0..4 {
@@ -336,8 +104,8 @@ async fn a_node_killed_mid_test_is_skipped_then_probed_back() {
 async fn a_node_that_closes_at_once_gets_the_client_bytes_replayed_to_the_next() {
     let a = Backend::start("a", Behaviour::CloseAtOnce).await;
     let b = Backend::start("b", Behaviour::Echo).await;
-    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
-    let (server, addr) = start(&cfg).await;
+    let cfg = cluster("", [Node::new("a", a.addr).fallover("b"), Node::new("b", b.addr)]);
+    let (server, addr) = cfg.start().await;
 
     // 10,000 bytes: under the held limit, sent in one write before any answer.
     let payload: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
@@ -356,16 +124,13 @@ async fn a_half_closed_client_is_replayed_with_its_eof() {
     // b gets the same bytes and the EOF, and answers after the EOF.
     let a = Backend::start("a", Behaviour::ResetOnData).await;
     let b = Backend::start("b", Behaviour::AnswerAfterEof).await;
-    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
-    let (server, addr) = start(&cfg).await;
+    let cfg = cluster("", [Node::new("a", a.addr).fallover("b"), Node::new("b", b.addr)]);
+    let (server, addr) = cfg.start().await;
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(b"hello").await.unwrap();
     stream.shutdown().await.unwrap();
     let mut answer = String::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut answer))
-        .await
-        .unwrap()
-        .unwrap();
+    within("the answer", stream.read_to_string(&mut answer)).await.unwrap();
     assert_eq!(answer, "b got 5 bytes");
     assert!(!figures(&server, "a").is_available());
     server.shutdown(Duration::from_secs(5)).await;
@@ -375,8 +140,8 @@ async fn a_half_closed_client_is_replayed_with_its_eof() {
 async fn a_node_that_reads_and_hangs_up_without_a_word_falls_over() {
     let a = Backend::start("a", Behaviour::ReadAndClose).await;
     let b = Backend::start("b", Behaviour::Echo).await;
-    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
-    let (server, addr) = start(&cfg).await;
+    let cfg = cluster("", [Node::new("a", a.addr).fallover("b"), Node::new("b", b.addr)]);
+    let (server, addr) = cfg.start().await;
     assert_eq!(who(addr).await, "b");
     assert!(!figures(&server, "a").is_available());
     server.shutdown(Duration::from_secs(5)).await;
@@ -388,16 +153,13 @@ async fn a_node_that_hangs_up_after_the_client_finished_sending_is_kept() {
     // its answer (fire-and-forget), not a failure; nothing is sent twice.
     let a = Backend::start("a", Behaviour::ReadAndClose).await;
     let b = Backend::start("b", Behaviour::Echo).await;
-    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
-    let (server, addr) = start(&cfg).await;
+    let cfg = cluster("", [Node::new("a", a.addr).fallover("b"), Node::new("b", b.addr)]);
+    let (server, addr) = cfg.start().await;
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(b"log line\n").await.unwrap();
     stream.shutdown().await.unwrap();
     let mut answer = Vec::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
-        .await
-        .unwrap()
-        .unwrap();
+    within("the answer", stream.read_to_end(&mut answer)).await.unwrap();
     assert!(answer.is_empty(), "no answer, no fall-over: {answer:?}");
     assert!(figures(&server, "a").is_available());
     assert_eq!(figures(&server, "b").total_connections(), 0);
@@ -408,13 +170,11 @@ async fn a_node_that_hangs_up_after_the_client_finished_sending_is_kept() {
 async fn a_node_whose_accept_queue_is_full_times_out_and_falls_over() {
     let (a_addr, _queue) = never_accepts();
     let b = Backend::start("b", Behaviour::Echo).await;
-    let cfg = config(
-        no_state(),
-        1,
+    let cfg = cluster(
         "connect_timeout = \"300ms\"",
-        &[node("a", a_addr).fallover("b"), node("b", b.addr)],
+        [Node::new("a", a_addr).fallover("b"), Node::new("b", b.addr)],
     );
-    let (server, addr) = start(&cfg).await;
+    let (server, addr) = cfg.start().await;
     assert_eq!(who(addr).await, "b");
     let fa = figures(&server, "a");
     assert!(!fa.is_available());
@@ -430,18 +190,16 @@ async fn a_chain_of_three_is_followed_before_the_other_nodes() {
     let b = Backend::start("b", Behaviour::CloseAtOnce).await;
     let c = Backend::start("c", Behaviour::Echo).await;
     let d = Backend::start("d", Behaviour::Echo).await;
-    let cfg = config(
-        no_state(),
-        1,
+    let cfg = cluster(
         "",
-        &[
-            node("d", d.addr),
-            node("a", dead_port()).weight(100).fallover("b"),
-            node("b", b.addr).fallover("c"),
-            node("c", c.addr),
+        [
+            Node::new("d", d.addr),
+            Node::new("a", dead_addr()).weight(100).fallover("b"),
+            Node::new("b", b.addr).fallover("c"),
+            Node::new("c", c.addr),
         ],
     );
-    let (server, addr) = start(&cfg).await;
+    let (server, addr) = cfg.start().await;
     assert_eq!(who(addr).await, "c");
     assert!(!figures(&server, "a").is_available());
     assert!(!figures(&server, "b").is_available());
@@ -454,13 +212,15 @@ async fn a_chain_of_three_is_followed_before_the_other_nodes() {
 async fn no_client_sees_an_error_while_one_node_can_serve() {
     let a = Backend::start("a", Behaviour::CloseAtOnce).await;
     let c = Backend::start("c", Behaviour::Echo).await;
-    let cfg = config(
-        no_state(),
-        1,
+    let cfg = cluster(
         "",
-        &[node("a", a.addr), node("b", dead_port()), node("c", c.addr)],
+        [
+            Node::new("a", a.addr),
+            Node::new("b", dead_addr()),
+            Node::new("c", c.addr),
+        ],
     );
-    let (server, addr) = start(&cfg).await;
+    let (server, addr) = cfg.start().await;
     for i in 0..10 {
         assert_eq!(who(addr).await, "c", "client {i}");
     }
@@ -474,15 +234,12 @@ async fn no_client_sees_an_error_while_one_node_can_serve() {
 async fn a_node_that_closes_before_its_greeting_falls_over() {
     let a = Backend::start("a", Behaviour::CloseAtOnce).await;
     let b = Backend::start("b", Behaviour::Greet).await;
-    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
-    let (server, addr) = start(&cfg).await;
+    let cfg = cluster("", [Node::new("a", a.addr).fallover("b"), Node::new("b", b.addr)]);
+    let (server, addr) = cfg.start().await;
     let stream = TcpStream::connect(addr).await.unwrap();
     let mut stream = BufReader::new(stream);
     let mut greeting = String::new();
-    tokio::time::timeout(PATIENCE, stream.read_line(&mut greeting))
-        .await
-        .unwrap()
-        .unwrap();
+    within("the answer", stream.read_line(&mut greeting)).await.unwrap();
     assert_eq!(greeting, "220 b\r\n");
     assert!(!figures(&server, "a").is_available());
     server.shutdown(Duration::from_secs(5)).await;
@@ -492,14 +249,11 @@ async fn a_node_that_closes_before_its_greeting_falls_over() {
 async fn a_node_that_greets_then_closes_is_answering_not_failing() {
     let a = Backend::start("a", Behaviour::GreetAndClose).await;
     let b = Backend::start("b", Behaviour::Greet).await;
-    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
-    let (server, addr) = start(&cfg).await;
+    let cfg = cluster("", [Node::new("a", a.addr).fallover("b"), Node::new("b", b.addr)]);
+    let (server, addr) = cfg.start().await;
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let mut all = String::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut all))
-        .await
-        .unwrap()
-        .unwrap();
+    within("the answer", stream.read_to_string(&mut all)).await.unwrap();
     assert_eq!(all, "220 a\r\n", "the client sees a's greeting and a's close");
     let fa = figures(&server, "a");
     assert!(fa.is_available(), "closing after the greeting is a's answer");
@@ -516,13 +270,15 @@ async fn yellow_drains_while_an_open_connection_keeps_streaming() {
     let a = Backend::start("a", Behaviour::Echo).await;
     let b = Backend::start("b", Behaviour::Echo).await;
     let c = Backend::start("c", Behaviour::Echo).await;
-    let cfg = config(
-        no_state(),
-        1,
+    let cfg = cluster(
         "",
-        &[node("a", a.addr).fallover("c"), node("b", b.addr), node("c", c.addr)],
+        [
+            Node::new("a", a.addr).fallover("c"),
+            Node::new("b", b.addr),
+            Node::new("c", c.addr),
+        ],
     );
-    let (server, addr) = start(&cfg).await;
+    let (server, addr) = cfg.start().await;
 
     let mut open = BufReader::new(TcpStream::connect(addr).await.unwrap());
     open.get_mut().write_all(b"hello\n").await.unwrap();
@@ -548,16 +304,16 @@ async fn yellow_drains_while_an_open_connection_keeps_streaming() {
         let msg = format!("message {i}\n");
         open.get_mut().write_all(msg.as_bytes()).await.unwrap();
         line.clear();
-        tokio::time::timeout(PATIENCE, open.read_line(&mut line))
-            .await
-            .unwrap()
-            .unwrap();
+        within("the answer", open.read_line(&mut line)).await.unwrap();
         assert_eq!(line, msg);
     }
     assert_eq!(figures(&server, "a").active_connections(), 1);
     assert_eq!(a.open_connections(), 1);
     drop(open);
-    eventually("a drained", || figures(&server, "a").active_connections() == 0).await;
+    wait_until("a drained", || async {
+        figures(&server, "a").active_connections() == 0
+    })
+    .await;
     server.shutdown(Duration::from_secs(5)).await;
 }
 
@@ -566,13 +322,15 @@ async fn yellow_sends_a_pinned_client_to_the_fall_over_node_first() {
     let a = Backend::start("a", Behaviour::Echo).await;
     let b = Backend::start("b", Behaviour::Echo).await;
     let c = Backend::start("c", Behaviour::Echo).await;
-    let cfg = config(
-        no_state(),
-        1,
+    let cfg = cluster(
         "affinity = true",
-        &[node("a", a.addr), node("b", b.addr).fallover("c"), node("c", c.addr)],
+        [
+            Node::new("a", a.addr),
+            Node::new("b", b.addr).fallover("c"),
+            Node::new("c", c.addr),
+        ],
     );
-    let (server, addr) = start(&cfg).await;
+    let (server, addr) = cfg.start().await;
     assert_eq!(who_from(ip(0, 0, 2), addr).await, "a");
     assert_eq!(who_from(ip(0, 0, 3), addr).await, "b");
     server.set_node_state("c", "b", NodeState::Yellow).unwrap();
@@ -588,8 +346,8 @@ async fn yellow_sends_a_pinned_client_to_the_fall_over_node_first() {
 async fn red_cuts_open_connections_at_once_and_takes_no_new_ones() {
     let a = Backend::start("a", Behaviour::Echo).await;
     let b = Backend::start("b", Behaviour::Echo).await;
-    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
-    let (server, addr) = start(&cfg).await;
+    let cfg = cluster("", [Node::new("a", a.addr).fallover("b"), Node::new("b", b.addr)]);
+    let (server, addr) = cfg.start().await;
 
     let mut open = TcpStream::connect(addr).await.unwrap();
     open.write_all(b"x").await.unwrap();
@@ -601,12 +359,13 @@ async fn red_cuts_open_connections_at_once_and_takes_no_new_ones() {
     server.set_node_state("c", "a", NodeState::Red).unwrap();
     // The client sees its connection end (EOF or reset), without sending anything.
     let mut rest = [0u8; 16];
-    let ended = tokio::time::timeout(PATIENCE, open.read(&mut rest))
-        .await
-        .expect("the client's connection is cut");
+    let ended = within("the client's connection is cut", open.read(&mut rest)).await;
     assert!(matches!(ended, Ok(0) | Err(_)), "cut, not data: {ended:?}");
     // And the node's side is closed too.
-    eventually("a's side of the connection is closed", || a.open_connections() == 0).await;
+    wait_until("a's side of the connection is closed", || async {
+        a.open_connections() == 0
+    })
+    .await;
     assert_eq!(figures(&server, "a").active_connections(), 0);
     for _ in 0..3 {
         assert_eq!(who(addr).await, "b");
@@ -620,13 +379,13 @@ async fn red_cuts_open_connections_at_once_and_takes_no_new_ones() {
 async fn a_node_that_turns_red_before_answering_hands_the_client_to_the_next() {
     let a = Backend::start("a", Behaviour::Echo).await;
     let b = Backend::start("b", Behaviour::Echo).await;
-    let cfg = config(no_state(), 1, "", &[node("a", a.addr).fallover("b"), node("b", b.addr)]);
-    let (server, addr) = start(&cfg).await;
+    let cfg = cluster("", [Node::new("a", a.addr).fallover("b"), Node::new("b", b.addr)]);
+    let (server, addr) = cfg.start().await;
     // Connected to a, which waits for the client's first bytes: on probation.
     let stream = TcpStream::connect(addr).await.unwrap();
-    eventually("a has the connection", || a.open_connections() == 1).await;
+    wait_until("a has the connection", || async { a.open_connections() == 1 }).await;
     server.set_node_state("c", "a", NodeState::Red).unwrap();
-    eventually("a's connection is closed", || a.open_connections() == 0).await;
+    wait_until("a's connection is closed", || async { a.open_connections() == 0 }).await;
     let (name, echo) = exchange(stream, b"ping\n").await;
     assert_eq!((name.as_str(), echo.as_slice()), ("b", &b"ping\n"[..]));
     assert!(figures(&server, "a").is_available(), "red is not a failure");
@@ -640,17 +399,15 @@ async fn ip_hash_sends_the_clients_of_a_yellow_or_dead_node_to_its_fall_over_nod
     let c = Backend::start("c", Behaviour::Echo).await;
     let sources: Vec<IpAddr> = (1..=60).map(|i| ip(0, 1, i)).collect();
     let hashed = |fallover: bool| {
-        let a = node("a", a.addr);
+        let a = Node::new("a", a.addr);
         let a = if fallover { a.fallover("c") } else { a };
-        config(
-            no_state(),
-            1,
+        cluster(
             "algorithm = \"ip-hash\"",
-            &[a, node("b", b.addr), node("c", c.addr)],
+            [a, Node::new("b", b.addr), Node::new("c", c.addr)],
         )
     };
     // Where the hash alone sends a's clients once a is out: the runner-up.
-    let (plain, plain_addr) = start(&hashed(false)).await;
+    let (plain, plain_addr) = hashed(false).start().await;
     let mut home_a = Vec::new();
     for &src in &sources {
         if who_from(src, plain_addr).await == "a" {
@@ -671,7 +428,7 @@ async fn ip_hash_sends_the_clients_of_a_yellow_or_dead_node_to_its_fall_over_nod
     );
 
     // With a.fallover = c, those clients go to c: a's chain comes first.
-    let (server, addr) = start(&hashed(true)).await;
+    let (server, addr) = hashed(true).start().await;
     server.set_node_state("c", "a", NodeState::Yellow).unwrap();
     for &src in &runner_up_b {
         assert_eq!(who_from(src, addr).await, "c", "yellow a's client {src}");
@@ -693,14 +450,9 @@ async fn affinity_is_kept_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let a = Backend::start("a", Behaviour::Echo).await;
     let b = Backend::start("b", Behaviour::Echo).await;
-    let cfg = config(
-        dir.path(),
-        1,
-        "affinity = true",
-        &[node("a", a.addr), node("b", b.addr)],
-    );
+    let cfg = cluster("affinity = true", [Node::new("a", a.addr), Node::new("b", b.addr)]).state_dir(dir.path());
 
-    let (server, addr) = start(&cfg).await;
+    let (server, addr) = cfg.start().await;
     assert_eq!(who_from(ip(0, 0, 2), addr).await, "a");
     assert_eq!(who_from(ip(0, 0, 3), addr).await, "b");
     for _ in 0..3 {
@@ -710,7 +462,7 @@ async fn affinity_is_kept_across_a_restart() {
     server.shutdown(Duration::from_secs(5)).await;
 
     // A fresh round robin would give a first; the pin says b.
-    let (server, addr) = start(&cfg).await;
+    let (server, addr) = cfg.start().await;
     assert_eq!(who_from(ip(0, 0, 3), addr).await, "b");
     assert_eq!(who_from(ip(0, 0, 2), addr).await, "a");
     server.shutdown(Duration::from_secs(5)).await;
@@ -720,17 +472,15 @@ async fn affinity_is_kept_across_a_restart() {
 async fn a_pin_expires_after_its_ttl() {
     let a = Backend::start("a", Behaviour::Echo).await;
     let b = Backend::start("b", Behaviour::Echo).await;
-    let cfg = config(
-        no_state(),
-        1,
+    let cfg = cluster(
         "affinity = true\naffinity_ttl = \"300ms\"",
-        &[node("a", a.addr), node("b", b.addr)],
+        [Node::new("a", a.addr), Node::new("b", b.addr)],
     );
-    let (server, addr) = start(&cfg).await;
+    let (server, addr) = cfg.start().await;
     assert_eq!(who_from(ip(0, 0, 2), addr).await, "a");
     assert_eq!(who_from(ip(0, 0, 3), addr).await, "b");
     assert_eq!(who_from(ip(0, 0, 3), addr).await, "b", "pinned within the TTL");
-    eventually("b's connections ended", || b.open_connections() == 0).await;
+    wait_until("b's connections ended", || async { b.open_connections() == 0 }).await;
     // Comfortably past the TTL (the pin is refreshed when a connection ends).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
@@ -747,13 +497,8 @@ async fn a_corrupt_state_file_means_a_fresh_store_not_a_failed_start() {
     std::fs::write(dir.path().join("affinity.redb"), vec![0xA5u8; 8192]).unwrap();
     let a = Backend::start("a", Behaviour::Echo).await;
     let b = Backend::start("b", Behaviour::Echo).await;
-    let cfg = config(
-        dir.path(),
-        1,
-        "affinity = true",
-        &[node("a", a.addr), node("b", b.addr)],
-    );
-    let (server, addr) = start(&cfg).await;
+    let cfg = cluster("affinity = true", [Node::new("a", a.addr), Node::new("b", b.addr)]).state_dir(dir.path());
+    let (server, addr) = cfg.start().await;
     assert!(server.affinity().is_persistent());
     assert!(
         dir.path().join("affinity.redb.corrupt").exists(),
@@ -762,7 +507,7 @@ async fn a_corrupt_state_file_means_a_fresh_store_not_a_failed_start() {
     assert_eq!(who_from(ip(0, 0, 2), addr).await, "a");
     assert_eq!(who_from(ip(0, 0, 3), addr).await, "b");
     server.shutdown(Duration::from_secs(5)).await;
-    let (server, addr) = start(&cfg).await;
+    let (server, addr) = cfg.start().await;
     assert_eq!(who_from(ip(0, 0, 3), addr).await, "b", "the fresh store works");
     server.shutdown(Duration::from_secs(5)).await;
 }
@@ -778,19 +523,18 @@ async fn hundreds_of_client_ips_are_pinned_and_restored_after_a_restart() {
         Backend::start("b", Behaviour::Echo).await,
         Backend::start("c", Behaviour::Echo).await,
     ];
-    let cfg = config(
-        dir.path(),
-        1,
+    let cfg = cluster(
         "affinity = true",
-        &[
-            node("a", backends[0].addr),
-            node("b", backends[1].addr),
-            node("c", backends[2].addr),
+        [
+            Node::new("a", backends[0].addr),
+            Node::new("b", backends[1].addr),
+            Node::new("c", backends[2].addr),
         ],
-    );
+    )
+    .state_dir(dir.path());
     let source = |i: u16| ip(1 + (i / 250) as u8, 0, (i % 250) as u8 + 1);
 
-    let (server, addr) = start(&cfg).await;
+    let (server, addr) = cfg.start().await;
     let mut first = Vec::new();
     for i in 0..CLIENTS {
         first.push(who_from(source(i), addr).await);
@@ -798,7 +542,7 @@ async fn hundreds_of_client_ips_are_pinned_and_restored_after_a_restart() {
     assert_eq!(server.affinity().len("c"), usize::from(CLIENTS));
     server.shutdown(Duration::from_secs(5)).await;
 
-    let (server, addr) = start(&cfg).await;
+    let (server, addr) = cfg.start().await;
     assert_eq!(server.affinity().len("c"), usize::from(CLIENTS));
     // Walk in reverse, so that round robin alone would not reproduce the order.
     for i in (0..CLIENTS).rev() {
@@ -816,13 +560,14 @@ async fn hundreds_of_client_ips_are_pinned_and_restored_after_a_restart() {
 async fn pins_are_shared_by_every_listener_of_the_service() {
     let a = Backend::start("a", Behaviour::Echo).await;
     let b = Backend::start("b", Behaviour::Echo).await;
-    let cfg = config(
-        no_state(),
-        2,
-        "affinity = true",
-        &[node("a", a.addr), node("b", b.addr)],
-    );
-    let server = Server::start(&cfg).await.unwrap();
+    let cfg = ConfigText::new()
+        .service(Service::new("svc", "c").listen(&["127.0.0.1:0", "127.0.0.1:0"]))
+        .cluster(
+            Cluster::new("c")
+                .key("affinity = true")
+                .nodes([Node::new("a", a.addr), Node::new("b", b.addr)]),
+        );
+    let (server, _) = cfg.start().await;
     let ports: Vec<SocketAddr> = server.listen_addrs().into_iter().map(|(_, a)| a).collect();
     assert_eq!(ports.len(), 2);
     assert_eq!(who_from(ip(0, 0, 2), ports[0]).await, "a");
@@ -837,13 +582,11 @@ async fn pins_are_shared_by_every_listener_of_the_service() {
 async fn a_pin_survives_its_node_being_unavailable_and_moves_when_it_turns_red() {
     let a = Backend::start("a", Behaviour::Echo).await;
     let b = Backend::start("b", Behaviour::Echo).await;
-    let cfg = config(
-        no_state(),
-        1,
+    let cfg = cluster(
         "affinity = true",
-        &[node("a", a.addr), node("b", b.addr).fallover("a")],
+        [Node::new("a", a.addr), Node::new("b", b.addr).fallover("a")],
     );
-    let (server, addr) = start(&cfg).await;
+    let (server, addr) = cfg.start().await;
     assert_eq!(who_from(ip(0, 0, 2), addr).await, "a");
     assert_eq!(who_from(ip(0, 0, 3), addr).await, "b");
 
@@ -853,7 +596,7 @@ async fn a_pin_survives_its_node_being_unavailable_and_moves_when_it_turns_red()
     let fb = figures(&server, "b");
     assert!(!fb.is_available());
     let _b = Backend::start_on("b", Behaviour::Echo, b_addr).await;
-    eventually("the probe marks b available", || fb.is_available()).await;
+    wait_until("the probe marks b available", || async { fb.is_available() }).await;
     assert_eq!(who_from(ip(0, 0, 3), addr).await, "b", "back to its pinned node");
 
     // Red moves the pin for good, even if b is green again before the client returns.

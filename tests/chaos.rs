@@ -69,26 +69,24 @@ impl Node {
         self.running.lock().unwrap().is_some()
     }
 
-    fn kill(&self) {
+    /// Closes the listener and, with the accept loop, every connection; the
+    /// listener is closed when this returns.
+    async fn kill(&self) {
         self.disruptions.fetch_add(1, SeqCst);
-        // Dropping the set aborts the accept loop and, with it, every connection.
-        self.running.lock().unwrap().take();
+        let running = self.running.lock().unwrap().take();
+        if let Some(mut set) = running {
+            set.shutdown().await;
+        }
     }
 
     async fn restart(&self) {
-        // The port may linger a moment after the kill; retry briefly.
-        for _ in 0..100 {
-            if let Ok(listener) = TcpListener::bind(self.addr).await {
-                self.run(listener);
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("node {} could not rebind {}", self.index, self.addr);
+        let listener = TcpListener::bind(self.addr)
+            .await
+            .unwrap_or_else(|e| panic!("node {} could not rebind {}: {e}", self.index, self.addr));
+        self.run(listener);
     }
 }
 
-#[derive(Default)]
 struct Tally {
     /// Every disruption of any node, for failures before the client knows its node.
     disruptions: AtomicU64,
@@ -96,20 +94,38 @@ struct Tally {
     ok: AtomicU64,
     cut: AtomicU64,
     bytes: AtomicU64,
+    /// The chaos driver's rounds so far; `u64::MAX` once it has stopped.
+    rounds: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Tally {
+            disruptions: AtomicU64::new(0),
+            attempts: AtomicU64::new(0),
+            ok: AtomicU64::new(0),
+            cut: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            rounds: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 /// Whether `counter` moved past `before`. The chaos driver bumps a node's
-/// counter before disrupting it and again one round later, once the
-/// disruption has surely taken effect, so a failure it caused is seen here
-/// within a round (at most 250 ms) even if the first bump preceded `before`.
-async fn disrupted_since(counter: &AtomicU64, before: u64) -> bool {
-    for _ in 0..60 {
-        if counter.load(SeqCst) != before {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    false
+/// counter before disrupting it and again at the start of the next round,
+/// once the disruption has surely taken effect; so after the next round has
+/// begun, a failure the disruption caused shows here even if the first bump
+/// preceded `before`.
+async fn disrupted_since(counter: &AtomicU64, before: u64, tally: &Tally) -> bool {
+    let now = *tally.rounds.borrow();
+    let mut rounds = tally.rounds.subscribe();
+    within(
+        "the chaos driver's next round",
+        rounds.wait_for(|r| *r > now.saturating_add(1)),
+    )
+    .await
+    .expect("the driver keeps the round counter");
+    counter.load(SeqCst) != before
 }
 
 /// One exchange: read the node's index, send a random payload, read it back.
@@ -125,7 +141,7 @@ async fn exchange(addr: SocketAddr, nodes: &[Arc<Node>], tally: &Tally) -> Resul
         // before this task got round to finishing its connect, which then
         // reports the reset: the same case as a lost greeting below.
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-            if disrupted_since(&tally.disruptions, any_before).await {
+            if disrupted_since(&tally.disruptions, any_before, tally).await {
                 tally.cut.fetch_add(1, SeqCst);
                 return Ok(false);
             }
@@ -138,7 +154,7 @@ async fn exchange(addr: SocketAddr, nodes: &[Arc<Node>], tally: &Tally) -> Resul
         // The node had greeted the balancer and was disrupted before the
         // greeting reached the client: the client cannot tell which node it
         // was, so any disruption meanwhile accounts for it.
-        if disrupted_since(&tally.disruptions, any_before).await {
+        if disrupted_since(&tally.disruptions, any_before, tally).await {
             tally.cut.fetch_add(1, SeqCst);
             return Ok(false);
         }
@@ -162,7 +178,7 @@ async fn exchange(addr: SocketAddr, nodes: &[Arc<Node>], tally: &Tally) -> Resul
     }
     // Any difference other than a truncation is corruption.
     assert!(payload.starts_with(&back), "bytes changed through node {}", node.index);
-    if disrupted_since(&node.disruptions, before[node.index as usize]).await {
+    if disrupted_since(&node.disruptions, before[node.index as usize], tally).await {
         tally.cut.fetch_add(1, SeqCst);
         Ok(false)
     } else {
@@ -180,21 +196,20 @@ async fn chaos_keeps_every_client_served_while_a_green_node_can() {
     for i in 0..NODES {
         nodes.push(Node::start(i as u8).await);
     }
-    let mut text = String::from(
-        "[[service]]\nname = \"svc\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"pool\"\n\
-         [[cluster]]\nname = \"pool\"\nconnect_timeout = \"500ms\"\nretry_interval = \"100ms\"\n",
-    );
+    // A ring of fall-over nodes would be a loop; a chain: n0 -> n1 -> n2 -> n3.
+    let mut cluster = Cluster::new("pool")
+        .key("connect_timeout = \"500ms\"")
+        .key("retry_interval = \"100ms\"");
     for n in &nodes {
-        text.push_str(&format!(
-            "[[cluster.node]]\nname = \"n{}\"\naddress = \"{}\"\nfallover = \"n{}\"\n",
-            n.index,
-            n.addr,
-            (n.index as usize + 1) % NODES
-        ));
+        let node = common::Node::new(&format!("n{}", n.index), n.addr);
+        let next = n.index as usize + 1;
+        cluster = cluster.node(if next < NODES {
+            node.fallover(&format!("n{next}"))
+        } else {
+            node
+        });
     }
-    // A ring of fall-over nodes is a loop; chain them instead: n0 -> n1 -> n2 -> n3.
-    let text = text.replace("fallover = \"n0\"\n", "");
-    let (server, addr) = start(&config(&text)).await;
+    let (server, addr) = ConfigText::one_service(cluster).start().await;
     let server = Arc::new(server);
 
     let nodes = Arc::new(nodes);
@@ -217,11 +232,13 @@ async fn chaos_keeps_every_client_served_while_a_green_node_can() {
     let mut actions = Vec::new();
     let mut disrupted_last_round: Option<usize> = None;
     while started.elapsed() < CHAOS {
+        // Paced: the clients run a few exchanges between two actions.
         tokio::time::sleep(Duration::from_millis(rand::rng().random_range(50..250))).await;
         if let Some(j) = disrupted_last_round.take() {
             nodes[j].disruptions.fetch_add(1, SeqCst);
             tally.disruptions.fetch_add(1, SeqCst);
         }
+        tally.rounds.send_modify(|r| *r += 1);
         let i = rand::rng().random_range(0..NODES);
         // Healthy: running, green, and known to the balancer as available (a
         // node restarted moments ago stays unavailable until its next retry).
@@ -239,7 +256,7 @@ async fn chaos_keeps_every_client_served_while_a_green_node_can() {
         match action {
             0 if nodes[i].is_running() && healthy_others > 0 => {
                 tally.disruptions.fetch_add(1, SeqCst);
-                nodes[i].kill();
+                nodes[i].kill().await;
                 disrupted_last_round = Some(i);
                 actions.push(format!("kill n{i}"));
             }
@@ -272,6 +289,13 @@ async fn chaos_keeps_every_client_served_while_a_green_node_can() {
         }
     }
     stop.store(true, SeqCst);
+    // The last disruption's second bump, then no more rounds: a client still
+    // asking whether its failure had a cause gets its answer now.
+    if let Some(j) = disrupted_last_round.take() {
+        nodes[j].disruptions.fetch_add(1, SeqCst);
+        tally.disruptions.fetch_add(1, SeqCst);
+    }
+    tally.rounds.send_replace(u64::MAX);
     while let Some(result) = within("clients finish", clients.join_next()).await {
         if let Err(e) = result.unwrap() {
             panic!("{e}\nchaos so far: {}", actions.join(", "));
@@ -280,12 +304,7 @@ async fn chaos_keeps_every_client_served_while_a_green_node_can() {
 
     // The figures add up: every accepted connection finished and is counted.
     let figures = server.snapshot().services["svc"].figures.clone();
-    within("connections drain", async {
-        while figures.active_connections() > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    wait_until("connections drain", || async { figures.active_connections() == 0 }).await;
     let attempts = tally.attempts.load(SeqCst);
     assert_eq!(
         figures.accepted(),

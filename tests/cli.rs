@@ -6,18 +6,13 @@ mod common;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{BIN, Running};
+use common::*;
 
-fn write_config(text: &str) -> tempfile::NamedTempFile {
-    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
-    f
-}
-
+/// `protobalance check` on `text` (raw: these tests are about its lines).
 fn check(text: &str) -> (bool, String) {
-    let f = write_config(text);
+    let f = toml_file(text);
     let out = Command::new(BIN)
         .args(["check", "--config"])
         .arg(f.path())
@@ -236,7 +231,7 @@ fn check_reports_a_missing_file() {
 
 #[test]
 fn run_refuses_to_start_with_a_bad_config() {
-    let f = write_config(&GOOD.replace("weight = 2", "weight = 0"));
+    let f = toml_file(&GOOD.replace("weight = 2", "weight = 0"));
     let out = Command::new(BIN)
         .args(["run", "--config"])
         .arg(f.path())
@@ -248,24 +243,15 @@ fn run_refuses_to_start_with_a_bad_config() {
 
 fn fetch(addr: SocketAddr) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(common::PATIENCE)).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
 }
 
-/// Backends (on their own runtime thread) that send their name and close.
+/// Backends that send their name and close.
 fn name_backends(names: &[&'static str]) -> Vec<SocketAddr> {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let addrs = rt.block_on(async {
-        let mut v = Vec::new();
-        for name in names {
-            v.push(common::name_backend(name).await);
-        }
-        v
-    });
-    std::thread::spawn(move || rt.block_on(std::future::pending::<()>()));
-    addrs
+    names.iter().map(|name| blocking(name_backend(name))).collect()
 }
 
 #[test]
@@ -289,7 +275,9 @@ fn forward_refuses_a_bad_address() {
 
 #[test]
 fn run_serves_and_exits_0_on_sigterm_after_open_connections_finish() {
-    let (mut proc, addr) = run_with_one_node("shutdown_grace = \"30s\"");
+    // A grace as long as the test's patience: exiting at once shows that
+    // the balancer waits for open connections only, not for the grace.
+    let (mut proc, addr) = run_with_one_node_config(|c| c.shutdown_grace("30s"));
     assert_eq!(fetch(addr), "a");
     proc.wait_for("protobalance::access");
     proc.signal(libc::SIGTERM);
@@ -298,14 +286,17 @@ fn run_serves_and_exits_0_on_sigterm_after_open_connections_finish() {
 
 #[test]
 fn pin_workers_puts_each_worker_on_a_cpu_of_its_own_and_still_serves() {
+    if std::thread::available_parallelism().unwrap().get() < 2 {
+        skip_or_fail("two workers on CPUs of their own need two CPUs");
+        return;
+    }
     let (mut proc, addr) = run_with_one_node("threads = 2\npin_workers = true");
     for _ in 0..50 {
         assert_eq!(fetch(addr), "a");
     }
     let pid = proc.child.id();
-    let mut worker_cpus: Vec<String> = threads(pid)
+    let mut worker_cpus: Vec<String> = worker_threads(pid, 2)
         .into_iter()
-        .filter(|(name, _)| name.starts_with("protobalance-w"))
         .map(|(_, dir)| {
             let status = std::fs::read_to_string(dir.join("status")).unwrap();
             let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap();
@@ -318,28 +309,21 @@ fn pin_workers_puts_each_worker_on_a_cpu_of_its_own_and_still_serves() {
         worker_cpus.iter().all(|c| c.parse::<usize>().is_ok()),
         "one CPU each: {worker_cpus:?}"
     );
-    if std::thread::available_parallelism().unwrap().get() >= 2 {
-        assert_ne!(worker_cpus[0], worker_cpus[1], "a CPU of its own");
-    }
+    assert_ne!(worker_cpus[0], worker_cpus[1], "a CPU of its own");
     proc.signal(libc::SIGTERM);
     assert_eq!(proc.wait_exit().code(), Some(0));
-    if std::thread::available_parallelism().unwrap().get() >= 2 {
-        let said = proc.all_output();
-        assert!(
-            said.iter()
-                .any(|l| l.contains("new clients steered to the worker on their CPU")),
-            "{said:?}"
-        );
-    }
+    let said = proc.all_output();
+    assert!(
+        said.iter()
+            .any(|l| l.contains("new clients steered to the worker on their CPU")),
+        "{said:?}"
+    );
 }
 
 #[test]
 fn busy_poll_keeps_a_worker_on_its_cpu_after_work_and_lets_it_sleep_when_idle() {
     let (mut proc, addr) = run_with_one_node("threads = 1\nbusy_poll = \"300ms\"");
-    let (_, worker) = threads(proc.child.id())
-        .into_iter()
-        .find(|(name, _)| name == "protobalance-w0")
-        .unwrap();
+    let (_, worker) = worker_threads(proc.child.id(), 1).remove(0);
     // The scheduler's state of the worker thread: R running or runnable, S asleep.
     let state = || {
         let stat = std::fs::read_to_string(worker.join("stat")).unwrap();
@@ -355,11 +339,7 @@ fn busy_poll_keeps_a_worker_on_its_cpu_after_work_and_lets_it_sleep_when_idle() 
         polling += usize::from(state() == 'R');
     }
     assert!(polling >= 20, "polling 5 ms after a client in {polling} of 40");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while state() != 'S' {
-        assert!(Instant::now() < deadline, "an idle worker goes back to sleep");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until_blocking("the idle worker to go back to sleep", || state() == 'S');
     proc.signal(libc::SIGTERM);
     assert_eq!(proc.wait_exit().code(), Some(0));
 }
@@ -368,14 +348,14 @@ fn busy_poll_keeps_a_worker_on_its_cpu_after_work_and_lets_it_sleep_when_idle() 
 /// whose cluster is one node answering "a"; returns the process and the
 /// service's address.
 fn run_with_one_node(top: &str) -> (Running, SocketAddr) {
+    run_with_one_node_config(|c| c.top(top))
+}
+
+/// [`run_with_one_node`], its config as `tweak` leaves it.
+fn run_with_one_node_config(tweak: impl FnOnce(ConfigText) -> ConfigText) -> (Running, SocketAddr) {
     let nodes = name_backends(&["a"]);
-    let text = format!(
-        "{top}\n[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"s\"\nlisten = [\"127.0.0.1:0\"]\n\
-         cluster = \"c\"\n[[cluster]]\nname = \"c\"\n[[cluster.node]]\nname = \"a\"\naddress = \"{}\"\n",
-        nodes[0]
-    );
-    let f = write_config(&text);
-    let proc = Running::spawn(&["run", "--config", f.path().to_str().unwrap()]);
+    let config = tweak(ConfigText::one_service(Cluster::of("c", &[("a", nodes[0])])));
+    let proc = Running::run(&config, &[]);
     let addr = proc.listen_addr();
     (proc, addr)
 }
@@ -397,18 +377,27 @@ fn thread_names(pid: u32) -> Vec<String> {
     threads(pid).into_iter().map(|(name, _)| name).collect()
 }
 
+/// `pid`'s worker threads, once at least `count` carry their name: a thread
+/// names itself as it starts, which may be just after the balancer has
+/// logged that it listens.
+fn worker_threads(pid: u32, count: usize) -> Vec<(String, std::path::PathBuf)> {
+    let workers = || {
+        threads(pid)
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("protobalance-w"))
+            .collect::<Vec<_>>()
+    };
+    wait_until_blocking(&format!("{count} named worker threads"), || workers().len() >= count);
+    workers()
+}
+
 #[test]
 fn run_uses_exactly_the_worker_threads_asked_for_however_many_clients() {
     let nodes = name_backends(&["a"]);
     let listen = nodes[0].to_string();
     let mut proc = Running::spawn(&["forward", "--threads", "3", "127.0.0.1:0", &listen]);
     let addr = proc.listen_addr();
-    let workers = |pid| {
-        thread_names(pid)
-            .iter()
-            .filter(|n| n.starts_with("protobalance-w"))
-            .count()
-    };
+    let workers = |pid| worker_threads(pid, 3).len();
     assert_eq!(workers(proc.child.id()), 3);
     let before = thread_names(proc.child.id()).len();
     let clients: Vec<_> = (0..100).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();

@@ -35,14 +35,13 @@ fn stderr(o: &Output) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_subcommands() {
     let (b, g) = (echo_backend().await, echo_backend().await);
-    let text = format!(
-        "{}{}{}{}",
-        head_toml(Some(TOKEN)),
-        service_toml("web", "blue"),
-        cluster_toml("blue", &[("a", b)]),
-        cluster_toml("green", &[("g", g)])
-    );
-    let (server, admin, _file) = start_from_file(&text).await;
+    let (server, admin, _file) = ConfigText::new()
+        .token(TOKEN)
+        .service(Service::new("web", "blue"))
+        .cluster(Cluster::of("blue", &[("a", b)]))
+        .cluster(Cluster::of("green", &[("g", g)]))
+        .start_with_admin()
+        .await;
     let a = admin.as_str();
 
     let out = ctl(&["--admin", a, "--token", TOKEN, "status"]).await;
@@ -123,11 +122,7 @@ async fn ctl_subcommands() {
     server.shutdown(PATIENCE).await;
 
     // Unreachable: a port nothing listens on (just closed).
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let out = ctl(&["--admin", &closed.to_string(), "status"]).await;
+    let out = ctl(&["--admin", &dead_addr().to_string(), "status"]).await;
     assert!(!out.status.success());
     assert!(stderr(&out).contains("cannot reach the admin API"), "{}", stderr(&out));
 }
@@ -135,24 +130,17 @@ async fn ctl_subcommands() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_file() {
     let (one, two) = (name_backend("one").await, name_backend("two").await);
-    let file = tempfile::NamedTempFile::new().unwrap();
-    let text = |backend| {
-        format!(
-            "{}{}{}",
-            head_toml(None),
-            service_toml("web", "c"),
-            cluster_toml("c", &[("n", backend)])
-        )
+    let config = |backend| {
+        ConfigText::new()
+            .service(Service::new("web", "c"))
+            .cluster(Cluster::of("c", &[("n", backend)]))
     };
-    std::fs::write(file.path(), text(one)).unwrap();
-    let path = file.path().to_str().unwrap().to_string();
-    let mut balancer = Running::spawn(&["run", "--config", &path]);
-    // The service listens first, then the admin API.
+    let mut balancer = Running::run(&config(one), &[]);
     let web = balancer.listen_addr();
     let admin = balancer.admin_addr();
     assert_eq!(read_tag(web).await.unwrap(), "one");
 
-    std::fs::write(file.path(), text(two)).unwrap();
+    std::fs::write(balancer.config_path(), config(two).text()).unwrap();
     balancer.signal(libc::SIGHUP);
     wait_until("the reload after SIGHUP", || {
         let admin = admin.clone();

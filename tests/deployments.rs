@@ -13,8 +13,6 @@ use std::time::Duration;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket};
-use tokio::task::JoinHandle;
 
 fn examples_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples")
@@ -83,51 +81,8 @@ fn example(name: &str, dir: &Path, replace: &[(&str, String)]) -> PathBuf {
 /// The balancer binary running `file`; returns it and its service address.
 fn run(file: &Path) -> (Running, SocketAddr) {
     let balancer = Running::spawn(&["run", "--config", file.to_str().unwrap()]);
-    let addr = loop {
-        let line = balancer.wait_for("listening on ");
-        // The admin API logs "admin listening on" too: the service's line is the other one.
-        if !line.contains("admin") {
-            break line
-                .split("listening on ")
-                .nth(1)
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap();
-        }
-    };
+    let addr = balancer.listen_addr();
     (balancer, addr)
-}
-
-/// A backend that sends its name to each client and closes; stops listening
-/// (connections refused) when the handle is aborted.
-async fn stoppable_backend(name: &'static str) -> (SocketAddr, JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let _ = s.write_all(name.as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    (addr, task)
-}
-
-/// Connects to `addr` from source address `from` and reads until EOF.
-async fn read_from(from: IpAddr, addr: SocketAddr) -> String {
-    within("a client connection", async {
-        let socket = TcpSocket::new_v4().unwrap();
-        socket.bind(SocketAddr::new(from, 0)).unwrap();
-        let mut s = socket.connect(addr).await.expect("connect to the balancer");
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.expect("read until EOF");
-        out
-    })
-    .await
 }
 
 #[tokio::test]
@@ -173,17 +128,19 @@ async fn single_port_forward() {
 #[tokio::test]
 async fn cluster_with_fallover_serves_every_client_when_a_node_dies() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, a_task) = stoppable_backend("a").await;
-    let (b, _b_task) = stoppable_backend("b").await;
-    let (c, _c_task) = stoppable_backend("c").await;
+    let a = Backend::start("a", Behaviour::Name).await;
+    let (b, c) = (
+        Backend::start("b", Behaviour::Name).await,
+        Backend::start("c", Behaviour::Name).await,
+    );
     let file = example(
         "cluster-fallover.toml",
         dir.path(),
         &[
             ("0.0.0.0:8080", "127.0.0.1:0".into()),
-            ("192.0.2.11:8080", a.to_string()),
-            ("192.0.2.12:8080", b.to_string()),
-            ("192.0.2.13:8080", c.to_string()),
+            ("192.0.2.11:8080", a.addr.to_string()),
+            ("192.0.2.12:8080", b.addr.to_string()),
+            ("192.0.2.13:8080", c.addr.to_string()),
             ("127.0.0.1:9900", "127.0.0.1:0".into()),
         ],
     );
@@ -196,8 +153,7 @@ async fn cluster_with_fallover_serves_every_client_when_a_node_dies() {
     assert_eq!(before, ["a", "b", "c"], "round robin over the three nodes");
 
     // Node a dies: nothing listens on its port any more.
-    a_task.abort();
-    let _ = a_task.await;
+    let a = a.kill().await;
     assert!(std::net::TcpStream::connect(a).is_err(), "node a no longer accepts");
     let mut after = Vec::new();
     for _ in 0..12 {
@@ -273,34 +229,10 @@ async fn load(addr: SocketAddr, stop: Arc<AtomicBool>, seen: Arc<Mutex<Vec<Strin
 /// Waits until the load has been served by a node of `cluster` after the
 /// first `since` connections; returns how many it has seen now.
 async fn load_reaches(seen: &Mutex<Vec<String>>, since: usize, cluster: &str) -> usize {
-    within(&format!("the load reaches {cluster}"), async {
-        loop {
-            {
-                let seen = seen.lock().unwrap();
-                if seen[since.min(seen.len())..].iter().any(|n| n.starts_with(cluster)) {
-                    return seen.len();
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-}
-
-/// `PUT /api/v1/services/{service}/cluster` on the admin API; returns the answer.
-async fn put_service_cluster(admin: SocketAddr, service: &str, cluster: &str) -> String {
-    within("PUT /api/v1/services/{service}/cluster", async {
-        let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
-        let body = format!(r#"{{"cluster":"{cluster}"}}"#);
-        let request = format!(
-            "PUT /api/v1/services/{service}/cluster HTTP/1.1\r\nHost: {admin}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(request.as_bytes()).await.unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).await.unwrap();
-        answer
+    wait_for(&format!("the load to reach {cluster}"), || async {
+        let seen = seen.lock().unwrap();
+        let reached = seen[since.min(seen.len())..].iter().any(|n| n.starts_with(cluster));
+        reached.then_some(seen.len())
     })
     .await
 }
@@ -359,8 +291,15 @@ async fn controller_redirects_a_service_and_back_under_load() {
     let on_green = load_reaches(&seen, before, "green-").await;
 
     // And back to blue through the admin API itself.
-    let answer = put_service_cluster(admin, "api", "blue").await;
-    assert!(answer.starts_with("HTTP/1.1 2"), "redirect back to blue: {answer}");
+    let reply = api(
+        &admin.to_string(),
+        None,
+        hyper::Method::PUT,
+        "/api/v1/services/api/cluster",
+        Some(r#"{"cluster":"blue"}"#),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "redirect back to blue: {}", reply.text());
     for _ in 0..3 {
         let name = read_all(addr).await;
         assert!(

@@ -1,40 +1,56 @@
-//! Out of descriptors: with a low RLIMIT_NOFILE the balancer's accept fails
-//! with EMFILE; it must back off instead of spinning, keep serving the
-//! connections it has, and accept the waiting clients once descriptors free up.
+//! Out of descriptors: with RLIMIT_NOFILE at what the balancer holds, its
+//! accept fails with EMFILE; it must back off instead of spinning, keep
+//! serving the connections it has, and accept the client waiting in the
+//! listener's backlog once descriptors free up.
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::process::Command;
 use std::time::Duration;
 
-use common::{BIN, PATIENCE, Running};
+use common::*;
 
-/// A node that greets with "hi" and holds the connection until the client closes.
-fn holding_backend() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for mut s in listener.incoming().map_while(Result::ok) {
-            std::thread::spawn(move || {
-                let _ = s.write_all(b"hi");
-                let mut sink = Vec::new();
-                let _ = s.read_to_end(&mut sink);
-            });
-        }
-    });
-    addr
+/// How many of the descriptor numbers below `limit` process `pid` has in
+/// use. Only those count against a limit of `limit`: a descriptor inherited
+/// with a higher number (a build tool's pipe) does not.
+fn used_below(pid: u32, limit: usize) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<usize>().ok())
+        .filter(|&fd| fd < limit)
+        .count()
 }
 
-/// Connects and waits up to `wait` for the greeting.
-fn greeted(addr: SocketAddr, wait: Duration) -> (TcpStream, bool) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(wait)).unwrap();
-    let mut buf = [0u8; 2];
-    let ok = s.read_exact(&mut buf).is_ok();
-    (s, ok)
+/// Sets the soft RLIMIT_NOFILE of the running process `pid` (the hard limit
+/// stays, so that the soft one may be raised again).
+fn set_descriptor_limit(pid: u32, limit: usize) {
+    let pid = pid as libc::pid_t;
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit on our own child, reading into a valid rlimit.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: limit as libc::rlim_t,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: as above, setting a soft limit under the hard one.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// Reads the node's greeting through `client`, failing the test unless it comes.
+fn assert_greeted(mut client: TcpStream, what: &str) -> TcpStream {
+    client.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut greeting = [0u8; 2];
+    client
+        .read_exact(&mut greeting)
+        .unwrap_or_else(|e| panic!("{what}: no greeting from the node ({e})"));
+    assert_eq!(&greeting, b"hi", "{what}");
+    client
 }
 
 /// User + system CPU time of `pid`, in clock ticks.
@@ -46,88 +62,68 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
-/// Runs the balancer under `nofile` descriptors, exhausts them, checks it
-/// idles and recovers; returns whether an accept failed (EMFILE) on the way.
-fn exhaust_and_recover(nofile: u64) -> bool {
-    let node = holding_backend();
-    let config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    std::fs::write(
-        config.path(),
-        format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"s\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"c\"\n\
-             [[cluster]]\nname = \"c\"\n[[cluster.node]]\nname = \"a\"\naddress = \"{node}\"\n"
-        ),
-    )
-    .unwrap();
-    let mut command = Command::new(BIN);
-    command.args(["run", "--config"]).arg(config.path());
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child before exec.
-    unsafe {
-        command.pre_exec(move || {
-            let limit = libc::rlimit {
-                rlim_cur: nofile,
-                rlim_max: nofile,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let proc = Running::start(command);
-    let addr = proc.listen_addr();
+#[test]
+fn out_of_descriptors_backs_off_and_recovers() {
+    let node = blocking(holding_backend());
+    // One worker: a finished connection's two descriptors are then closed
+    // before its accept loop can run again, so descriptors free up two at a
+    // time (with two workers, a retry on one could see a single descriptor
+    // free between the two closes on the other, accept the waiting client and
+    // have none left for its node).
+    let config = ConfigText::one_service(Cluster::of("c", &[("a", node)])).top("threads = 1");
+    let balancer = Running::run(&config, &[]);
+    let addr: SocketAddr = balancer.listen_addr();
+    balancer.admin_addr(); // started: every listener is open
+    let pid = balancer.child.id();
 
-    // Fill the descriptor table: each served client costs the balancer two.
-    // The first client not served either waits in the backlog (accept fails:
-    // EMFILE) or is closed at once (one descriptor left, none for the node side).
+    // Limit the balancer to a few descriptors more than it holds, then fill
+    // them: each served client costs two (its own and the node's). While two
+    // are free a client must be served; with one free it would be accepted
+    // and closed (no descriptor for the node side), so the limit is raised
+    // by one to end at exactly none free.
+    let mut limit = used_below(pid, usize::MAX) + 12;
+    set_descriptor_limit(pid, limit);
     let mut held = Vec::new();
-    let mut waiting = loop {
-        assert!(
-            held.len() < nofile as usize,
-            "the balancer never ran out of descriptors"
-        );
-        let (s, ok) = greeted(addr, Duration::from_secs(2));
-        if !ok {
-            break s;
+    loop {
+        let open = used_below(pid, limit);
+        if open + 2 <= limit {
+            let client = TcpStream::connect(addr).unwrap();
+            held.push(assert_greeted(
+                client,
+                &format!("client {} while descriptors are free", held.len()),
+            ));
+        } else if open + 1 == limit {
+            limit += 1;
+            set_descriptor_limit(pid, limit);
+        } else {
+            break;
         }
-        held.push(s);
-    };
+    }
 
-    // Idle, not spinning: a busy retry loop would burn a whole CPU.
-    let before = cpu_ticks(proc.child.id());
+    // Out of descriptors: the next client's accept fails, and it waits in the backlog.
+    let waiting = TcpStream::connect(addr).unwrap();
+    balancer.wait_for("accept failed");
+
+    // Idle, not spinning: a busy retry loop would burn a whole CPU. The
+    // second is a measuring window, not a wait for anything.
+    let before = cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(1));
-    let used = cpu_ticks(proc.child.id()) - before;
+    let used = cpu_ticks(pid) - before;
     assert!(
         used < 30,
         "the balancer used {used} ticks of CPU in 1 s while out of descriptors"
     );
 
-    // Free some descriptors: a waiting client is served, and so are new ones.
+    // Free some descriptors: the waiting client is served, then new ones are.
     held.truncate(held.len() - 4);
-    waiting.set_read_timeout(Some(PATIENCE)).unwrap();
-    let mut buf = [0u8; 2];
-    if waiting.read(&mut buf).unwrap_or(0) > 0 {
-        assert_eq!(&buf, b"hi", "the client that waited in the backlog is served");
-    }
-    let served = (0..50).any(|_| {
-        let ok = greeted(addr, PATIENCE).1;
-        if !ok {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        ok
+    let _waiting = assert_greeted(waiting, "the client that waited in the backlog");
+    wait_until_blocking("the balancer to close the connections the clients left", || {
+        used_below(pid, limit) + 6 <= limit
     });
-    assert!(served, "new clients are served once descriptors free up");
-    proc.saw("accept failed")
-}
-
-/// Whether the free descriptors end at zero (accept fails) or one (the node
-/// side fails) depends on how many the process uses itself, so try two
-/// neighbouring limits: one of them makes accept fail.
-#[test]
-fn out_of_descriptors_backs_off_and_recovers() {
-    let accept_failed: Vec<bool> = [40, 41].into_iter().map(exhaust_and_recover).collect();
-    assert!(
-        accept_failed.contains(&true),
-        "no accept failed with EMFILE at either limit: {accept_failed:?}"
-    );
+    for i in 0..2 {
+        assert_greeted(
+            TcpStream::connect(addr).unwrap(),
+            &format!("new client {i} after the recovery"),
+        );
+    }
 }

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use protobalance::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -39,19 +38,16 @@ async fn exchange_backend(reply: Vec<u8>) -> (SocketAddr, tokio::sync::mpsc::Rec
 }
 
 async fn ten_mb_each_way(forwarding: &str) {
-    let forwarding = forwarding_mode(forwarding);
-    ten_mb_each_way_with(|config| config.forwarding = forwarding).await;
+    ten_mb_each_way_with(&format!("forwarding = \"{forwarding}\"")).await;
 }
 
-/// 10 MB each way through a balancer with one node and its config as `tweak`
-/// leaves it: byte-exact both ways, and counted.
-async fn ten_mb_each_way_with(tweak: impl FnOnce(&mut Config)) {
+/// 10 MB each way through a balancer with one node and `top` among its
+/// top-level keys: byte-exact both ways, and counted.
+async fn ten_mb_each_way_with(top: &str) {
     let upstream = random_bytes(TEN_MB);
     let downstream = random_bytes(TEN_MB);
     let (node, mut received) = exchange_backend(downstream.clone()).await;
-    let mut config = one_service(&[("a", node, 1)], "");
-    tweak(&mut config);
-    let (server, addr) = start(&config).await;
+    let (server, addr) = one_node(node).top(top).start().await;
 
     let client = TcpStream::connect(addr).await.unwrap();
     let (mut r, mut w) = client.into_split();
@@ -91,22 +87,17 @@ async fn ten_mb_each_way_with(tweak: impl FnOnce(&mut Config)) {
     server.shutdown(PATIENCE).await;
 }
 
-/// A balancer with one node and the named forwarding path.
-async fn start_one_node(node: SocketAddr, forwarding: &str) -> (protobalance::server::Server, SocketAddr) {
-    start(&Config {
-        forwarding: forwarding_mode(forwarding),
-        ..one_service(&[("a", node, 1)], "")
-    })
-    .await
+/// Service `svc` on cluster `pool` of one node `a` at `node`.
+fn one_node(node: SocketAddr) -> ConfigText {
+    ConfigText::one_service(Cluster::of("pool", &[("a", node)]))
 }
 
-fn forwarding_mode(name: &str) -> protobalance::config::ForwardMode {
-    match name {
-        "auto" => protobalance::config::ForwardMode::Auto,
-        "splice" => protobalance::config::ForwardMode::Splice,
-        "copy" => protobalance::config::ForwardMode::Copy,
-        other => panic!("no forwarding mode {other}"),
-    }
+/// A balancer with one node and the named forwarding path.
+async fn start_one_node(node: SocketAddr, forwarding: &str) -> (Server, SocketAddr) {
+    one_node(node)
+        .top(&format!("forwarding = \"{forwarding}\""))
+        .start()
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,18 +121,20 @@ async fn ten_mb_each_way_byte_exact_with_auto() {
 /// forwards: the auto path (copy, then splice) with workers that spin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_mb_each_way_byte_exact_with_busy_polling() {
-    ten_mb_each_way_with(|config| config.busy_poll = Some(Duration::from_micros(50))).await;
+    ten_mb_each_way_with("busy_poll = \"50us\"").await;
 }
 
 #[test]
 fn forwarding_key_selects_the_path() {
-    let text = "forwarding = \"copy\"\n[[service]]\nname = \"s\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"c\"\n\
-                [[cluster]]\nname = \"c\"\n[[cluster.node]]\nname = \"n\"\naddress = \"127.0.0.1:1\"\n";
-    assert_eq!(config(text).forwarding, protobalance::config::ForwardMode::Copy);
-    assert_eq!(
-        config(&text.replace("copy", "splice")).forwarding,
-        protobalance::config::ForwardMode::Splice
-    );
+    let with = |mode: &str| {
+        one_node(dead_addr())
+            .top(&format!("forwarding = \"{mode}\""))
+            .config()
+            .forwarding
+    };
+    assert_eq!(with("copy"), ForwardMode::Copy);
+    assert_eq!(with("splice"), ForwardMode::Splice);
+    assert_eq!(with("auto"), ForwardMode::Auto);
 }
 
 async fn client_half_close(forwarding: &str) {
@@ -304,7 +297,11 @@ async fn node_reset_propagates_copy() {
 async fn weights_3_to_1_over_400_connections_interleaved() {
     let a = name_backend("a").await;
     let b = name_backend("b").await;
-    let (server, addr) = start(&one_service(&[("a", a, 3), ("b", b, 1)], "algorithm = \"round-robin\"")).await;
+    let cluster = Cluster::new("pool")
+        .key("algorithm = \"round-robin\"")
+        .node(Node::new("a", a).weight(3))
+        .node(Node::new("b", b).weight(1));
+    let (server, addr) = ConfigText::one_service(cluster).start().await;
     let mut order = String::new();
     for _ in 0..400 {
         order.push_str(&read_all(addr).await);
@@ -322,33 +319,12 @@ async fn weights_3_to_1_over_400_connections_interleaved() {
     server.shutdown(PATIENCE).await;
 }
 
-/// A listener that never accepts, its accept queue already full: a connect to
-/// it gets no answer at all (the kernel drops the SYN).
-fn full_accept_queue() -> (std::net::TcpListener, Vec<socket2::Socket>, SocketAddr) {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket
-        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-        .unwrap();
-    socket.listen(0).unwrap();
-    let listener: std::net::TcpListener = socket.into();
-    let addr = listener.local_addr().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..16 {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        match s.connect_timeout(&addr.into(), Duration::from_millis(300)) {
-            Ok(()) => fillers.push(s),
-            Err(_) => return (listener, fillers, addr), // this one got no answer: the queue is full
-        }
-    }
-    panic!("the accept queue of a backlog-0 listener never filled");
-}
-
 #[tokio::test]
 async fn node_that_never_accepts_is_skipped_after_connect_timeout() {
-    let (_stuck, _fillers, stuck) = full_accept_queue();
+    let (stuck, _queue) = never_accepts();
     let good = name_backend("good").await;
-    let cfg = one_service(&[("stuck", stuck, 1), ("good", good, 1)], "connect_timeout = \"300ms\"");
-    let (server, addr) = start(&cfg).await;
+    let cluster = Cluster::of("pool", &[("stuck", stuck), ("good", good)]).key("connect_timeout = \"300ms\"");
+    let (server, addr) = ConfigText::one_service(cluster).start().await;
     // Round robin offers "stuck" first to one of the first two clients.
     for _ in 0..2 {
         assert_eq!(read_all(addr).await, "good");
@@ -361,29 +337,25 @@ async fn node_that_never_accepts_is_skipped_after_connect_timeout() {
 #[tokio::test]
 async fn refused_node_is_skipped_and_no_node_closes_the_client() {
     let good = name_backend("good").await;
-    let (server, addr) = start(&one_service(&[("dead", dead_addr(), 1), ("good", good, 1)], "")).await;
+    let (server, addr) = ConfigText::one_service(Cluster::of("pool", &[("dead", dead_addr()), ("good", good)]))
+        .start()
+        .await;
     for _ in 0..4 {
         assert_eq!(read_all(addr).await, "good");
     }
     server.shutdown(PATIENCE).await;
 
-    let (server, addr) = start(&one_service(
-        &[("dead1", dead_addr(), 1), ("dead2", dead_addr(), 1)],
-        "",
-    ))
-    .await;
+    let (server, addr) =
+        ConfigText::one_service(Cluster::of("pool", &[("dead1", dead_addr()), ("dead2", dead_addr())]))
+            .start()
+            .await;
     assert_eq!(
         read_all(addr).await,
         "",
         "the client is closed when no node can take it"
     );
     let snap = server.snapshot();
-    assert_eq!(
-        snap.services["svc"]
-            .figures
-            .refused(protobalance::model::Refusal::NoNode),
-        1
-    );
+    assert_eq!(snap.services["svc"].figures.refused(Refusal::NoNode), 1);
     server.shutdown(PATIENCE).await;
 }
 
@@ -391,7 +363,7 @@ async fn refused_node_is_skipped_and_no_node_closes_the_client() {
 /// balancer holds the same three on 127.0.0.1. The ports lie below the
 /// kernel's range for outgoing connections (32768 and up by default), which
 /// busy tests can exhaust; a range is retried until both sides bind it.
-async fn paired_port_range() -> (u16, Vec<std::net::TcpListener>, protobalance::server::Server) {
+async fn paired_port_range() -> (u16, Vec<std::net::TcpListener>, Server) {
     for attempt in 0..200u16 {
         let base = 25_000 + attempt * 37;
         let nodes: Vec<_> = (0..3)
@@ -400,13 +372,14 @@ async fn paired_port_range() -> (u16, Vec<std::net::TcpListener>, protobalance::
         if nodes.len() < 3 {
             continue;
         }
-        let text = format!(
-            "[[service]]\nname = \"svc\"\nlisten = [\"127.0.0.1:{base}-{}\"]\ncluster = \"pool\"\n\
-             [[cluster]]\nname = \"pool\"\n[[cluster.node]]\nname = \"n\"\naddress = \"127.0.0.2\"\n",
-            base + 2
-        );
-        if let Ok(server) = protobalance::server::Server::start(&config(&text)).await {
-            return (base, nodes, server);
+        let range = format!("127.0.0.1:{base}-{}", base + 2);
+        let config = ConfigText::new()
+            .service(Service::new("svc", "pool").listen(&[&range]))
+            .cluster(Cluster::new("pool").node(Node::new("n", "127.0.0.2")));
+        match config.try_start().await {
+            Ok(server) => return (base, nodes, server),
+            Err(StartError::Bind { .. }) => continue,
+            Err(e) => panic!("the balancer does not start: {e}"),
         }
     }
     panic!("no three consecutive ports were free on both 127.0.0.1 and 127.0.0.2");
@@ -437,9 +410,9 @@ async fn port_range_forwards_each_port_to_the_same_port_on_the_node() {
 
 /// A balancer in front of an echo node, and a client connection through it
 /// that has had its first echo (so it is fully established).
-async fn echoed_connection() -> (protobalance::server::Server, SocketAddr, TcpStream) {
+async fn echoed_connection() -> (Server, SocketAddr, TcpStream) {
     let node = echo_backend().await;
-    let (server, addr) = start(&one_service(&[("a", node, 1)], "")).await;
+    let (server, addr) = one_node(node).start().await;
     let mut open = TcpStream::connect(addr).await.unwrap();
     open.write_all(b"ping").await.unwrap();
     let mut buf = [0u8; 4];
@@ -502,12 +475,12 @@ fn listening_sockets_and_descriptors(port: u16) -> (usize, usize) {
 
 /// A balancer with `threads` workers, pinned where `pin`, over one node that
 /// answers "n".
-async fn start_with_workers(threads: usize, pin: bool) -> (protobalance::server::Server, SocketAddr) {
+async fn start_with_workers(threads: usize, pin: bool) -> (Server, SocketAddr) {
     let node = name_backend("n").await;
-    let mut config = one_service(&[("n", node, 1)], "");
-    config.threads = threads;
-    config.pin_workers = pin;
-    start(&config).await
+    ConfigText::one_service(Cluster::of("pool", &[("n", node)]))
+        .top(&format!("threads = {threads}\npin_workers = {pin}"))
+        .start()
+        .await
 }
 
 #[tokio::test]
@@ -526,7 +499,8 @@ async fn each_worker_accepts_from_its_own_socket_and_its_neighbours() {
 async fn steered_workers_accept_only_from_their_own_sockets() {
     let cpus = protobalance::proxy::allowed_cpus();
     if cpus.len() < 2 {
-        return; // steering needs a CPU for each of two workers
+        skip_or_fail("steering needs a CPU for each of two workers; this process may use one");
+        return;
     }
     let (server, addr) = start_with_workers(2, true).await;
     assert_eq!(listening_sockets_and_descriptors(addr.port()), (2, 2));

@@ -2,8 +2,9 @@
 //! random values for every key never panic the parser; every refusal is an
 //! error naming a line or the file. Bounded: a few thousand cases per run.
 
+mod common;
+
 use proptest::prelude::*;
-use protobalance::config::Config;
 
 const VALID: &str = r#"state_dir = "/tmp/pb"
 threads = 2
@@ -36,9 +37,9 @@ name = "b"
 address = "10.0.0.2"
 "#;
 
-/// Offline resolution: a mutated host name must never become a DNS query.
+/// Raw text on purpose: the parser is what is under test.
 fn parse(text: &str) {
-    if let Err(e) = Config::parse_with(text, "fuzz.toml", protobalance::config::offline_resolver) {
+    if let Err(e) = common::parse_offline(text, "fuzz.toml") {
         let msg = e.to_string();
         assert!(msg.starts_with("fuzz.toml"), "{msg}");
         assert!(!e.message.is_empty());
@@ -97,5 +98,5 @@ proptest! {
 
 #[test]
 fn the_valid_file_is_valid() {
-    Config::parse_with(VALID, "fuzz.toml", protobalance::config::offline_resolver).unwrap();
+    common::parse_offline(VALID, "fuzz.toml").unwrap();
 }

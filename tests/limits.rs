@@ -8,46 +8,21 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use protobalance::model::Refusal;
-use protobalance::server::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
-/// A node that greets with "hi" and then holds the connection until the client closes.
-async fn holding_backend() -> SocketAddr {
-    serve(|mut s| async move {
-        let _ = s.write_all(b"hi").await;
-        let mut sink = Vec::new();
-        let _ = s.read_to_end(&mut sink).await;
-    })
-    .await
-}
-
-fn service_config(node: SocketAddr, listen: &str, service_keys: &str, top: &str) -> protobalance::config::Config {
-    config(&format!(
-        "{top}\n[[service]]\nname = \"svc\"\nlisten = [\"{listen}\"]\ncluster = \"pool\"\n{service_keys}\n\
-         [[cluster]]\nname = \"pool\"\n[[cluster.node]]\nname = \"a\"\naddress = \"{node}\"\n"
-    ))
+/// Service `svc` on `listen` with `service_keys`, in front of one node.
+fn service_config(node: SocketAddr, listen: &str, service_keys: &str) -> ConfigText {
+    ConfigText::new()
+        .service(Service::new("svc", "pool").listen(&[listen]).key(service_keys))
+        .cluster(Cluster::of("pool", &[("a", node)]))
 }
 
 /// Connects from `source` (any port) and reads the greeting: `Some(stream)`
 /// when admitted, `None` when the balancer closed the connection at once.
 async fn try_client(addr: SocketAddr, source: &str) -> Option<TcpStream> {
     within("client", async {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        }
-        .unwrap();
-        socket
-            .bind(
-                format!("{source}:0")
-                    .parse::<SocketAddr>()
-                    .unwrap_or_else(|_| format!("[{source}]:0").parse().unwrap()),
-            )
-            .unwrap();
-        let mut s = socket.connect(addr).await.unwrap();
+        let mut s = connect_from(source.parse().unwrap(), addr).await;
         let mut greeting = [0u8; 2];
         match s.read_exact(&mut greeting).await {
             Ok(_) => {
@@ -60,18 +35,10 @@ async fn try_client(addr: SocketAddr, source: &str) -> Option<TcpStream> {
     .await
 }
 
-/// Retries until a client is admitted (a slot frees once the balancer has
-/// finished the connection that held it).
+/// Retries until a client is admitted: a slot frees once the balancer has
+/// finished the connection that held it, which nothing outside it signals.
 async fn admitted_eventually(addr: SocketAddr, source: &str) -> TcpStream {
-    within("a slot frees", async {
-        loop {
-            if let Some(s) = try_client(addr, source).await {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
+    wait_for("a slot to free", || try_client(addr, source)).await
 }
 
 fn refused(server: &Server, reason: Refusal) -> u64 {
@@ -81,10 +48,7 @@ fn refused(server: &Server, reason: Refusal) -> u64 {
 #[tokio::test]
 async fn service_max_connections() {
     let node = holding_backend().await;
-    let server = Server::start(&service_config(node, "127.0.0.1:0", "max_connections = 2", ""))
-        .await
-        .unwrap();
-    let addr = server.addr_of("svc").unwrap();
+    let (server, addr) = service_config(node, "127.0.0.1:0", "max_connections = 2").start().await;
     let first = try_client(addr, "127.0.0.1").await.expect("first admitted");
     let _second = try_client(addr, "127.0.0.1").await.expect("second admitted");
     assert!(try_client(addr, "127.0.0.1").await.is_none(), "third refused");
@@ -97,14 +61,14 @@ async fn service_max_connections() {
 #[tokio::test]
 async fn global_max_connections_spans_services() {
     let node = holding_backend().await;
-    let text = format!(
-        "max_connections = 2\n\
-         [[service]]\nname = \"svc\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"pool\"\n\
-         [[service]]\nname = \"other\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"pool\"\n\
-         [[cluster]]\nname = \"pool\"\n[[cluster.node]]\nname = \"a\"\naddress = \"{node}\"\n"
-    );
-    let server = Server::start(&config(&text)).await.unwrap();
-    let (svc, other) = (server.addr_of("svc").unwrap(), server.addr_of("other").unwrap());
+    let (server, svc) = ConfigText::new()
+        .top("max_connections = 2")
+        .service(Service::new("svc", "pool"))
+        .service(Service::new("other", "pool"))
+        .cluster(Cluster::of("pool", &[("a", node)]))
+        .start()
+        .await;
+    let other = server.addr_of("other").unwrap();
     let _a = try_client(svc, "127.0.0.1").await.expect("admitted");
     let _b = try_client(other, "127.0.0.1").await.expect("admitted");
     assert!(try_client(svc, "127.0.0.1").await.is_none());
@@ -116,15 +80,9 @@ async fn global_max_connections_spans_services() {
 #[tokio::test]
 async fn max_connections_per_client_ip() {
     let node = holding_backend().await;
-    let server = Server::start(&service_config(
-        node,
-        "127.0.0.1:0",
-        "max_connections_per_client = 1",
-        "",
-    ))
-    .await
-    .unwrap();
-    let addr = server.addr_of("svc").unwrap();
+    let (server, addr) = service_config(node, "127.0.0.1:0", "max_connections_per_client = 1")
+        .start()
+        .await;
     let first = try_client(addr, "127.0.0.1").await.expect("admitted");
     assert!(
         try_client(addr, "127.0.0.1").await.is_none(),
@@ -141,51 +99,44 @@ async fn max_connections_per_client_ip() {
 async fn allow_and_deny_lists_ipv4() {
     let node = holding_backend().await;
     let keys = "allow = [\"127.0.0.0/8\"]\ndeny = [\"127.0.0.3\", \"127.0.9.0/24\"]";
-    let server = Server::start(&service_config(node, "127.0.0.1:0", keys, ""))
-        .await
-        .unwrap();
-    let addr = server.addr_of("svc").unwrap();
+    let (server, addr) = service_config(node, "127.0.0.1:0", keys).start().await;
     assert!(try_client(addr, "127.0.0.2").await.is_some());
     assert!(try_client(addr, "127.0.0.3").await.is_none());
     assert!(try_client(addr, "127.0.9.77").await.is_none());
     assert_eq!(refused(&server, Refusal::Denied), 2);
     server.shutdown(Duration::ZERO).await;
 
-    let server = Server::start(&service_config(node, "127.0.0.1:0", "allow = [\"127.0.0.2/32\"]", ""))
-        .await
-        .unwrap();
-    let addr = server.addr_of("svc").unwrap();
+    let (server, addr) = service_config(node, "127.0.0.1:0", "allow = [\"127.0.0.2/32\"]")
+        .start()
+        .await;
     assert!(try_client(addr, "127.0.0.1").await.is_none(), "outside allow");
     assert!(try_client(addr, "127.0.0.2").await.is_some(), "inside allow");
+    assert_eq!(refused(&server, Refusal::Denied), 1);
     server.shutdown(Duration::ZERO).await;
 }
 
 #[tokio::test]
 async fn allow_and_deny_lists_ipv6() {
     if std::net::TcpListener::bind("[::1]:0").is_err() {
-        eprintln!("SKIPPED: this machine has no IPv6 loopback");
+        skip_or_fail("this machine has no IPv6 loopback (::1)");
         return;
     }
     let node = holding_backend().await;
-    let server = Server::start(&service_config(node, "[::1]:0", "allow = [\"::1/128\"]", ""))
-        .await
-        .unwrap();
-    assert!(try_client(server.addr_of("svc").unwrap(), "::1").await.is_some());
+    let (server, addr) = service_config(node, "[::1]:0", "allow = [\"::1/128\"]").start().await;
+    assert!(try_client(addr, "::1").await.is_some());
     server.shutdown(Duration::ZERO).await;
-    let server = Server::start(&service_config(node, "[::1]:0", "deny = [\"::/0\"]", ""))
-        .await
-        .unwrap();
-    assert!(try_client(server.addr_of("svc").unwrap(), "::1").await.is_none());
+    let (server, addr) = service_config(node, "[::1]:0", "deny = [\"::/0\"]").start().await;
+    assert!(try_client(addr, "::1").await.is_none());
+    assert_eq!(refused(&server, Refusal::Denied), 1);
     server.shutdown(Duration::ZERO).await;
 }
 
 #[tokio::test]
 async fn idle_timeout_closes_silent_connections_only() {
     let node = holding_backend().await;
-    let server = Server::start(&service_config(node, "127.0.0.1:0", "idle_timeout = \"1s\"", ""))
-        .await
-        .unwrap();
-    let addr = server.addr_of("svc").unwrap();
+    let (server, addr) = service_config(node, "127.0.0.1:0", "idle_timeout = \"1s\"")
+        .start()
+        .await;
 
     // One client stays busy, a byte every 100 ms for 3 s: never idle for 1 s.
     let busy = tokio::spawn(async move {
@@ -249,12 +200,11 @@ fn own_sockets() -> Vec<SocketView> {
 #[tokio::test]
 async fn socket_buffer_sizes_the_sockets_of_each_side() {
     let node = echo_backend().await;
-    let text = format!(
-        "[[service]]\nname = \"svc\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"pool\"\nsocket_buffer = \"40k\"\n\
-         [[cluster]]\nname = \"pool\"\nsocket_buffer = \"72k\"\n[[cluster.node]]\nname = \"a\"\naddress = \"{node}\"\n"
-    );
-    let server = Server::start(&config(&text)).await.unwrap();
-    let addr = server.addr_of("svc").unwrap();
+    let (server, addr) = ConfigText::new()
+        .service(Service::new("svc", "pool").key("socket_buffer = \"40k\""))
+        .cluster(Cluster::of("pool", &[("a", node)]).key("socket_buffer = \"72k\""))
+        .start()
+        .await;
     let mut client = TcpStream::connect(addr).await.unwrap();
     let mut echoed = [0u8; 4];
     client.write_all(b"ping").await.unwrap();
@@ -307,15 +257,14 @@ fn limit_keys_are_validated() {
         ("socket_buffer = \"big\"", "expected a whole number of bytes"),
     ];
     for (keys, expected) in bad {
-        let text = format!(
-            "[[service]]\nname = \"svc\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"pool\"\n{keys}\n\
-             [[cluster]]\nname = \"pool\"\n[[cluster.node]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n"
+        let text = service_config(dead_addr(), "127.0.0.1:0", keys).text();
+        let line = 1 + text.lines().position(|l| l == keys).unwrap();
+        let err = config_error(&text);
+        assert!(
+            err.contains(expected) && err.contains(&format!(":{line}:")),
+            "{keys} (line {line}): {err}"
         );
-        let err = protobalance::config::Config::parse(&text, "t").unwrap_err().to_string();
-        assert!(err.contains(expected) && err.contains(":5:"), "{keys}: {err}");
     }
-    let global = protobalance::config::Config::parse("max_connections = 0\n", "t")
-        .unwrap_err()
-        .to_string();
-    assert!(global.contains("t:1: max_connections = 0"), "{global}");
+    let global = config_error("max_connections = 0\n");
+    assert!(global.contains("test config:1: max_connections = 0"), "{global}");
 }

@@ -5,7 +5,10 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::net::{IpAddr, Ipv4Addr};
 
-use protobalance::config::{AlgorithmKind, Config};
+mod common;
+
+use common::*;
+use protobalance::config::AlgorithmKind;
 
 thread_local! {
     static COUNTING: Cell<bool> = const { Cell::new(false) };
@@ -38,19 +41,13 @@ fn no_pick_allocates() {
     assert_eq!(ALLOCATIONS.with(|n| n.replace(0)), 1);
 
     for algorithm in AlgorithmKind::ALL {
-        let mut text = format!(
-            "state_dir = \"\"\n[[service]]\nname = \"s\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"c\"\n\
-             [[cluster]]\nname = \"c\"\nalgorithm = \"{algorithm}\"\n\
-             load_rating = \"max(connections / weight, traffic_rate / 1e6) + agent_load ^ 2 - sqrt(total_connections)\"\n"
+        let cluster = (0..30).fold(
+            Cluster::new("c")
+                .key(&format!("algorithm = \"{algorithm}\""))
+                .key("load_rating = \"max(connections / weight, traffic_rate / 1e6) + agent_load ^ 2 - sqrt(total_connections)\""),
+            |c, i| c.node(Node::new(&format!("n{i}"), format!("127.0.0.1:{}", 10_000 + i)).weight(1 + i % 4)),
         );
-        for i in 0..30 {
-            text.push_str(&format!(
-                "[[cluster.node]]\nname = \"n{i}\"\naddress = \"127.0.0.1:{}\"\nweight = {}\n",
-                10_000 + i,
-                1 + i % 4
-            ));
-        }
-        let snapshot = protobalance::balance::compile(&Config::parse(&text, "test").unwrap(), None);
+        let snapshot = protobalance::balance::compile(&ConfigText::one_service(cluster).config(), None);
         let cluster = &snapshot.clusters["c"];
         // Half the nodes have been sampled, half are new (the warm-up path).
         for node in cluster.nodes.iter().step_by(2) {

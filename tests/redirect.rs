@@ -20,14 +20,12 @@ async fn redirect_under_load_fails_no_connection() {
         name_backend("blue").await,
         name_backend("green").await,
     );
-    let text = format!(
-        "{}{}{}{}",
-        head_toml(None),
-        service_toml("web", "blue"),
-        cluster_toml("blue", &[("b1", blue1), ("b2", blue2)]),
-        cluster_toml("green", &[("g1", green1)])
-    );
-    let (server, admin, _file) = start_from_file(&text).await;
+    let (server, admin, _file) = ConfigText::new()
+        .service(Service::new("web", "blue"))
+        .cluster(Cluster::of("blue", &[("b1", blue1), ("b2", blue2)]))
+        .cluster(Cluster::of("green", &[("g1", green1)]))
+        .start_with_admin()
+        .await;
     let web = server.addr_of("web").unwrap();
 
     // The service flips between the clusters when these many connections have started.

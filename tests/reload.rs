@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use hyper::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,21 +21,17 @@ fn pattern(i: usize) -> u8 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_keeps_a_50_mb_transfer_byte_exact() {
     let (stay, gone, fresh) = (echo_backend().await, echo_backend().await, echo_backend().await);
-    let old = format!(
-        "{}{}{}{}{}",
-        head_toml(None),
-        service_toml("web", "main"),
-        service_toml("old", "spare"),
-        cluster_toml("main", &[("stay", stay), ("gone", gone)]),
-        cluster_toml("spare", &[("s", gone)])
-    );
-    let (server, admin, file) = start_from_file(&old).await;
+    let (server, admin, file) = ConfigText::new()
+        .service(Service::new("web", "main"))
+        .service(Service::new("old", "spare"))
+        .cluster(Cluster::of("main", &[("stay", stay), ("gone", gone)]))
+        .cluster(Cluster::of("spare", &[("s", gone)]))
+        .start_with_admin()
+        .await;
     let web = server.addr_of("web").unwrap();
     let old_addr = server.addr_of("old").unwrap();
     // Only "stay" takes new connections, so the transfer goes through it.
-    server
-        .set_node_state("main", "gone", protobalance::model::NodeState::Yellow)
-        .unwrap();
+    server.set_node_state("main", "gone", NodeState::Yellow).unwrap();
 
     let (halfway_tx, halfway_rx) = oneshot::channel();
     let (go_tx, go_rx) = oneshot::channel::<()>();
@@ -83,15 +77,12 @@ async fn reload_keeps_a_50_mb_transfer_byte_exact() {
     assert_eq!(node_status(&before, "main", "stay")["active_connections"], 1);
 
     // New file: "gone" and service "old" removed, service "new" and node "fresh" added.
-    let new = format!(
-        "{}{}{}{}{}",
-        head_toml(None),
-        service_toml("web", "main"),
-        service_toml("new", "main"),
-        cluster_toml("main", &[("stay", stay), ("fresh", fresh)]),
-        cluster_toml("spare", &[("s", gone)])
-    );
-    std::fs::write(file.path(), new).unwrap();
+    let new = ConfigText::new()
+        .service(Service::new("web", "main"))
+        .service(Service::new("new", "main"))
+        .cluster(Cluster::of("main", &[("stay", stay), ("fresh", fresh)]))
+        .cluster(Cluster::of("spare", &[("s", gone)]));
+    std::fs::write(file.path(), new.text()).unwrap();
     let reply = api(&admin, None, Method::POST, "/api/v1/reload", None).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(
@@ -100,10 +91,7 @@ async fn reload_keeps_a_50_mb_transfer_byte_exact() {
     );
     go_tx.send(()).unwrap();
 
-    let received = tokio::time::timeout(Duration::from_secs(300), transfer)
-        .await
-        .expect("the transfer finishes")
-        .unwrap();
+    let received = within("the transfer finishes", transfer).await.unwrap();
     assert_eq!(received, SIZE);
     // The last chunk is counted once its write returned, which may be just
     // after the client has read it.
@@ -133,29 +121,26 @@ async fn reload_keeps_a_50_mb_transfer_byte_exact() {
 #[tokio::test]
 async fn run_time_state_is_kept_until_the_file_changes_it() {
     let (a, b) = (echo_backend().await, echo_backend().await);
-    let file_text = |a_state: &str, b_state: &str| {
-        format!(
-            "{}{}[[cluster]]\nname = \"c\"\n[[cluster.node]]\nname = \"a\"\naddress = \"{a}\"\nstate = \"{a_state}\"\n\
-             [[cluster.node]]\nname = \"b\"\naddress = \"{b}\"\nstate = \"{b_state}\"\n",
-            head_toml(None),
-            service_toml("web", "c"),
+    let file = |a_state: &str, b_state: &str| {
+        ConfigText::new().service(Service::new("web", "c")).cluster(
+            Cluster::new("c")
+                .node(Node::new("a", a).key(&format!("state = \"{a_state}\"")))
+                .node(Node::new("b", b).key(&format!("state = \"{b_state}\""))),
         )
     };
-    let (server, admin, file) = start_from_file(&file_text("green", "green")).await;
+    let (server, admin, path) = file("green", "green").start_with_admin().await;
     let state = |s: &serde_json::Value, n: &str| node_status(s, "c", n)["state"].as_str().unwrap().to_string();
-    server
-        .set_node_state("c", "a", protobalance::model::NodeState::Yellow)
-        .unwrap();
+    server.set_node_state("c", "a", NodeState::Yellow).unwrap();
 
     // The file does not change a's state: the run-time yellow stays.
-    std::fs::write(file.path(), file_text("green", "red")).unwrap();
+    std::fs::write(path.path(), file("green", "red").text()).unwrap();
     server.reload().await.unwrap();
     let s = status(&admin, None).await;
     assert_eq!(state(&s, "a"), "yellow");
     assert_eq!(state(&s, "b"), "red", "the file's change applies");
 
     // The file changes a's state: the file wins.
-    std::fs::write(file.path(), file_text("red", "red")).unwrap();
+    std::fs::write(path.path(), file("red", "red").text()).unwrap();
     server.reload().await.unwrap();
     assert_eq!(state(&status(&admin, None).await, "a"), "red");
     server.shutdown(PATIENCE).await;
@@ -168,17 +153,14 @@ async fn redirect_is_kept_until_the_file_changes_that_service() {
         name_backend("green").await,
         name_backend("red").await,
     );
-    let file_text = |cluster: &str| {
-        format!(
-            "{}{}{}{}{}",
-            head_toml(None),
-            service_toml("web", cluster),
-            cluster_toml("blue", &[("b", blue)]),
-            cluster_toml("green", &[("g", green)]),
-            cluster_toml("red", &[("r", red)])
-        )
+    let file = |cluster: &str| {
+        ConfigText::new()
+            .service(Service::new("web", cluster))
+            .cluster(Cluster::of("blue", &[("b", blue)]))
+            .cluster(Cluster::of("green", &[("g", green)]))
+            .cluster(Cluster::of("red", &[("r", red)]))
     };
-    let (server, _admin, file) = start_from_file(&file_text("blue")).await;
+    let (server, _admin, path) = file("blue").start_with_admin().await;
     let web = server.addr_of("web").unwrap();
     server.set_service_cluster("web", "green").await.unwrap();
     assert_eq!(read_tag(web).await.unwrap(), "green");
@@ -189,7 +171,7 @@ async fn redirect_is_kept_until_the_file_changes_that_service() {
     assert_eq!(read_tag(web).await.unwrap(), "green");
 
     // The file changes web's cluster: the file wins.
-    std::fs::write(file.path(), file_text("red")).unwrap();
+    std::fs::write(path.path(), file("red").text()).unwrap();
     let report = server.reload().await.unwrap();
     assert_eq!(report.redirects_dropped, vec!["web".to_string()]);
     assert_eq!(read_tag(web).await.unwrap(), "red");
@@ -201,25 +183,18 @@ async fn a_listener_that_cannot_be_bound_leaves_everything_as_it_was() {
     let backend = name_backend("one").await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_addr = taken.local_addr().unwrap();
-    let (server, admin, file) = start_from_file(&format!(
-        "{}{}{}",
-        head_toml(None),
-        service_toml("web", "c"),
-        cluster_toml("c", &[("n", backend)])
-    ))
-    .await;
+    let (server, admin, file) = ConfigText::new()
+        .service(Service::new("web", "c"))
+        .cluster(Cluster::of("c", &[("n", backend)]))
+        .start_with_admin()
+        .await;
     let before = status(&admin, None).await;
     let other = name_backend("two").await;
-    std::fs::write(
-        file.path(),
-        format!(
-            "{}{}[[service]]\nname = \"clash\"\nlisten = [\"127.0.0.1:0\", \"{taken_addr}\"]\ncluster = \"c\"\n{}",
-            head_toml(None),
-            service_toml("web", "c"),
-            cluster_toml("c", &[("n", other)])
-        ),
-    )
-    .unwrap();
+    let clash = ConfigText::new()
+        .service(Service::new("web", "c"))
+        .service(Service::new("clash", "c").listen(&["127.0.0.1:0", &taken_addr.to_string()]))
+        .cluster(Cluster::of("c", &[("n", other)]));
+    std::fs::write(file.path(), clash.text()).unwrap();
     let reply = api(&admin, None, Method::POST, "/api/v1/reload", None).await;
     assert_eq!(reply.status, 400, "{}", reply.text());
     assert!(reply.text().contains(&taken_addr.to_string()), "{}", reply.text());

@@ -9,10 +9,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use protobalance::model::Refusal;
-use protobalance::server::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 /// A row of the report: the fault, what the balancer did, what the others saw.
 struct Row {
@@ -43,15 +41,15 @@ async fn bystander(addr: SocketAddr) -> &'static str {
 /// A balancer with two services: `faulty` on the node under test, `calm` on an echo node.
 async fn two_services(faulty_node: SocketAddr, faulty_keys: &str) -> (Server, SocketAddr, SocketAddr) {
     let echo = echo_backend().await;
-    let text = format!(
-        "[[service]]\nname = \"faulty\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"f\"\n{faulty_keys}\n\
-         [[service]]\nname = \"calm\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"c\"\n\
-         [[cluster]]\nname = \"f\"\n[[cluster.node]]\nname = \"n\"\naddress = \"{faulty_node}\"\n\
-         [[cluster]]\nname = \"c\"\n[[cluster.node]]\nname = \"echo\"\naddress = \"{echo}\"\n"
-    );
-    let server = Server::start(&config(&text)).await.unwrap();
-    let (f, c) = (server.addr_of("faulty").unwrap(), server.addr_of("calm").unwrap());
-    (server, f, c)
+    let (server, faulty) = ConfigText::new()
+        .service(Service::new("faulty", "f").key(faulty_keys))
+        .service(Service::new("calm", "c"))
+        .cluster(Cluster::of("f", &[("n", faulty_node)]))
+        .cluster(Cluster::of("c", &[("echo", echo)]))
+        .start()
+        .await;
+    let calm = server.addr_of("calm").unwrap();
+    (server, faulty, calm)
 }
 
 async fn node_resets_mid_stream() -> Row {
@@ -143,30 +141,19 @@ async fn slowloris() -> Row {
     let (server, faulty, calm) = two_services(node, keys).await;
     let mut held = Vec::new();
     for _ in 0..200 {
-        let socket = TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.0.66:0".parse().unwrap()).unwrap();
-        let mut s = socket.connect(faulty).await.unwrap();
+        let mut s = connect_from(ip(0, 0, 66), faulty).await;
+        // The balancer may already have closed a refused one.
         let _ = s.write_all(b"G").await;
         held.push(s);
     }
     let other = bystander(calm).await;
-    let refused = within("refusals counted", async {
-        loop {
-            let n = server.snapshot().services["faulty"]
-                .figures
-                .refused(Refusal::MaxConnectionsPerClient);
-            if n == 180 {
-                return n;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
     let figures = server.snapshot().services["faulty"].figures.clone();
-    within("the held ones time out", async {
-        while figures.active_connections() > 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    let refused = || figures.refused(Refusal::MaxConnectionsPerClient);
+    wait_until("the refusals to be counted", || async { refused() >= 180 }).await;
+    let refused = refused();
+    assert_eq!(refused, 180, "all but max_connections_per_client refused");
+    wait_until("the held ones to time out", || async {
+        figures.active_connections() == 0
     })
     .await;
     drop(held);
@@ -238,10 +225,8 @@ async fn connection_flood() -> Row {
     }
     let other = bystander(calm).await;
     let figures = server.snapshot().services["faulty"].figures.clone();
-    within("every connection accounted for", async {
-        while figures.accepted() < 2000 || figures.active_connections() > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    wait_until("every connection to be accounted for", || async {
+        figures.accepted() >= 2000 && figures.active_connections() == 0
     })
     .await;
     server.shutdown(Duration::ZERO).await;

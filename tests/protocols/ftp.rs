@@ -7,10 +7,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 
-use protobalance::server::{Server, StartError};
-
-use crate::common::{PATIENCE, config, random_bytes};
-use crate::{Daemon, chown_to, curl, loopback, require, require_root, run_client, work_dir};
+use crate::common::{
+    Cluster, ConfigText, Node, PATIENCE, Server, Service, StartError, ip, random_bytes, require_tools, tool,
+};
+use crate::{Daemon, chown_to, curl, require_root, run_client, work_dir};
 
 /// How many passive ports the balancer and each vsftpd share.
 const PASSIVE_PORTS: u16 = 10;
@@ -33,7 +33,7 @@ fn vsftpd(name: &str, dir: &Path, ip: IpAddr, control: u16, passive: (u16, u16),
         passive.0, passive.1
     );
     std::fs::write(dir.join("vsftpd.conf"), conf).unwrap();
-    let mut command = Command::new(require("vsftpd"));
+    let mut command = Command::new(tool("vsftpd"));
     command.arg(dir.join("vsftpd.conf"));
     Daemon::start(name, command, dir.join("daemon.log"), &[SocketAddr::new(ip, control)])
 }
@@ -45,15 +45,16 @@ async fn start_balancer(cluster: &str) -> (Server, u16, (u16, u16)) {
         let control = fastrand::u16(20_000..32_000);
         let low = control + 1;
         let high = low + PASSIVE_PORTS - 1;
-        let cfg = config(&format!(
-            "state_dir = \"\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-             [[service]]\nname = \"ftp\"\nlisten = [\"127.0.0.1:{control}\", \"127.0.0.1:{low}-{high}\"]\n\
-             cluster = \"ftp\"\n\
-             [[cluster]]\nname = \"ftp\"\n{cluster}\n\
-             [[cluster.node]]\nname = \"one\"\naddress = \"127.0.0.2\"\n\
-             [[cluster.node]]\nname = \"two\"\naddress = \"127.0.0.3\"\n"
-        ));
-        match Server::start(&cfg).await {
+        let (control_port, passive_ports) = (format!("127.0.0.1:{control}"), format!("127.0.0.1:{low}-{high}"));
+        let config = ConfigText::new()
+            .service(Service::new("ftp", "ftp").listen(&[&control_port, &passive_ports]))
+            .cluster(
+                Cluster::new("ftp")
+                    .key(cluster)
+                    .node(Node::new("one", "127.0.0.2"))
+                    .node(Node::new("two", "127.0.0.3")),
+            );
+        match config.try_start().await {
             Ok(server) => return (server, control, (low, high)),
             Err(StartError::Bind { .. }) => continue,
             Err(e) => panic!("balancer does not start: {e}"),
@@ -66,27 +67,29 @@ async fn start_balancer(cluster: &str) -> (Server, u16, (u16, u16)) {
 /// until both vsftpd have served; every file comes back byte-identical, and
 /// no data connection ever went to the wrong node first.
 async fn passive_ftp_through_two_vsftpd(cluster: &str) {
-    require_root();
+    if !require_tools(&["vsftpd", "curl"]) || !require_root() {
+        return;
+    }
     let work = work_dir();
     let (server, control, passive) = start_balancer(cluster).await;
-    let nodes = [("one", loopback(2)), ("two", loopback(3))];
+    let nodes = [("one", ip(0, 0, 2)), ("two", ip(0, 0, 3))];
     let _daemons: Vec<Daemon> = nodes
         .iter()
-        .map(|(name, ip)| {
+        .map(|(name, node_ip)| {
             vsftpd(
                 &format!("vsftpd {name}"),
                 &work.path().join(name),
-                *ip,
+                *node_ip,
                 control,
                 passive,
-                loopback(1),
+                ip(0, 0, 1),
             )
         })
         .collect();
 
     let mut served = [0usize; 2];
     for client in 10..30u8 {
-        let source = loopback(client).to_string();
+        let source = ip(0, 0, client).to_string();
         let sent = random_bytes(256 * 1024 + usize::from(client));
         let file = format!("up-{client}.bin");
         let local = work.path().join(&file);

@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 
-use crate::common::{config, random_bytes};
-use crate::{Daemon, curl, free_port, require, run_client, work_dir};
+use crate::common::{Cluster, ConfigText, Node, PATIENCE, random_bytes, require_tools, tool};
+use crate::{Daemon, curl, free_port, run_client, work_dir};
 
 const TEN_MB: usize = 10 * 1024 * 1024;
 
@@ -24,7 +24,7 @@ fn nginx(name: &str, dir: &Path, port: u16) -> Daemon {
            server {{\n    listen 127.0.0.1:{port};\n    root {d}/www;\n  }}\n}}\n"
     );
     std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-    let mut command = Command::new(require("nginx"));
+    let mut command = Command::new(tool("nginx"));
     command
         .arg("-p")
         .arg(dir)
@@ -37,9 +37,12 @@ fn nginx(name: &str, dir: &Path, port: u16) -> Daemon {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_through_nginx_round_robin_and_ten_mb_byte_identical() {
+    if !require_tools(&["nginx", "curl"]) {
+        return;
+    }
     let work = work_dir();
     let big = random_bytes(TEN_MB);
-    let mut nodes = Vec::new();
+    let mut cluster = Cluster::new("nginx").key("algorithm = \"round-robin\"");
     let mut daemons = Vec::new();
     for name in ["one", "two"] {
         let dir = work.path().join(name);
@@ -48,18 +51,9 @@ async fn http_through_nginx_round_robin_and_ten_mb_byte_identical() {
         std::fs::write(dir.join("www/id"), name).unwrap();
         std::fs::write(dir.join("www/big.bin"), &big).unwrap();
         daemons.push(nginx(&format!("nginx {name}"), &dir, port));
-        nodes.push(format!(
-            "[[cluster.node]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\n"
-        ));
+        cluster = cluster.node(Node::new(name, format!("127.0.0.1:{port}")));
     }
-    let cfg = config(&format!(
-        "state_dir = \"\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-         [[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"nginx\"\n\
-         [[cluster]]\nname = \"nginx\"\nalgorithm = \"round-robin\"\n{}",
-        nodes.concat()
-    ));
-    let server = protobalance::server::Server::start(&cfg).await.unwrap();
-    let web = server.addr_of("web").unwrap();
+    let (server, web) = ConfigText::one_service(cluster).start().await;
 
     let mut ids = Vec::new();
     for _ in 0..4 {
@@ -90,6 +84,6 @@ async fn http_through_nginx_round_robin_and_ten_mb_byte_identical() {
     let got = std::fs::read(&fetched).unwrap();
     assert!(got == big, "10 MB body differs ({} of {TEN_MB} bytes)", got.len());
 
-    server.shutdown(crate::common::PATIENCE).await;
+    server.shutdown(PATIENCE).await;
     drop(daemons);
 }

@@ -6,14 +6,12 @@
 //! /run/smtpd.sock), so two instances cannot run side by side with private
 //! state. exim takes its spool, log and pid paths from its config file.
 
+use crate::common::{Cluster, ConfigText, Node, PATIENCE, Service, require_tools, tool, wait_until_blocking};
+use crate::{Daemon, chown_to, curl, free_port, require_root, run_client, work_dir};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
-
-use crate::common::{PATIENCE, config};
-use crate::{Daemon, chown_to, curl, free_port, require, require_root, run_client, work_dir};
 
 /// exim in the foreground (`-bdf`), accepting any recipient on `port` and
 /// appending every message to `dir/inbox` (mbox). Started by root with `-C`,
@@ -36,7 +34,7 @@ fn exim(name: &str, dir: &Path, port: u16) -> Daemon {
     // exim wants its config owned by root and writable by nobody else.
     std::fs::write(dir.join("exim.conf"), conf).unwrap();
     std::fs::set_permissions(dir.join("exim.conf"), std::fs::Permissions::from_mode(0o644)).unwrap();
-    let mut command = Command::new(require("exim4"));
+    let mut command = Command::new(tool("exim4"));
     command
         .args(["-bdf", "-odi", "-C"])
         .arg(dir.join("exim.conf"))
@@ -51,46 +49,33 @@ fn exim(name: &str, dir: &Path, port: u16) -> Daemon {
 }
 
 /// Waits until `file` contains `needle` (exim delivers after it has answered
-/// the client); returns the file's text.
-fn wait_for_text(file: &Path, needle: &str, daemon: &Daemon) -> String {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let text = std::fs::read_to_string(file).unwrap_or_default();
-        if text.contains(needle) {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{needle:?} never reached {}:\n{}",
-            file.display(),
-            daemon.log_text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+/// the client, and says nothing when it has); returns the file's text. A
+/// failure shows the daemon's log (see [`Daemon`]).
+fn wait_for_text(file: &Path, needle: &str, _daemon: &Daemon) -> String {
+    let mut text = String::new();
+    wait_until_blocking(&format!("{needle:?} to reach {}", file.display()), || {
+        text = std::fs::read_to_string(file).unwrap_or_default();
+        text.contains(needle)
+    });
+    text
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_through_exim_delivers_to_a_backend() {
-    require_root();
+    if !require_tools(&["exim4", "curl"]) || !require_root() {
+        return;
+    }
     let work = work_dir();
-    let mut nodes = String::new();
+    let mut cluster = Cluster::new("mta").key("algorithm = \"round-robin\"");
     let mut backends = Vec::new();
     for name in ["one", "two"] {
         let dir = work.path().join(name);
         let port = free_port("127.0.0.1");
         let daemon = exim(&format!("exim {name}"), &dir, port);
-        nodes.push_str(&format!(
-            "[[cluster.node]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\n"
-        ));
+        cluster = cluster.node(Node::new(name, format!("127.0.0.1:{port}")));
         backends.push((dir.join("inbox"), daemon));
     }
-    let cfg = config(&format!(
-        "state_dir = \"\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-         [[service]]\nname = \"smtp\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"mta\"\n\
-         [[cluster]]\nname = \"mta\"\nalgorithm = \"round-robin\"\n{nodes}"
-    ));
-    let server = protobalance::server::Server::start(&cfg).await.unwrap();
-    let smtp = server.addr_of("smtp").unwrap();
+    let (server, smtp) = ConfigText::one_service(cluster).start().await;
 
     // Round robin: the first mail goes to one backend, the second to the other.
     for (n, (inbox, daemon)) in backends.iter().enumerate() {
@@ -151,7 +136,7 @@ fn dovecot(name: &str, dir: &Path, imap: u16, pop3: u16) -> Daemon {
          service pop3-login {{\n  inet_listener pop3 {{\n    port = {pop3}\n  }}\n  inet_listener pop3s {{\n    port = 0\n  }}\n}}\n"
     );
     std::fs::write(dir.join("dovecot.conf"), conf).unwrap();
-    let mut command = Command::new(require("dovecot"));
+    let mut command = Command::new(tool("dovecot"));
     command.arg("-F").arg("-c").arg(dir.join("dovecot.conf"));
     let ready = [imap, pop3].map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
     Daemon::start(name, command, dir.join("daemon.log"), &ready)
@@ -159,31 +144,27 @@ fn dovecot(name: &str, dir: &Path, imap: u16, pop3: u16) -> Daemon {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imap_and_pop3_through_dovecot_fetch_the_stored_message() {
-    require_root();
+    if !require_tools(&["dovecot", "curl"]) || !require_root() {
+        return;
+    }
     let work = work_dir();
-    let mut imap_nodes = String::new();
-    let mut pop3_nodes = String::new();
+    let mut imap_cluster = Cluster::new("imap").key("algorithm = \"round-robin\"");
+    let mut pop3_cluster = Cluster::new("pop3").key("algorithm = \"round-robin\"");
     let mut daemons = Vec::new();
     for name in ["one", "two"] {
         let dir: PathBuf = work.path().join(name);
         let (imap, pop3) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
         daemons.push(dovecot(&format!("dovecot-{name}"), &dir, imap, pop3));
-        imap_nodes.push_str(&format!(
-            "[[cluster.node]]\nname = \"{name}\"\naddress = \"127.0.0.1:{imap}\"\n"
-        ));
-        pop3_nodes.push_str(&format!(
-            "[[cluster.node]]\nname = \"{name}\"\naddress = \"127.0.0.1:{pop3}\"\n"
-        ));
+        imap_cluster = imap_cluster.node(Node::new(name, format!("127.0.0.1:{imap}")));
+        pop3_cluster = pop3_cluster.node(Node::new(name, format!("127.0.0.1:{pop3}")));
     }
-    let cfg = config(&format!(
-        "state_dir = \"\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-         [[service]]\nname = \"imap\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"imap\"\n\
-         [[service]]\nname = \"pop3\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"pop3\"\n\
-         [[cluster]]\nname = \"imap\"\nalgorithm = \"round-robin\"\n{imap_nodes}\
-         [[cluster]]\nname = \"pop3\"\nalgorithm = \"round-robin\"\n{pop3_nodes}"
-    ));
-    let server = protobalance::server::Server::start(&cfg).await.unwrap();
-    let imap = server.addr_of("imap").unwrap();
+    let (server, imap) = ConfigText::new()
+        .service(Service::new("imap", "imap"))
+        .service(Service::new("pop3", "pop3"))
+        .cluster(imap_cluster)
+        .cluster(pop3_cluster)
+        .start()
+        .await;
     let pop3 = server.addr_of("pop3").unwrap();
 
     for (url, what) in [

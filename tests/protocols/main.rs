@@ -7,7 +7,8 @@
 //! ports, and kills them when it ends. Nothing system-wide is read or changed
 //! beyond the users the Debian packages create. The programs come from
 //! `scripts/test` (scripts/test-deps.txt, scripts/test.d/omniorb.sh); a test
-//! whose program is missing fails and says so.
+//! whose program is missing fails and says so, or is counted as skipped under
+//! PROTOBALANCE_ALLOW_SKIP=1 (tests/common/skip.rs).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -17,37 +18,24 @@ mod http;
 mod iiop;
 mod mail;
 
+use common::{PATIENCE, skip_or_fail, tool, wait_until_blocking};
 use std::fs::File;
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Instant;
-
-use common::PATIENCE;
-
-/// The path of `program`, or a failure that tells the reader how to get it.
-pub fn require(program: &str) -> PathBuf {
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|dir| dir.join(program))
-        .find(|p| p.is_file());
-    found.unwrap_or_else(|| {
-        panic!("{program} is not installed: run scripts/test, which installs what the protocol tests need")
-    })
-}
 
 /// The daemons drop privileges to their own users (Debian-exim, dovecot's
 /// login users, ftp): only root can start them with a private config.
-pub fn require_root() {
+/// `if !require_root() { return; }`, as for [`common::require_tools`].
+#[must_use]
+pub fn require_root() -> bool {
     // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "the protocol tests start exim, dovecot and vsftpd, which switch users: run them as root (as scripts/test does in CI)"
-    );
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    skip_or_fail("it starts exim, dovecot or vsftpd, which switch users: run it as root (as scripts/test does in CI)");
+    false
 }
 
 /// uid and gid of a system user.
@@ -92,7 +80,8 @@ pub fn free_port(ip: &str) -> u16 {
 }
 
 /// A daemon running in the foreground, its output kept in a log file that a
-/// failure prints; killed when dropped.
+/// failure prints (a test that panics while the daemon runs shows it); killed
+/// when dropped.
 pub struct Daemon {
     name: String,
     child: Child,
@@ -121,13 +110,10 @@ impl Daemon {
         daemon
     }
 
-    /// Polls until `addr` accepts a connection; fails if the daemon exits first.
+    /// Polls until `addr` accepts a connection (a daemon's only readiness
+    /// sign here); fails if the daemon exits first.
     fn wait_listening(&mut self, addr: SocketAddr) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if TcpStream::connect(addr).is_ok() {
-                return;
-            }
+        wait_until_blocking(&format!("{} to listen on {addr}", self.name), || {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!(
                     "{} exited ({status}) before listening on {addr}:\n{}",
@@ -135,14 +121,8 @@ impl Daemon {
                     self.log_text()
                 );
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} does not listen on {addr}:\n{}",
-                self.name,
-                self.log_text()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+            TcpStream::connect(addr).is_ok()
+        });
     }
 
     pub fn log_text(&self) -> String {
@@ -154,6 +134,9 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- log of {} ---\n{}", self.name, self.log_text());
+        }
     }
 }
 
@@ -177,13 +160,8 @@ pub async fn run_client(mut command: Command) -> Output {
 
 /// A curl command that fails on any error and gives up after [`PATIENCE`].
 pub fn curl() -> Command {
-    let mut command = Command::new(require("curl"));
+    let mut command = Command::new(tool("curl"));
     command.args(["--silent", "--show-error", "--fail", "--max-time"]);
     command.arg(PATIENCE.as_secs().to_string());
     command
-}
-
-/// The loopback address `127.0.0.N`.
-pub fn loopback(n: u8) -> IpAddr {
-    IpAddr::from([127, 0, 0, n])
 }
