@@ -473,16 +473,23 @@ async fn a_pin_expires_after_its_ttl() {
     let a = Backend::start("a", Behaviour::Echo).await;
     let b = Backend::start("b", Behaviour::Echo).await;
     let cfg = cluster(
-        "affinity = true\naffinity_ttl = \"300ms\"",
+        "affinity = true\naffinity_ttl = \"1h\"",
         [Node::new("a", a.addr), Node::new("b", b.addr)],
     );
-    let (server, addr) = cfg.start().await;
+    let clock = WallClock::manual(1_000_000_000);
+    let (server, addr) = cfg
+        .start_with(Options {
+            wall_clock: clock.clone(),
+        })
+        .await;
     assert_eq!(who_from(ip(0, 0, 2), addr).await, "a");
     assert_eq!(who_from(ip(0, 0, 3), addr).await, "b");
+    wait_until("b's connections ended", || async { b.open_connections() == 0 }).await;
+    // The pin is refreshed when a connection ends: the TTL counts from there.
+    clock.advance(Duration::from_secs(3599));
     assert_eq!(who_from(ip(0, 0, 3), addr).await, "b", "pinned within the TTL");
     wait_until("b's connections ended", || async { b.open_connections() == 0 }).await;
-    // Comfortably past the TTL (the pin is refreshed when a connection ends).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    clock.advance(Duration::from_secs(3601));
     assert_eq!(
         who_from(ip(0, 0, 3), addr).await,
         "a",

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 
 use protobalance::config::Config;
-use protobalance::server::{Server, StartError};
+use protobalance::server::{Options, Server, StartError};
 
 use super::{BIN, ConfigText, PATIENCE, wait_until_blocking};
 
@@ -17,8 +17,12 @@ impl ConfigText {
     /// Starts a balancer for this config; returns it and the address of the
     /// first service's first listener.
     pub async fn start(&self) -> (Server, SocketAddr) {
-        let server = self
-            .try_start()
+        self.start_with(Options::default()).await
+    }
+
+    /// As [`ConfigText::start`], with start `options` (a manual wall clock, say).
+    pub async fn start_with(&self, options: Options) -> (Server, SocketAddr) {
+        let server = Server::start_with(&self.config(), options)
             .await
             .unwrap_or_else(|e| panic!("the balancer does not start: {e}\n{}", self.text()));
         let first = self.first_service().expect("the config has a service");

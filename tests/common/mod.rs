@@ -33,8 +33,8 @@ pub use wait::*;
 // The library types the tests name, in one place.
 pub use protobalance::admin::client::Reply;
 pub use protobalance::config::{Config, ForwardMode};
-pub use protobalance::model::{NodeFigures, NodeState, Refusal};
-pub use protobalance::server::{Server, StartError};
+pub use protobalance::model::{NodeFigures, NodeState, Refusal, WallClock};
+pub use protobalance::server::{Options, Server, StartError};
 
 /// The balancer binary.
 pub const BIN: &str = env!("CARGO_BIN_EXE_protobalance");
