@@ -14,17 +14,21 @@
 //!
 //! Access-log lines are also formatted here ([`access`]) rather than by the
 //! tracing formatter, which visits fields and escapes every character of the
-//! message one by one: that cost about a tenth of the balancer's CPU per
-//! connection. The line reads exactly as the formatter would write it, and
-//! the `protobalance::access` filter still turns it on and off.
+//! message one by one, a cost paid per connection. The line reads exactly as
+//! the formatter would write it — text, or with `log_format = "json"` one
+//! JSON object with the fields of [`Access`] — and the `protobalance::access`
+//! filter still turns it on and off.
 
 use std::cell::RefCell;
 use std::fmt;
 use std::io::{self, Write};
+use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
+
+use crate::config::LogFormat;
 
 /// A worker's batch is handed over once it holds this much…
 const BATCH_BYTES: usize = 32 * 1024;
@@ -44,6 +48,9 @@ static SINK: OnceLock<NonBlocking> = OnceLock::new();
 /// through the tracing formatter, which knows the colours.
 static ANSI: AtomicBool = AtomicBool::new(false);
 
+/// Whether lines are JSON objects (`log_format = "json"`).
+static JSON: AtomicBool = AtomicBool::new(false);
+
 /// The access log's target: `--log-level info,protobalance::access=off` turns it off.
 pub const ACCESS_LOG: &str = "protobalance::access";
 
@@ -52,10 +59,11 @@ thread_local! {
     static BATCH: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
 }
 
-/// Sets up logging to stderr with `filter`: `LEVEL` or `TARGET=LEVEL`
-/// directives separated by commas (e.g. `info,protobalance::access=off`),
-/// else `RUST_LOG`, else `info`. Lines are written until the guard is dropped.
-pub fn init(filter: Option<&str>) -> WorkerGuard {
+/// Sets up logging to stderr in `format` with `filter`: `LEVEL` or
+/// `TARGET=LEVEL` directives separated by commas (e.g.
+/// `info,protobalance::access=off`), else `RUST_LOG`, else `info`. Lines are
+/// written until the guard is dropped.
+pub fn init(filter: Option<&str>, format: LogFormat) -> WorkerGuard {
     use tracing_subscriber::filter::Targets;
     use tracing_subscriber::prelude::*;
     let text = filter.map(str::to_string).or_else(|| std::env::var("RUST_LOG").ok());
@@ -74,31 +82,89 @@ pub fn init(filter: Option<&str>) -> WorkerGuard {
         // so a burst costs one write(2).
         .finish(io::BufWriter::with_capacity(64 * 1024, io::stderr()));
     let _ = SINK.set(writer);
-    let ansi = io::IsTerminal::is_terminal(&io::stderr());
+    let json = format == LogFormat::Json;
+    JSON.store(json, Relaxed);
+    let ansi = !json && io::IsTerminal::is_terminal(&io::stderr());
     ANSI.store(ansi, Relaxed);
-    let format = tracing_subscriber::fmt::layer()
-        .with_writer(|| LineWriter)
-        .with_ansi(ansi);
-    let _ = tracing_subscriber::registry()
-        .with(format.with_filter(filter))
-        .try_init();
+    let layer = tracing_subscriber::fmt::layer().with_writer(|| LineWriter);
+    let layer = if json {
+        // Stable field names: timestamp, level, target, message and the event's fields.
+        layer
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_filter(filter)
+            .boxed()
+    } else {
+        layer.with_ansi(ansi).with_filter(filter).boxed()
+    };
+    let _ = tracing_subscriber::registry().with(layer).try_init();
     guard
 }
 
+/// Whether log lines are JSON objects (`init` was given `LogFormat::Json`).
+pub fn is_json() -> bool {
+    JSON.load(Relaxed)
+}
+
+/// One finished connection, as its access-log line reports it.
+pub struct Access<'a> {
+    /// The client's address and port.
+    pub client: SocketAddr,
+    pub service: &'a str,
+    pub cluster: &'a str,
+    pub node: &'a str,
+    /// Client → node.
+    pub bytes_in: u64,
+    /// Node → client.
+    pub bytes_out: u64,
+    /// From accept to close.
+    pub duration_ms: u128,
+    /// How it ended (`closed`, `idle timeout`, `client error: ...`).
+    pub end: &'a dyn fmt::Display,
+}
+
+impl fmt::Display for Access<'_> {
+    /// The text line's message: `CLIENT service=S cluster=C node=N in=B out=B ms=D end="E"`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} service={} cluster={} node={} in={} out={} ms={} end=\"{}\"",
+            self.client,
+            self.service,
+            self.cluster,
+            self.node,
+            self.bytes_in,
+            self.bytes_out,
+            self.duration_ms,
+            self.end
+        )
+    }
+}
+
 /// Writes one access-log line: level `info`, target [`ACCESS_LOG`].
-pub fn access(message: fmt::Arguments<'_>) {
+pub fn access(line: &Access<'_>) {
     if !tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO) {
         return;
     }
     if SINK.get().is_none() || ANSI.load(Relaxed) {
         // Not set up by `init` (a library user's own subscriber), or coloured.
-        tracing::info!(target: ACCESS_LOG, "{message}");
+        tracing::info!(target: ACCESS_LOG, "{line}");
         return;
     }
-    if !append(|lines| format_access(lines, message)) {
-        let mut line = Vec::with_capacity(256);
-        format_access(&mut line, message);
-        hand_over(&mut line);
+    let json = JSON.load(Relaxed);
+    let write = |out: &mut Vec<u8>| {
+        if json {
+            format_access_json(out, line)
+        } else {
+            format_access(out, line)
+        }
+    };
+    if !append(write) {
+        let mut lines = Vec::with_capacity(256);
+        write(&mut lines);
+        hand_over(&mut lines);
     }
 }
 
@@ -133,21 +199,67 @@ fn append(write: impl FnOnce(&mut Vec<u8>)) -> bool {
     true
 }
 
+/// A `fmt::Write` into a byte buffer.
+struct Bytes<'a>(&'a mut Vec<u8>);
+
+impl fmt::Write for Bytes<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// The time now, as tracing's formatter writes it: `2026-11-26T13:09:16.066598Z`.
+fn write_timestamp(out: &mut Bytes<'_>) {
+    use tracing_subscriber::fmt::time::FormatTime;
+    let _ =
+        tracing_subscriber::fmt::time::SystemTime.format_time(&mut tracing_subscriber::fmt::format::Writer::new(out));
+}
+
 /// Appends the line as tracing's formatter writes it without colours:
 /// `2026-11-26T13:09:16.066598Z  INFO protobalance::access: MESSAGE`.
-fn format_access(out: &mut Vec<u8>, message: fmt::Arguments<'_>) {
-    use tracing_subscriber::fmt::time::FormatTime;
-    struct Bytes<'a>(&'a mut Vec<u8>);
-    impl fmt::Write for Bytes<'_> {
-        fn write_str(&mut self, s: &str) -> fmt::Result {
-            self.0.extend_from_slice(s.as_bytes());
-            Ok(())
-        }
-    }
+fn format_access(out: &mut Vec<u8>, line: &Access<'_>) {
     let mut bytes = Bytes(out);
-    let _ = tracing_subscriber::fmt::time::SystemTime
-        .format_time(&mut tracing_subscriber::fmt::format::Writer::new(&mut bytes));
-    let _ = fmt::Write::write_fmt(&mut bytes, format_args!("  INFO {ACCESS_LOG}: {message}\n"));
+    write_timestamp(&mut bytes);
+    let _ = fmt::Write::write_fmt(&mut bytes, format_args!("  INFO {ACCESS_LOG}: {line}\n"));
+}
+
+/// Appends the line as one JSON object, with the field names of tracing's
+/// JSON formatter (`timestamp`, `level`, `target`, `message`) and the
+/// connection's own.
+fn format_access_json(out: &mut Vec<u8>, line: &Access<'_>) {
+    out.extend_from_slice(b"{\"timestamp\":\"");
+    write_timestamp(&mut Bytes(out));
+    out.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":\"");
+    out.extend_from_slice(ACCESS_LOG.as_bytes());
+    out.extend_from_slice(b"\",\"message\":\"connection ended\",\"client\":\"");
+    let _ = fmt::Write::write_fmt(&mut Bytes(out), format_args!("{}", line.client));
+    for (key, value) in [
+        ("service", line.service),
+        ("cluster", line.cluster),
+        ("node", line.node),
+    ] {
+        json_field(out, key, value);
+    }
+    let _ = fmt::Write::write_fmt(
+        &mut Bytes(out),
+        format_args!(
+            "\",\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":{}",
+            line.bytes_in, line.bytes_out, line.duration_ms
+        ),
+    );
+    out.extend_from_slice(b",\"end\":");
+    // The end may carry an OS error's text: escaped as any JSON string.
+    let _ = serde_json::to_writer(&mut *out, &line.end.to_string());
+    out.extend_from_slice(b"}\n");
+}
+
+/// `","KEY":"VALUE` of a name validated by config (letters, digits, `-_.`: nothing to escape).
+fn json_field(out: &mut Vec<u8>, key: &str, value: &str) {
+    out.extend_from_slice(b"\",\"");
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":\"");
+    out.extend_from_slice(value.as_bytes());
 }
 
 /// Makes the calling thread batch its log lines until [`flush_thread`].

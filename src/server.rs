@@ -22,7 +22,7 @@ use crate::config::{Config, NodeState};
 use crate::control::Control;
 pub use crate::control::{ControlError, ReloadReport};
 use crate::model::{Live, Snapshot, WallClock};
-use crate::proxy::{BindError, DataPlane, WorkerSettings};
+use crate::proxy::{BindError, DataPlane, Inherited, WorkerSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -35,10 +35,13 @@ pub enum StartError {
 }
 
 /// What a start may choose besides the config.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Options {
     /// The clock client pins age by (tests move a manual one).
     pub wall_clock: WallClock,
+    /// Listening sockets handed to this process (socket activation, an
+    /// upgrade), used for the listen addresses they serve.
+    pub inherited: Vec<Inherited>,
 }
 
 /// A handle on the running balancer. Clones share it.
@@ -83,7 +86,10 @@ impl Server {
             crate::balance::compile(config, None),
             affinity.pins().clone(),
         ));
-        let data = Arc::new(DataPlane::start(WorkerSettings::of(config), live.clone()).map_err(StartError::Workers)?);
+        let data = Arc::new(
+            DataPlane::start(WorkerSettings::of(config), live.clone(), options.inherited)
+                .map_err(StartError::Workers)?,
+        );
         let bound = data.bind(&crate::config::listeners(config))?;
         let server = Server {
             shared: Arc::new(Shared {

@@ -480,6 +480,7 @@ async fn a_pin_expires_after_its_ttl() {
     let (server, addr) = cfg
         .start_with(Options {
             wall_clock: clock.clone(),
+            ..Options::default()
         })
         .await;
     assert_eq!(who_from(ip(0, 0, 2), addr).await, "a");

@@ -5,13 +5,15 @@
 mod demo;
 mod run;
 mod signals;
+mod systemd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::config::Config;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use run::{control_runtime, serve};
+
+use crate::config::{Config, LogFormat};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -23,6 +25,10 @@ pub struct Cli {
     /// Log level or filter (e.g. `debug`, `info,protobalance::access=off`); overrides RUST_LOG.
     #[arg(long, global = true, value_name = "FILTER")]
     pub log_level: Option<String>,
+
+    /// How log lines are written: `text`, or `json` (one object a line); overrides the file's `log_format`.
+    #[arg(long, global = true, value_name = "FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -71,6 +77,14 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
         listen: String,
     },
+    /// Prints the shell completion script for bash, zsh or fish.
+    Completions {
+        #[arg(value_parser = ["bash", "zsh", "fish"])]
+        shell: String,
+    },
+    /// Prints the man page (roff), for packaging.
+    #[command(hide = true)]
+    Manpage,
 }
 
 #[derive(Subcommand, Debug)]
@@ -104,46 +118,77 @@ impl From<CtlCommand> for crate::admin::ctl::Action {
 
 /// Runs the parsed command line and returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
+    // First: the descriptors systemd passed, before anything opens its own.
+    let activated = systemd::activated_listeners();
+    let flag_format = cli.log_format.as_deref().and_then(LogFormat::parse);
     // Held to the end: dropping it flushes the log lines still queued.
-    let _log_writer = crate::logging::init(cli.log_level.as_deref());
+    let log = |format: Option<LogFormat>| crate::logging::init(cli.log_level.as_deref(), format.unwrap_or_default());
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
-            Ok(c) => {
-                println!("{}: {}", config.display(), c.summary());
-                ExitCode::SUCCESS
+        Command::Run { config: path, threads } => {
+            // Loaded before logging starts: the file may choose the log format.
+            let loaded = Config::load(&path);
+            let format = flag_format.or(loaded.as_ref().ok().map(|c| c.log_format));
+            let _log_writer = log(format);
+            match loaded {
+                Ok(c) => serve(c, Some(path), threads, activated),
+                Err(e) => run::fail(&e),
             }
+        }
+        Command::Forward { listen, nodes, threads } => {
+            let _log_writer = log(flag_format);
+            match Config::forward(&listen, &nodes) {
+                Ok(c) => serve(c, None, threads, activated),
+                Err(e) => run::fail(&e.message),
+            }
+        }
+        Command::Check { config } => {
+            let _log_writer = log(flag_format);
+            check(&config)
+        }
+        Command::Ctl { admin, token, action } => {
+            let _log_writer = log(flag_format);
+            on_runtime(crate::admin::ctl::run(&admin, token.as_deref(), action.into()))
+        }
+        Command::Demo { listen } => {
+            let _log_writer = log(flag_format);
+            on_runtime(demo::run(&listen))
+        }
+        Command::Completions { shell } => {
+            let shell: clap_complete::Shell = shell.parse().expect("clap checked the shell's name");
+            clap_complete::generate(shell, &mut Cli::command(), "protobalance", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Manpage => match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: {e}");
+                eprintln!("error: cannot write the man page: {e}");
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config: path, threads } => match Config::load(&path) {
-            Ok(c) => serve(c, Some(path), threads),
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Forward { listen, nodes, threads } => match Config::forward(&listen, &nodes) {
-            Ok(c) => serve(c, None, threads),
-            Err(e) => {
-                eprintln!("error: {}", e.message);
-                ExitCode::FAILURE
-            }
-        },
-        Command::Ctl { admin, token, action } => match control_runtime() {
-            Ok(rt) => rt.block_on(crate::admin::ctl::run(&admin, token.as_deref(), action.into())),
-            Err(e) => {
-                eprintln!("error: cannot start the runtime: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Demo { listen } => match control_runtime() {
-            Ok(rt) => rt.block_on(demo::run(&listen)),
-            Err(e) => {
-                eprintln!("error: cannot start the runtime: {e}");
-                ExitCode::FAILURE
-            }
-        },
+    }
+}
+
+/// `check`: exit 0 and the summary, or 1 and the error with its line.
+fn check(config: &std::path::Path) -> ExitCode {
+    match Config::load(config) {
+        Ok(c) => {
+            println!("{}: {}", config.display(), c.summary());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `work` on the control plane's runtime.
+fn on_runtime(work: impl Future<Output = ExitCode>) -> ExitCode {
+    match control_runtime() {
+        Ok(rt) => rt.block_on(work),
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

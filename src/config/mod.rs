@@ -27,7 +27,7 @@ mod values;
 pub use listeners::{ListenerKey, listeners};
 pub use load_rating::{LoadRating, LoadRatingError, Variable};
 pub use values::{
-    AlgorithmKind, ForwardMode, ListenSpec, NodeAddress, NodeState, Resolver, SocketBuffer, canonical,
+    AlgorithmKind, ForwardMode, ListenSpec, LogFormat, NodeAddress, NodeState, Resolver, SocketBuffer, canonical,
     offline_resolver, parse_duration, parse_listen, parse_node_address, parse_socket_buffer, system_resolver,
 };
 
@@ -62,6 +62,8 @@ pub struct Config {
     pub busy_poll: Option<Duration>,
     pub shutdown_grace: Duration,
     pub forwarding: ForwardMode,
+    /// How log lines are written; the CLI's `--log-format` overrides it.
+    pub log_format: LogFormat,
     pub admin: AdminConfig,
     pub services: Vec<ServiceConfig>,
     pub clusters: Vec<ClusterConfig>,

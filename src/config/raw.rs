@@ -15,6 +15,7 @@ pub(super) struct RawConfig {
     pub(super) busy_poll: Option<Spanned<String>>,
     pub(super) shutdown_grace: Option<Spanned<String>>,
     pub(super) forwarding: Option<Spanned<String>>,
+    pub(super) log_format: Option<Spanned<String>>,
     pub(super) admin: Option<RawAdmin>,
     pub(super) defaults: Option<RawDefaults>,
     #[serde(default)]

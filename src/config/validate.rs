@@ -14,7 +14,7 @@ use toml::Spanned;
 
 use super::raw::{RawAdmin, RawCluster, RawConfig, RawDefaults, RawNode, RawService};
 use super::values::{
-    AlgorithmKind, ForwardMode, ListenSpec, NodeAddress, NodeState, Resolver, SocketBuffer, parse_duration,
+    AlgorithmKind, ForwardMode, ListenSpec, LogFormat, NodeAddress, NodeState, Resolver, SocketBuffer, parse_duration,
     parse_listen, parse_node_address, parse_socket_buffer,
 };
 use super::{
@@ -108,6 +108,11 @@ impl RawConfig {
                 _ => return Err(ctx.bad(top, "forwarding", f, "expected \"auto\", \"splice\" or \"copy\"")),
             },
         };
+        let log_format = match &self.log_format {
+            None => LogFormat::Text,
+            Some(f) => LogFormat::parse(f.get_ref())
+                .ok_or_else(|| ctx.bad(top, "log_format", f, "expected \"text\" or \"json\""))?,
+        };
         let max_connections = self
             .max_connections
             .as_ref()
@@ -127,6 +132,7 @@ impl RawConfig {
             busy_poll,
             shutdown_grace,
             forwarding,
+            log_format,
             admin,
             services,
             clusters,

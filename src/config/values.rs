@@ -59,6 +59,26 @@ impl fmt::Display for NodeState {
     }
 }
 
+/// How log lines are written: `log_format` (or `--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors (field names: docs/admin.md).
+    Json,
+}
+
+impl LogFormat {
+    pub fn parse(s: &str) -> Option<LogFormat> {
+        match s {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+}
+
 /// How bytes are moved between client and node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ForwardMode {

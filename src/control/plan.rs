@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::state::{ControlState, Overrides};
-use crate::config::{Config, ListenerKey, NodeAddress, listeners};
+use crate::config::{Config, ListenerKey, LogFormat, NodeAddress, listeners};
 
 /// What a reload does.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,6 +51,7 @@ pub enum RestartOnly {
     PinWorkers(bool),
     BusyPoll(Option<Duration>),
     AdminListen(SocketAddr),
+    LogFormat(LogFormat),
 }
 
 impl std::fmt::Display for RestartOnly {
@@ -61,6 +62,8 @@ impl std::fmt::Display for RestartOnly {
             RestartOnly::BusyPoll(Some(d)) => write!(f, "busy_poll = {d:?}"),
             RestartOnly::BusyPoll(None) => write!(f, "busy_poll off"),
             RestartOnly::AdminListen(a) => write!(f, "[admin] listen = {a}"),
+            RestartOnly::LogFormat(LogFormat::Text) => write!(f, "log_format = \"text\""),
+            RestartOnly::LogFormat(LogFormat::Json) => write!(f, "log_format = \"json\""),
         }
     }
 }
@@ -142,6 +145,9 @@ fn restart_only(old: &Config, new: &Config) -> Vec<RestartOnly> {
     }
     if new.admin.listen != old.admin.listen {
         changed.push(RestartOnly::AdminListen(new.admin.listen));
+    }
+    if new.log_format != old.log_format {
+        changed.push(RestartOnly::LogFormat(new.log_format));
     }
     changed
 }
@@ -299,11 +305,12 @@ mod tests {
                     RestartOnly::PinWorkers(true),
                     RestartOnly::BusyPoll(Some(Duration::from_micros(50))),
                     RestartOnly::AdminListen("127.0.0.1:9999".parse().unwrap()),
+                    RestartOnly::LogFormat(LogFormat::Json),
                 ],
                 ..row(
                     "restart-only settings are named, nothing else changes",
                     file(
-                        "threads = 3\npin_workers = true\nbusy_poll = \"50us\"\n[admin]\nlisten = \"127.0.0.1:9999\"",
+                        "threads = 3\npin_workers = true\nbusy_poll = \"50us\"\nlog_format = \"json\"\n[admin]\nlisten = \"127.0.0.1:9999\"",
                         &[("web", "blue", same_listen)],
                         &[("blue", AB), ("green", G)],
                     ),

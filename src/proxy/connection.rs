@@ -239,15 +239,16 @@ async fn serve_client(accepted: &Accepted) {
     if cluster.affinity {
         shared.live.pins.touch(&cluster.name, peer.ip());
     }
-    crate::logging::access(format_args!(
-        "{peer} service={service} cluster={} node={} in={} out={} ms={} end=\"{}\"",
-        cluster.name,
-        node.name,
-        bytes.bytes_in.into_inner(),
-        bytes.bytes_out.into_inner(),
-        bytes.started.elapsed().as_millis(),
-        Ending(&result),
-    ));
+    crate::logging::access(&crate::logging::Access {
+        client: *peer,
+        service,
+        cluster: &cluster.name,
+        node: &node.name,
+        bytes_in: bytes.bytes_in.into_inner(),
+        bytes_out: bytes.bytes_out.into_inner(),
+        duration_ms: bytes.started.elapsed().as_millis(),
+        end: &Ending(&result),
+    });
 }
 
 /// The node `peer` is pinned to, if the cluster keeps affinity and the pin

@@ -26,6 +26,6 @@ mod shared;
 mod workers;
 
 pub use candidates::Candidates;
-pub use plane::{BindError, Bound, DataPlane, WorkerSettings, warn_capped_socket_buffers};
+pub use plane::{BindError, Bound, DataPlane, Inherited, WorkerSettings, warn_capped_socket_buffers};
 pub use pump::{PumpError, Side};
 pub use workers::{allowed_cpus, pin_this_thread};

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use super::accept::accept_loop;
 use super::shared::Shared;
-use super::workers::{Workers, bind_group, share_with_neighbours};
+use super::workers::{Workers, bind_group, join_inherited, share_with_neighbours};
 use crate::config::{Config, ListenerKey};
 use crate::model::Live;
 
@@ -46,6 +46,53 @@ pub struct BindError {
     pub source: io::Error,
 }
 
+/// Listening sockets this process was handed, used instead of binding anew:
+/// by systemd (socket activation: matched by the address they are bound to)
+/// or by the process this one upgrades (matched by service and configured
+/// address, so a port-0 listener keeps its port).
+#[derive(Debug)]
+pub struct Inherited {
+    /// The listener's key in the process that handed it over, if it says.
+    key: Option<ListenerKey>,
+    /// One or more sockets of one listening address (an `SO_REUSEPORT` group).
+    sockets: Vec<std::net::TcpListener>,
+}
+
+impl Inherited {
+    /// Sockets matched by the address they are bound to.
+    pub fn by_address(sockets: Vec<std::net::TcpListener>) -> Inherited {
+        Inherited { key: None, sockets }
+    }
+
+    /// Sockets of the listener `key` of the process being upgraded.
+    pub fn by_key(key: ListenerKey, sockets: Vec<std::net::TcpListener>) -> Inherited {
+        Inherited {
+            key: Some(key),
+            sockets,
+        }
+    }
+
+    fn matches(&self, key: &ListenerKey) -> bool {
+        match &self.key {
+            Some(own) => own == key,
+            None => {
+                key.addr.port() != 0
+                    && self
+                        .sockets
+                        .first()
+                        .and_then(|s| s.local_addr().ok())
+                        .is_some_and(|bound| same_address(bound, key.addr))
+            }
+        }
+    }
+}
+
+/// Whether a socket bound to `bound` serves the configured `wanted`
+/// (an IPv4 listener may be given as `::ffff:a.b.c.d` by the kernel).
+fn same_address(bound: SocketAddr, wanted: SocketAddr) -> bool {
+    bound.port() == wanted.port() && crate::config::canonical(bound.ip()) == crate::config::canonical(wanted.ip())
+}
+
 /// Listening sockets bound but not yet accepting: [`DataPlane::open`] starts
 /// them, dropping them closes them.
 pub struct Bound(Vec<(ListenerKey, Vec<std::net::TcpListener>)>);
@@ -64,17 +111,21 @@ pub struct DataPlane {
     shared: Arc<Shared>,
     workers: Workers,
     listeners: Mutex<Vec<Listener>>,
+    /// Handed-over sockets not (yet) used by a listener.
+    inherited: Mutex<Vec<Inherited>>,
     accept_loops: TaskTracker,
 }
 
 impl DataPlane {
-    /// Starts the worker threads; no listener yet.
-    pub fn start(settings: WorkerSettings, live: Arc<Live>) -> io::Result<DataPlane> {
+    /// Starts the worker threads; no listener yet. `inherited`: listening
+    /// sockets to use for the addresses they serve instead of binding anew.
+    pub fn start(settings: WorkerSettings, live: Arc<Live>, inherited: Vec<Inherited>) -> io::Result<DataPlane> {
         let workers = Workers::start(settings.threads, settings.pin_workers, settings.busy_poll)?;
         Ok(DataPlane {
             shared: Arc::new(Shared::new(live)),
             workers,
             listeners: Mutex::new(Vec::new()),
+            inherited: Mutex::new(inherited),
             accept_loops: TaskTracker::new(),
         })
     }
@@ -86,19 +137,48 @@ impl DataPlane {
     /// Binds every listener named, one socket per worker each, or none: on
     /// the first failure the ones already bound are closed and the error
     /// says which address failed.
+    ///
+    /// A listener whose address was handed over ([`Inherited`]) takes those
+    /// sockets instead; should the bind fail later on, they go back.
     pub fn bind<'a>(&self, keys: impl IntoIterator<Item = &'a ListenerKey>) -> Result<Bound, BindError> {
-        keys.into_iter()
-            .map(|key| {
-                bind_group(key.addr, self.workers.count(), self.workers.steering())
-                    .map(|l| (key.clone(), l))
-                    .map_err(|source| BindError {
+        let mut bound = Vec::new();
+        // Handed-over sockets taken so far, which go back on failure.
+        let mut taken = Vec::new();
+        for key in keys {
+            let group = match self.take_inherited(key) {
+                Some(sockets) => {
+                    taken.push(key.clone());
+                    Ok(join_inherited(sockets, self.workers.count()))
+                }
+                None => bind_group(key.addr, self.workers.count(), self.workers.steering()),
+            };
+            match group {
+                Ok(group) => bound.push((key.clone(), group)),
+                Err(source) => {
+                    self.give_back(bound.into_iter().filter(|(k, _)| taken.contains(k)));
+                    return Err(BindError {
                         service: key.service.clone(),
                         addr: key.addr,
                         source,
-                    })
-            })
-            .collect::<Result<_, _>>()
-            .map(Bound)
+                    });
+                }
+            }
+        }
+        Ok(Bound(bound))
+    }
+
+    fn take_inherited(&self, key: &ListenerKey) -> Option<Vec<std::net::TcpListener>> {
+        let mut inherited = self.inherited.lock().unwrap_or_else(|p| p.into_inner());
+        let at = inherited.iter().position(|i| i.matches(key))?;
+        Some(inherited.swap_remove(at).sockets)
+    }
+
+    /// Keeps handed-over sockets of a bind that failed for a later one.
+    fn give_back(&self, bound: impl Iterator<Item = (ListenerKey, Vec<std::net::TcpListener>)>) {
+        let mut inherited = self.inherited.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, sockets) in bound {
+            inherited.push(Inherited::by_key(key, sockets));
+        }
     }
 
     /// Starts the accept loops of each bound listener: each worker accepts
@@ -112,7 +192,7 @@ impl DataPlane {
             let service = Arc::<str>::from(key.service.as_str());
             let stop = CancellationToken::new();
             info!(service = %service, "listening on {addr}");
-            for (worker, listener) in share_with_neighbours(group, steered) {
+            for (worker, listener) in share_with_neighbours(group, self.workers.count(), steered) {
                 let accept = accept_loop(
                     listener,
                     service.clone(),

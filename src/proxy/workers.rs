@@ -245,15 +245,41 @@ pub fn bind_group(
     Ok(group)
 }
 
-/// Which sockets of a listener `group` (one per worker, from [`bind_group`])
-/// each worker accepts from, as (worker, socket) pairs: worker i takes from
-/// its own socket and from a duplicate of worker i+1's (the last from the
-/// first's), so every socket is watched by two workers and a client queued
-/// on a busy worker's socket is taken by its neighbour if that one is free
-/// first. With one watcher per socket, workers on a 16-core machine sat
-/// idle under a stream of new connections while clients waited in their
-/// neighbours' queues (docs/architecture.md, "Clients not yet accepted are
-/// shared with a neighbour").
+/// A listener group made of handed-over sockets (`plane::Inherited`), with
+/// a socket per worker where it can: when there are fewer sockets than
+/// workers and they are in an `SO_REUSEPORT` group, new sockets join it.
+/// Sockets without `SO_REUSEPORT` (a systemd socket unit without
+/// `ReusePort=yes`) stay as they are and the workers share them.
+pub fn join_inherited(mut group: Vec<std::net::TcpListener>, workers: usize) -> Vec<std::net::TcpListener> {
+    let Some(first) = group.first() else { return group };
+    let Ok(addr) = first.local_addr() else { return group };
+    if !socket2::SockRef::from(first).reuse_port().unwrap_or(false) {
+        return group;
+    }
+    while group.len() < workers {
+        match listen_on(addr, true) {
+            Ok(joined) => group.push(joined),
+            Err(e) => {
+                tracing::warn!("cannot add a socket to the listener on {addr} ({e}); its workers share the others");
+                break;
+            }
+        }
+    }
+    group
+}
+
+/// Which sockets of a listener `group` each of `workers` workers accepts
+/// from, as (worker, socket) pairs. With one socket per worker (from
+/// [`bind_group`]): worker i takes from its own socket and from a duplicate
+/// of worker i+1's (the last from the first's), so every socket is watched
+/// by two workers and a client queued on a busy worker's socket is taken by
+/// its neighbour if that one is free first. With one watcher per socket,
+/// workers on a 16-core machine sat idle under a stream of new connections
+/// while clients waited in their neighbours' queues (docs/architecture.md,
+/// "Clients not yet accepted are shared with a neighbour"). A handed-over
+/// group may have another number of sockets: socket j belongs to worker
+/// j % workers, and a worker left without one watches a duplicate of
+/// socket i % sockets.
 ///
 /// Why a neighbour and not every worker: a new client wakes every idle worker
 /// that watches its socket, and only one of them gets it. Two watchers give
@@ -265,21 +291,42 @@ pub fn bind_group(
 /// that; pinned workers that share CPUs, or whose pinning failed, are spread
 /// by hash and share like unpinned ones. A socket that cannot be duplicated
 /// (out of descriptors) keeps its one watcher, with a warning.
-pub fn share_with_neighbours(group: Vec<std::net::TcpListener>, steered: bool) -> Vec<(usize, std::net::TcpListener)> {
-    let count = group.len();
-    let mut duplicates = Vec::new();
-    if !steered && count > 1 {
-        for (i, listener) in group.iter().enumerate() {
-            match listener.try_clone() {
-                // Worker i-1 (wrapping) watches worker i's socket.
-                Ok(duplicate) => duplicates.push(((i + count - 1) % count, duplicate)),
-                Err(e) => tracing::warn!(
-                    "cannot share worker {i}'s listening socket with its neighbour ({e}); only worker {i} accepts from it"
-                ),
+pub fn share_with_neighbours(
+    group: Vec<std::net::TcpListener>,
+    workers: usize,
+    steered: bool,
+) -> Vec<(usize, std::net::TcpListener)> {
+    let (count, workers) = (group.len(), workers.max(1));
+    // (worker, socket index) pairs beyond each socket's owner.
+    let mut watchers: Vec<(usize, usize)> = (count..workers).map(|w| (w, w % count.max(1))).collect();
+    if !steered && workers > 1 {
+        for i in 0..count {
+            // Worker i-1 (wrapping) watches worker i's socket.
+            let neighbour = (i % workers + workers - 1) % workers;
+            if neighbour != i % workers && !watchers.contains(&(neighbour, i)) {
+                watchers.push((neighbour, i));
             }
         }
     }
-    group.into_iter().enumerate().chain(duplicates).collect()
+    let duplicates: Vec<(usize, std::net::TcpListener)> = watchers
+        .into_iter()
+        .filter(|(_, i)| *i < count)
+        .filter_map(|(worker, i)| match group[i].try_clone() {
+            Ok(duplicate) => Some((worker, duplicate)),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot share listening socket {i} with worker {worker} ({e}); it keeps its other watchers"
+                );
+                None
+            }
+        })
+        .collect();
+    group
+        .into_iter()
+        .enumerate()
+        .map(|(i, socket)| (i % workers, socket))
+        .chain(duplicates)
+        .collect()
 }
 
 /// A non-blocking listening socket on `addr`, `SO_REUSEPORT` set before the
@@ -521,7 +568,7 @@ mod tests {
         now_stuck.recv().unwrap();
         let group = bind_group("127.0.0.1:0".parse().unwrap(), 3, None).unwrap();
         let addr = group[0].local_addr().unwrap();
-        let watched = share_with_neighbours(group, false);
+        let watched = share_with_neighbours(group, 3, false);
         let mut pairs: Vec<usize> = watched.iter().map(|(worker, _)| *worker).collect();
         pairs.sort();
         assert_eq!(pairs, [0, 0, 1, 1, 2, 2], "two sockets for each worker");
@@ -552,13 +599,37 @@ mod tests {
     #[test]
     fn steered_workers_keep_to_their_own_sockets() {
         let group = bind_group("127.0.0.1:0".parse().unwrap(), 3, None).unwrap();
-        let watched: Vec<usize> = share_with_neighbours(group, true).iter().map(|(w, _)| *w).collect();
+        let watched: Vec<usize> = share_with_neighbours(group, 3, true).iter().map(|(w, _)| *w).collect();
         assert_eq!(watched, [0, 1, 2]);
         let one = bind_group("127.0.0.1:0".parse().unwrap(), 1, None).unwrap();
         assert_eq!(
-            share_with_neighbours(one, false).len(),
+            share_with_neighbours(one, 1, false).len(),
             1,
             "a lone worker has no neighbour"
+        );
+    }
+
+    #[test]
+    fn a_handed_over_group_of_another_size_still_gives_every_worker_a_socket() {
+        let watchers = |sockets: usize, workers: usize| {
+            let group = bind_group("127.0.0.1:0".parse().unwrap(), sockets, None).unwrap();
+            let mut w: Vec<usize> = share_with_neighbours(group, workers, false)
+                .iter()
+                .map(|(w, _)| *w)
+                .collect();
+            w.sort();
+            w
+        };
+        assert_eq!(watchers(1, 3), [0, 1, 2], "one shared socket: every worker watches it");
+        assert_eq!(
+            watchers(2, 4),
+            [0, 0, 1, 2, 3, 3],
+            "workers 2 and 3 watch copies; 3 and 0 are neighbours"
+        );
+        assert_eq!(
+            watchers(4, 2),
+            [0, 0, 0, 0, 1, 1, 1, 1],
+            "two sockets each, and each other's"
         );
     }
 

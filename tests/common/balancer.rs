@@ -218,7 +218,8 @@ fn catches(pid: u32, sig: i32) -> bool {
 fn word_after(line: &str, needle: &str) -> String {
     line.split(needle)
         .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
+        // A text line's next word, or a JSON line's string value (up to its quote).
+        .and_then(|rest| rest.split(|c: char| c.is_whitespace() || c == '"').next())
         .unwrap_or_else(|| panic!("no word after {needle:?} in {line:?}"))
         .to_string()
 }
