@@ -84,6 +84,9 @@ fn debian_package(program: &str) -> &str {
         "node" => "nodejs",
         "exim4" => "exim4-daemon-light",
         "dovecot" => "dovecot-imapd dovecot-pop3d",
+        "cargo-deb" => "(none: cargo install cargo-deb, as scripts/test.d/cargo-deb.sh does)",
+        "dpkg-deb" => "dpkg",
+        "systemd-analyze" => "systemd",
         other => other, // chromium, npm, nginx, vsftpd, curl
     }
 }
