@@ -43,6 +43,8 @@ const PINS: TableDefinition<(&str, &[u8]), (&str, u64)> = TableDefinition::new("
 pub struct Affinity {
     pins: Arc<Pins>,
     store: Mutex<Store>,
+    /// The file, when there is one.
+    path: Option<PathBuf>,
 }
 
 /// Where pins are written.
@@ -53,6 +55,9 @@ enum Store {
     /// flush that has a pin to write.
     Deferred(PathBuf),
     Open(Arc<Database>),
+    /// Closed and left to the process this one is upgrading to: nothing is
+    /// written (changes stay dirty, for the hand-over) until it is taken back.
+    Lent(PathBuf),
 }
 
 /// A pin read from the store: cluster, client, pin.
@@ -67,6 +72,7 @@ impl Affinity {
     fn with_pins(pins: Pins) -> Affinity {
         Affinity {
             pins: Arc::new(pins),
+            path: None,
             store: Mutex::new(Store::None),
         }
     }
@@ -85,10 +91,11 @@ impl Affinity {
     /// Never fails: problems are logged and pins are then kept in memory.
     /// Blocking (file I/O): call it from a blocking context.
     pub fn open(state_dir: &Path, config: &Config, limit: usize, clock: WallClock) -> Affinity {
-        let affinity = Affinity::with_pins(Pins::new(limit, clock));
+        let mut affinity = Affinity::with_pins(Pins::new(limit, clock));
         if state_dir.as_os_str().is_empty() {
             return affinity;
         }
+        affinity.path = Some(state_dir.join(STORE_FILE));
         if let Err(e) = std::fs::create_dir_all(state_dir) {
             error!(
                 "cannot create state_dir {}: {e}; client affinity will not survive a restart",
@@ -129,7 +136,7 @@ impl Affinity {
         let path = match &*self.store() {
             Store::Deferred(path) => path.clone(),
             Store::Open(db) => return Some(db.clone()),
-            Store::None => return None,
+            Store::None | Store::Lent(_) => return None,
         };
         let opened = open_store(&path);
         let mut store = self.store();
@@ -168,7 +175,7 @@ impl Affinity {
         let store = match &*self.store() {
             Store::Open(db) => Some(db.clone()),
             Store::Deferred(_) => None,
-            Store::None => return Ok(0),
+            Store::None | Store::Lent(_) => return Ok(0),
         };
         let db = match store {
             Some(db) => db,
@@ -196,6 +203,33 @@ impl Affinity {
             error!("affinity store: last write failed: {e}");
         }
         *self.store() = Store::None;
+    }
+
+    /// Flushes and closes the file so that the process this one upgrades to
+    /// can open it; pins changed from now on stay dirty in memory, to be
+    /// handed over ([`Pins::take_dirty`]) or written after
+    /// [`Affinity::take_back`]. Blocking.
+    pub fn lend(&self) {
+        if let Err(e) = self.flush() {
+            error!("affinity store: last write before the upgrade failed: {e}");
+        }
+        let mut store = self.store();
+        let path = match &*store {
+            Store::Open(_) | Store::Deferred(_) => self.path.clone(),
+            Store::None | Store::Lent(_) => return,
+        };
+        if let Some(path) = path {
+            *store = Store::Lent(path);
+        }
+    }
+
+    /// After an upgrade that did not happen: the file is this process's again
+    /// (reopened by the next flush that has a pin to write).
+    pub fn take_back(&self) {
+        let mut store = self.store();
+        if let Store::Lent(path) = &*store {
+            *store = Store::Deferred(path.clone());
+        }
     }
 }
 

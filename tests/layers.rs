@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 /// Top-level modules by layer, lowest first. A module may use its own
 /// layer's code only inside itself, and any lower layer's.
 const LAYERS: &[&[&str]] = &[
-    &["config", "logging"],
-    &["model"],
+    &["config"],
+    &["model", "logging"],
     &["balance", "health", "affinity"],
     &["proxy"],
     &["control"],

@@ -23,6 +23,7 @@ pub enum Action {
         cluster: String,
     },
     Reload,
+    Upgrade,
 }
 
 /// Runs one `ctl` action against the admin API at `admin` and prints the outcome.
@@ -54,6 +55,7 @@ async fn execute(admin: &str, token: Option<&str>, action: &Action) -> Result<St
             Some(serde_json::json!({ "cluster": cluster }).to_string()),
         ),
         Action::Reload => (Method::POST, "/api/v1/reload".to_string(), None),
+        Action::Upgrade => (Method::POST, "/api/v1/upgrade".to_string(), None),
     };
     let reply = client::request(admin, token, method, &path, body.as_deref())
         .await
@@ -87,6 +89,7 @@ async fn execute(admin: &str, token: Option<&str>, action: &Action) -> Result<St
                 list("redirects_dropped")
             )
         }
+        Action::Upgrade => format!("upgraded: process {} serves now\n", reply.json()["pid"]),
     })
 }
 

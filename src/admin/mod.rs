@@ -60,6 +60,7 @@ pub fn router(control: Control) -> Router {
         .route("/api/v1/clusters/{cluster}/nodes/{node}/state", put(set_node_state))
         .route("/api/v1/services/{service}/cluster", put(set_service_cluster))
         .route("/api/v1/reload", post(reload))
+        .route("/api/v1/upgrade", post(upgrade))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route: see docs/admin.md") })
         .method_not_allowed_fallback(|| async {
@@ -229,5 +230,18 @@ async fn reload(State(control): State<Control>) -> Result<impl IntoResponse, Api
             warn!("reload refused, running configuration unchanged: {e}");
             Err(e.into())
         }
+    }
+}
+
+/// `POST /api/v1/upgrade`: answers once the new process serves (its pid),
+/// or with why it does not (409); this process then hands over and exits.
+async fn upgrade(State(control): State<Control>) -> Result<impl IntoResponse, ApiError> {
+    info!("upgrade asked through the admin API");
+    match control.request_upgrade().await {
+        Ok(pid) => Ok(axum::Json(json!({ "pid": pid }))),
+        Err(e) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("upgrade failed, still serving: {e}"),
+        )),
     }
 }

@@ -10,6 +10,9 @@ use crate::model::{Node, Refusal, Snapshot};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
+    /// The balancer's process id (an upgrade in place changes it).
+    #[serde(default)]
+    pub pid: u32,
     pub services: Vec<ServiceStatus>,
     pub clusters: Vec<ClusterStatus>,
 }
@@ -95,6 +98,7 @@ impl Status {
             .collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
         Status {
+            pid: std::process::id(),
             services,
             clusters: clusters(&snapshot),
         }

@@ -77,6 +77,15 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
         listen: String,
     },
+    /// Upgrades a running balancer in place (the same as `ctl upgrade`).
+    Upgrade {
+        /// The admin API: HOST:PORT or http://HOST:PORT.
+        #[arg(long, default_value = crate::config::DEFAULT_ADMIN_LISTEN, value_name = "ADDR")]
+        admin: String,
+        /// The admin token, if the balancer has one.
+        #[arg(long, env = "PROTOBALANCE_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+        token: Option<String>,
+    },
     /// Prints the shell completion script for bash, zsh or fish.
     Completions {
         #[arg(value_parser = ["bash", "zsh", "fish"])]
@@ -102,6 +111,8 @@ pub enum CtlCommand {
     Redirect { service: String, cluster: String },
     /// Makes the balancer re-read its config file.
     Reload,
+    /// Upgrades the balancer in place: the executable on disk takes over every listener and connection.
+    Upgrade,
 }
 
 impl From<CtlCommand> for crate::admin::ctl::Action {
@@ -112,14 +123,16 @@ impl From<CtlCommand> for crate::admin::ctl::Action {
             CtlCommand::State { cluster, node, state } => Action::State { cluster, node, state },
             CtlCommand::Redirect { service, cluster } => Action::Redirect { service, cluster },
             CtlCommand::Reload => Action::Reload,
+            CtlCommand::Upgrade => Action::Upgrade,
         }
     }
 }
 
 /// Runs the parsed command line and returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
-    // First: the descriptors systemd passed, before anything opens its own.
-    let activated = systemd::activated_listeners();
+    // First: the descriptors systemd or an old process passed, before
+    // anything opens its own.
+    let handed = run::Handed::take();
     let flag_format = cli.log_format.as_deref().and_then(LogFormat::parse);
     // Held to the end: dropping it flushes the log lines still queued.
     let log = |format: Option<LogFormat>| crate::logging::init(cli.log_level.as_deref(), format.unwrap_or_default());
@@ -130,14 +143,17 @@ pub fn main(cli: Cli) -> ExitCode {
             let format = flag_format.or(loaded.as_ref().ok().map(|c| c.log_format));
             let _log_writer = log(format);
             match loaded {
-                Ok(c) => serve(c, Some(path), threads, activated),
-                Err(e) => run::fail(&e),
+                Ok(c) => serve(c, Some(path), threads, handed),
+                Err(e) => {
+                    handed.fail(&e);
+                    run::fail(&e)
+                }
             }
         }
         Command::Forward { listen, nodes, threads } => {
             let _log_writer = log(flag_format);
             match Config::forward(&listen, &nodes) {
-                Ok(c) => serve(c, None, threads, activated),
+                Ok(c) => serve(c, None, threads, handed),
                 Err(e) => run::fail(&e.message),
             }
         }
@@ -148,6 +164,14 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Ctl { admin, token, action } => {
             let _log_writer = log(flag_format);
             on_runtime(crate::admin::ctl::run(&admin, token.as_deref(), action.into()))
+        }
+        Command::Upgrade { admin, token } => {
+            let _log_writer = log(flag_format);
+            on_runtime(crate::admin::ctl::run(
+                &admin,
+                token.as_deref(),
+                crate::admin::ctl::Action::Upgrade,
+            ))
         }
         Command::Demo { listen } => {
             let _log_writer = log(flag_format);

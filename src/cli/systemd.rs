@@ -29,6 +29,15 @@ pub fn ready(status: &str) {
     notify(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+/// This process took over from the one it upgraded: it is the main process now.
+pub fn took_over(status: &str) {
+    notify(&[
+        NotifyState::MainPid(std::process::id()),
+        NotifyState::Ready,
+        NotifyState::Status(status),
+    ]);
+}
+
 /// A reload begins (`RELOADING=1` with the monotonic time, as systemd wants
 /// for `Type=notify-reload` and accepts for `Type=notify`).
 pub fn reloading() {

@@ -8,6 +8,7 @@
 //! never touches a connection. The admin API calls it; it knows nothing of
 //! HTTP.
 
+pub mod handover;
 mod plan;
 mod state;
 
@@ -65,8 +66,14 @@ pub struct Control {
     inner: Arc<Inner>,
 }
 
+/// Where an upgrade's outcome is sent: the new process's pid, or why not.
+pub type UpgradeReply = tokio::sync::oneshot::Sender<Result<u32, String>>;
+
 struct Inner {
     state: Mutex<ControlState>,
+    /// Upgrades asked for through the API, to whoever runs them (the process's main loop).
+    upgrades: tokio::sync::mpsc::Sender<UpgradeReply>,
+    upgrade_requests: Mutex<Option<tokio::sync::mpsc::Receiver<UpgradeReply>>>,
     live: Arc<Live>,
     data: Arc<DataPlane>,
     /// The file `reload` reads; unset for `forward` and in-process configs.
@@ -78,8 +85,11 @@ struct Inner {
 impl Control {
     /// The control state of `file` (already published in `live`), over `data`.
     pub fn new(file: Config, live: Arc<Live>, data: Arc<DataPlane>) -> Control {
+        let (upgrades, requests) = tokio::sync::mpsc::channel(8);
         Control {
             inner: Arc::new(Inner {
+                upgrades,
+                upgrade_requests: Mutex::new(Some(requests)),
                 admin_token: ArcSwap::from_pointee(file.admin.token.clone()),
                 state: Mutex::new(ControlState::new(file)),
                 live,
@@ -117,6 +127,50 @@ impl Control {
     /// The admin token in force now (a reload may change it).
     pub fn admin_token(&self) -> Arc<Option<String>> {
         self.inner.admin_token.load_full()
+    }
+
+    /// Asks for an upgrade in place (`POST /api/v1/upgrade`) and waits for
+    /// its outcome: the new process's pid, or why there is none.
+    pub async fn request_upgrade(&self) -> Result<u32, String> {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        self.inner
+            .upgrades
+            .try_send(reply)
+            .map_err(|_| "an upgrade is already running".to_string())?;
+        outcome
+            .await
+            .unwrap_or_else(|_| Err("this balancer does not run upgrades (started from the library)".into()))
+    }
+
+    /// The upgrades asked for through the API, once: for the loop that runs them.
+    pub fn upgrade_requests(&self) -> Option<tokio::sync::mpsc::Receiver<UpgradeReply>> {
+        self.inner
+            .upgrade_requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Takes over the run-time overrides of the process this one upgraded
+    /// from: each one whose node, or service and cluster, the file still has.
+    pub fn adopt_overrides(&self, overrides: Overrides) {
+        let mut control = self.lock();
+        for ((cluster, node), state) in overrides.node_states {
+            if control
+                .file_state(&cluster, &node)
+                .is_some_and(|file| file != state.value)
+            {
+                control.overrides.node_states.insert((cluster, node), state);
+            }
+        }
+        for (service, target) in overrides.redirects {
+            let known = control.file_cluster(&service).is_some_and(|c| c != target.value)
+                && control.file.cluster(&target.value).is_some();
+            if known {
+                control.overrides.redirects.insert(service, target);
+            }
+        }
+        self.publish(&control);
     }
 
     /// A copy of the control state now.

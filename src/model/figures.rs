@@ -41,6 +41,16 @@ pub struct NodeFigures {
     turned_red: Box<[Padded<tokio::sync::Notify>]>,
 }
 
+/// A node's monotonic counters, as an upgrade hands them over.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeCounters {
+    pub total_connections: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub connect_failures: u64,
+    pub health_transitions: u64,
+}
+
 /// A value alone on its cache lines (128 bytes: x86-64 fetches lines in
 /// pairs), for what different workers write.
 #[derive(Debug, Default)]
@@ -154,6 +164,34 @@ impl NodeFigures {
 
     fn turned_red_here(&self) -> &tokio::sync::Notify {
         &self.turned_red[WORKER_SLOT.get()].0
+    }
+
+    /// The node's counters now.
+    pub fn counters(&self) -> NodeCounters {
+        NodeCounters {
+            total_connections: self.total_connections(),
+            bytes_in: self.bytes_in(),
+            bytes_out: self.bytes_out(),
+            connect_failures: self.connect_failures(),
+            health_transitions: self.health_transitions(),
+        }
+    }
+
+    /// Adds counters kept by another process (the one this upgraded from),
+    /// so the node's totals go on rather than start again.
+    pub fn carry_on(&self, counters: &NodeCounters) {
+        self.total.fetch_add(counters.total_connections, Relaxed);
+        self.bytes_in.fetch_add(counters.bytes_in, Relaxed);
+        self.bytes_out.fetch_add(counters.bytes_out, Relaxed);
+        self.connect_failures.fetch_add(counters.connect_failures, Relaxed);
+        self.health_transitions.fetch_add(counters.health_transitions, Relaxed);
+    }
+
+    /// Counts a connection adopted from another process (which counted it in
+    /// the totals handed over) as open until the returned guard drops.
+    pub fn adopt_connection(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Relaxed);
+        ActiveGuard(self.clone())
     }
 
     /// Counts a connection as open until the returned guard drops.
@@ -284,6 +322,12 @@ impl ServiceFigures {
         }
         self.accepted.fetch_add(1, Relaxed);
         Some(ServiceGuard(self.clone()))
+    }
+    /// Counts an adopted client as open (another process accepted it: it is
+    /// not counted as accepted again, and no limit refuses it).
+    pub(crate) fn adopt(self: &Arc<Self>) -> ServiceGuard {
+        self.active.fetch_add(1, Relaxed);
+        ServiceGuard(self.clone())
     }
 }
 

@@ -12,6 +12,7 @@
 //! No I/O here, and nothing of the layers above: a background task (probes,
 //! agents, the pin flusher) reads the model, never the proxy.
 
+mod connection;
 mod figures;
 mod pins;
 pub mod rates;
@@ -22,8 +23,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 pub use crate::config::NodeState;
+pub use connection::ConnectionState;
 pub use figures::{
-    ActiveGuard, NodeFigures, Padded, Refusal, ServiceFigures, ServiceGuard, TurnedRed, bind_worker_slot, worker_slots,
+    ActiveGuard, NodeCounters, NodeFigures, Padded, Refusal, ServiceFigures, ServiceGuard, TurnedRed, bind_worker_slot,
+    worker_slots,
 };
 pub use pins::{Change, MAX_PINS_PER_CLUSTER, Pin, Pins, WallClock, expired};
 pub use rates::Rate;

@@ -260,6 +260,35 @@ impl Pins {
         kept
     }
 
+    /// Takes a pin learnt from elsewhere (the process this one upgraded):
+    /// `Some` pins `client` unless the pin held here was seen later; `None`
+    /// drops its pin. Marked changed, so the file learns it too.
+    pub fn learn(&self, cluster: &str, client: IpAddr, pin: Option<Pin>) {
+        let mut clusters = self.lock();
+        let table = clusters.entry(cluster.to_string()).or_insert_with(ClusterPins::new);
+        match pin {
+            Some(pin) => {
+                if table
+                    .pins
+                    .peek(&client)
+                    .is_some_and(|held| held.last_seen_ms > pin.last_seen_ms)
+                {
+                    return;
+                }
+                table.pins.put(client, pin);
+                if table.pins.len() > self.limit
+                    && let Some((evicted, _)) = table.pins.pop_lru()
+                {
+                    table.dirty.insert(evicted);
+                }
+            }
+            None => {
+                table.pins.pop(&client);
+            }
+        }
+        table.dirty.insert(client);
+    }
+
     /// Marks for deletion the stored clients this process does not hold (a
     /// file another process wrote, loaded late).
     pub fn forget_unknown(&self, stored: impl IntoIterator<Item = (String, IpAddr)>) {

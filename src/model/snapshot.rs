@@ -72,7 +72,33 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
 }
 
+/// The algorithm of a cluster that takes no new client (see [`Cluster::detached`]).
+struct NoPick;
+
+impl Balancer for NoPick {
+    fn pick(&self, _client: IpAddr, _nodes: &[Node]) -> Option<usize> {
+        None
+    }
+}
+
 impl Cluster {
+    /// A cluster of one node that the configuration no longer has, for a
+    /// connection adopted from the process this one upgraded (it carries on
+    /// to the end, as after a reload); it picks nothing for new clients.
+    pub fn detached(name: &str, node: Node) -> Cluster {
+        Cluster {
+            name: name.to_string(),
+            algorithm: AlgorithmKind::RoundRobin,
+            balancer: Box::new(NoPick),
+            affinity: false,
+            affinity_ttl: Duration::ZERO,
+            connect_timeout: crate::config::DEFAULT_CONNECT_TIMEOUT,
+            retry_interval: crate::config::DEFAULT_RETRY_INTERVAL,
+            socket_buffer: None,
+            nodes: vec![node],
+        }
+    }
+
     pub fn node(&self, name: &str) -> Option<&Node> {
         self.nodes.iter().find(|n| n.name == name)
     }

@@ -14,7 +14,7 @@ use tracing::warn;
 
 use super::shared::Shared;
 use crate::config::{ForwardMode, SocketBuffer, canonical};
-use crate::model::{Cluster, Refusal, ServiceFigures, ServiceGuard};
+use crate::model::{Cluster, ConnectionState, Refusal, ServiceFigures, ServiceGuard};
 
 /// What a connection task needs once its client is admitted. Dropping it
 /// releases the client's place under every limit.
@@ -73,6 +73,55 @@ pub fn admit(shared: &Arc<Shared>, service_name: &str, client: IpAddr) -> Result
     })
 }
 
+/// Admits a connection adopted from the process this one upgraded: counted
+/// under every limit like any other, refused by none (it was admitted there).
+/// Its node: the snapshot's node of that name and address, or, when the
+/// file no longer has it, a detached one. Returns it with the node's index.
+pub fn adopt(shared: &Arc<Shared>, state: &ConnectionState) -> (Admitted, usize) {
+    let snapshot = shared.live.snapshot.load();
+    let service = snapshot.services.get(&state.service);
+    let figures = service.map_or_else(Default::default, |s| s.figures.clone());
+    let in_service = figures.adopt();
+    let found = snapshot.clusters.get(&state.cluster).and_then(|c| {
+        let i = c
+            .nodes
+            .iter()
+            .position(|n| n.name == state.node && n.address_text == state.node_address)?;
+        Some((c.clone(), i))
+    });
+    let (cluster, node) = found.unwrap_or_else(|| (Arc::new(detached(state)), 0));
+    let limits = service.map(|s| s.limits.clone()).unwrap_or_default();
+    let per_client = limits
+        .max_connections_per_client
+        .and_then(|_| ClientGuard::open(&figures, canonical(state.client.ip()), u32::MAX));
+    let admitted = Admitted {
+        service: in_service,
+        cluster,
+        forwarding: snapshot.forwarding,
+        idle_timeout: limits.idle_timeout,
+        client_buffer: None,
+        _global: GlobalGuard::count(shared),
+        _client: per_client,
+    };
+    (admitted, node)
+}
+
+/// The one-node cluster of an adopted connection whose node the file no longer has.
+fn detached(state: &ConnectionState) -> Cluster {
+    let address = crate::config::parse_node_address(&state.node_address, crate::config::offline_resolver)
+        .unwrap_or(crate::config::NodeAddress::Socket(state.client));
+    let node = crate::model::Node {
+        name: state.node.clone(),
+        address,
+        address_text: state.node_address.clone(),
+        weight: 1,
+        fallover: None,
+        figures: Arc::new(crate::model::NodeFigures::new(crate::config::NodeState::Green)),
+        agent: None,
+    };
+    Cluster::detached(&state.cluster, node)
+}
+
 /// A refusal, with the service's figures to count it in.
 pub struct Refused {
     pub service: Option<Arc<ServiceFigures>>,
@@ -117,6 +166,12 @@ fn process_millis() -> u64 {
 struct GlobalGuard(Arc<AtomicU64>);
 
 impl GlobalGuard {
+    /// A place for a client no limit refuses (an adopted one).
+    fn count(shared: &Shared) -> GlobalGuard {
+        shared.open_clients.fetch_add(1, Relaxed);
+        GlobalGuard(shared.open_clients.clone())
+    }
+
     fn open(shared: &Shared, max: Option<u64>) -> Option<GlobalGuard> {
         let before = shared.open_clients.fetch_add(1, Relaxed);
         if max.is_some_and(|m| before >= m) {

@@ -17,8 +17,8 @@ use tracing::{debug, warn};
 use super::admission::{self, Admitted};
 use super::connect::{self, set_socket_buffer};
 use super::pump::{self, PumpError, Side};
-use super::shared::Shared;
-use crate::model::{Cluster, NodeFigures, NodeState, Pins, Refusal};
+use super::shared::{Departing, Shared};
+use crate::model::{Cluster, ConnectionState, NodeFigures, NodeState, Pins, Refusal};
 
 /// How a connection ended, for the access log.
 struct Ending<'a>(&'a Result<(), PumpError>);
@@ -146,7 +146,7 @@ async fn connect_phase(accepted: &Accepted) -> Option<(usize, TcpStream, u64)> {
         .or_else(|| cluster.pick(peer.ip()));
     let outcome = tokio::select! {
         outcome = connect::connect_client(client, cluster, first, *local_port, admitted.idle_timeout) => outcome,
-        _ = cut.cancelled() => return None,
+        _ = shared.must_cut(cut) => return None,
     };
     match outcome {
         connect::Outcome::Connected {
@@ -195,18 +195,74 @@ async fn serve_client(accepted: &Accepted) {
     let Some((i, upstream, forwarded)) = Box::pin(connect_phase(accepted)).await else {
         return;
     };
+    let progress = Progress {
+        started,
+        bytes_in: forwarded,
+        adopted: false,
+        ..Progress::default()
+    };
+    forward(accepted, i, upstream, progress).await;
+}
+
+/// Where a connection stands when it starts forwarding: here, right after
+/// the connect phase; or, adopted from the process this one upgraded, where
+/// that one left it.
+struct Progress {
+    started: Instant,
+    bytes_in: u64,
+    bytes_out: u64,
+    /// How long before `started` + age the last byte moved.
+    idle: Duration,
+    /// (client → node done, node → client done).
+    done: (bool, bool),
+    /// Adopted: the node's figures counted it, and its bytes so far, already
+    /// (they came over with the node's counters).
+    adopted: bool,
+}
+
+impl Default for Progress {
+    fn default() -> Progress {
+        Progress {
+            started: Instant::now(),
+            bytes_in: 0,
+            bytes_out: 0,
+            idle: Duration::ZERO,
+            done: (false, false),
+            adopted: false,
+        }
+    }
+}
+
+/// How the wait for a connection to leave ended.
+enum Left {
+    /// Handed to the new process; it carries on there.
+    HandedOver,
+    /// It ended by itself meanwhile.
+    Ended(Result<(), PumpError>),
+    /// No hand-over, or its time is up.
+    Cut,
+}
+
+/// A connection with its node, until it ends: the pump, the cuts, the
+/// hand-over of an upgrade, and its access-log line.
+async fn forward(accepted: &Accepted, i: usize, upstream: TcpStream, progress: Progress) {
     // From here on, `accepted`'s fields are named where they are used rather
     // than bound to locals: a local that lives across the await below is
     // stored in the task, and every open connection's task would keep it.
     let node = &accepted.admitted.cluster.nodes[i];
-    let _in_node = node.figures.open_connection();
+    let _in_node = if progress.adopted {
+        node.figures.adopt_connection()
+    } else {
+        node.figures.open_connection()
+    };
+    let age = progress.started.elapsed();
     let bytes = ConnectionBytes {
         node: &node.figures,
-        started,
-        bytes_in: AtomicU64::new(0),
-        bytes_out: AtomicU64::new(0),
+        started: progress.started,
+        bytes_in: AtomicU64::new(if progress.adopted { progress.bytes_in } else { 0 }),
+        bytes_out: AtomicU64::new(progress.bytes_out),
         last_activity_ms: AtomicU64::new(match accepted.admitted.idle_timeout {
-            Some(_) => 0,
+            Some(_) => age.saturating_sub(progress.idle).as_millis() as u64,
             None => UNTRACKED,
         }),
     };
@@ -220,11 +276,25 @@ async fn serve_client(accepted: &Accepted) {
         Some(watch) => watch.as_mut().poll(cx),
         None => Poll::Pending,
     });
-    pump::Counter::bytes_in(&bytes, forwarded);
+    if !progress.adopted {
+        // The client's first bytes, forwarded while connecting.
+        pump::Counter::bytes_in(&bytes, progress.bytes_in);
+    }
+    let mut pump = std::pin::pin!(pump::Pump::resumed(
+        &accepted.client,
+        &upstream,
+        accepted.admitted.forwarding,
+        &bytes,
+        progress.done
+    ));
     let result = tokio::select! {
-        r = pump::pump(&accepted.client, &upstream, accepted.admitted.forwarding, &bytes) => r,
+        r = &mut pump => r,
         _ = idle => Err(PumpError { side: Side::Balancer, error: io::Error::new(io::ErrorKind::TimedOut, "idle timeout") }),
-        _ = accepted.cut.cancelled() => Err(PumpError { side: Side::Balancer, error: io::Error::other("cut at shutdown") }),
+        _ = accepted.cut.cancelled() => match Box::pin(leave(accepted, pump.as_mut(), &upstream, &bytes, node)).await {
+            Left::HandedOver => return,
+            Left::Ended(r) => r,
+            Left::Cut => Err(PumpError { side: Side::Balancer, error: io::Error::other("cut at shutdown") }),
+        },
         _ = node.figures.red() => Err(abort_both(&accepted.client, &upstream, "cut: the node turned red")),
     };
     drop(idle_watch);
@@ -249,6 +319,119 @@ async fn serve_client(accepted: &Accepted) {
         duration_ms: bytes.started.elapsed().as_millis(),
         end: &Ending(&result),
     });
+}
+
+/// The connection's loop was told to stop. With a hand-over under way: stop
+/// reading, let what is held here be written, then hand the connection over
+/// (its sockets and where it stands) unless it ended meanwhile or the
+/// hand-over's time ran out. Without one: cut.
+async fn leave(
+    accepted: &Accepted,
+    mut pump: std::pin::Pin<&mut pump::Pump<'_>>,
+    upstream: &TcpStream,
+    bytes: &ConnectionBytes<'_>,
+    node: &crate::model::Node,
+) -> Left {
+    let shared = &accepted.shared;
+    let Some(out) = shared.hand_over_to() else {
+        return Left::Cut;
+    };
+    pump.drain();
+    let quiet = std::future::poll_fn(|cx| match pump.as_mut().poll(cx) {
+        Poll::Ready(r) => Poll::Ready(Some(r)),
+        Poll::Pending if pump.is_quiescent() => Poll::Ready(None),
+        Poll::Pending => Poll::Pending,
+    });
+    let ended = tokio::select! {
+        ended = quiet => ended,
+        _ = shared.cut_now.cancelled() => return Left::Cut,
+    };
+    if let Some(result) = ended {
+        return Left::Ended(result);
+    }
+    let departing = match departing(accepted, upstream, bytes, node, pump.done()) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(service = %accepted.service, "cannot hand over the connection of {}: {e}", accepted.peer);
+            return Left::Cut;
+        }
+    };
+    match out.send(departing) {
+        Ok(()) => Left::HandedOver,
+        Err(_) => Left::Cut,
+    }
+}
+
+/// The connection as it leaves: where it stands, and copies of its sockets.
+fn departing(
+    accepted: &Accepted,
+    upstream: &TcpStream,
+    bytes: &ConnectionBytes<'_>,
+    node: &crate::model::Node,
+    (client_done, node_done): (bool, bool),
+) -> io::Result<Departing> {
+    use std::os::fd::AsFd;
+    let age = bytes.started.elapsed();
+    let last = bytes.last_activity_ms.load(Relaxed);
+    let idle_ms = if last == UNTRACKED {
+        0
+    } else {
+        (age.as_millis() as u64).saturating_sub(last)
+    };
+    Ok(Departing {
+        state: ConnectionState {
+            service: accepted.service.to_string(),
+            cluster: accepted.admitted.cluster.name.clone(),
+            node: node.name.clone(),
+            node_address: node.address_text.clone(),
+            client: accepted.peer,
+            local_port: accepted.local_port,
+            age_ms: age.as_millis() as u64,
+            idle_ms,
+            bytes_in: bytes.bytes_in.load(Relaxed),
+            bytes_out: bytes.bytes_out.load(Relaxed),
+            client_done,
+            node_done,
+        },
+        client: accepted.client.as_fd().try_clone_to_owned()?,
+        node: upstream.as_fd().try_clone_to_owned()?,
+    })
+}
+
+/// The task of a connection adopted from the process this one upgraded:
+/// straight to forwarding, where that one left it.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep `accepted` twice in the task (see `Accepted`)"
+)]
+pub(super) fn adopted_task(
+    accepted: Accepted,
+    node: usize,
+    upstream: std::net::TcpStream,
+    state: ConnectionState,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let upstream = match upstream
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(upstream))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(service = %accepted.service, "cannot adopt the connection of {}: {e}", accepted.peer);
+                return;
+            }
+        };
+        let age = Duration::from_millis(state.age_ms);
+        let progress = Progress {
+            started: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+            bytes_in: state.bytes_in,
+            bytes_out: state.bytes_out,
+            idle: Duration::from_millis(state.idle_ms),
+            done: (state.client_done, state.node_done),
+            adopted: true,
+        };
+        forward(&accepted, node, upstream, progress).await;
+    }
 }
 
 /// The node `peer` is pinned to, if the cluster keeps affinity and the pin

@@ -28,4 +28,5 @@ mod workers;
 pub use candidates::Candidates;
 pub use plane::{BindError, Bound, DataPlane, Inherited, WorkerSettings, warn_capped_socket_buffers};
 pub use pump::{PumpError, Side};
+pub use shared::Departing;
 pub use workers::{allowed_cpus, pin_this_thread};

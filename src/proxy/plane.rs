@@ -5,6 +5,8 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -13,10 +15,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::accept::accept_loop;
-use super::shared::Shared;
+use super::admission;
+use super::connection::{Accepted, adopted_task};
+use super::shared::{Departing, Shared};
 use super::workers::{Workers, bind_group, join_inherited, share_with_neighbours};
 use crate::config::{Config, ListenerKey};
-use crate::model::Live;
+use crate::model::{ConnectionState, Live};
 
 /// How the worker threads run; fixed for the life of the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +108,9 @@ struct Listener {
     configured: SocketAddr,
     addr: SocketAddr,
     stop: CancellationToken,
+    /// A copy of each socket of the group, to hand over in an upgrade (the
+    /// originals belong to the accept loops on the workers).
+    sockets: Vec<std::net::TcpListener>,
 }
 
 /// The data plane: workers, listeners, connections.
@@ -113,6 +120,8 @@ pub struct DataPlane {
     listeners: Mutex<Vec<Listener>>,
     /// Handed-over sockets not (yet) used by a listener.
     inherited: Mutex<Vec<Inherited>>,
+    /// Spreads adopted connections over the workers in turn.
+    next_adopter: AtomicUsize,
     accept_loops: TaskTracker,
 }
 
@@ -126,6 +135,7 @@ impl DataPlane {
             workers,
             listeners: Mutex::new(Vec::new()),
             inherited: Mutex::new(inherited),
+            next_adopter: AtomicUsize::new(0),
             accept_loops: TaskTracker::new(),
         })
     }
@@ -192,6 +202,16 @@ impl DataPlane {
             let service = Arc::<str>::from(key.service.as_str());
             let stop = CancellationToken::new();
             info!(service = %service, "listening on {addr}");
+            let sockets = group
+                .iter()
+                .filter_map(|socket| match socket.try_clone() {
+                    Ok(copy) => Some(copy),
+                    Err(e) => {
+                        warn!(service = %service, "cannot keep a copy of a socket on {addr} for an upgrade: {e}");
+                        None
+                    }
+                })
+                .collect();
             for (worker, listener) in share_with_neighbours(group, self.workers.count(), steered) {
                 let accept = accept_loop(
                     listener,
@@ -207,6 +227,7 @@ impl DataPlane {
                 configured: key.addr,
                 addr,
                 stop,
+                sockets,
             });
         }
     }
@@ -225,6 +246,22 @@ impl DataPlane {
             !closing
         });
         closed
+    }
+
+    /// Every listener's key and a copy of each of its sockets: what an
+    /// upgrade hands to the new process.
+    pub fn listener_sockets(&self) -> io::Result<Vec<(ListenerKey, Vec<std::net::TcpListener>)>> {
+        self.listeners()
+            .iter()
+            .map(|l| {
+                let copies = l.sockets.iter().map(|s| s.try_clone()).collect::<io::Result<_>>()?;
+                let key = ListenerKey {
+                    service: l.service.to_string(),
+                    addr: l.configured,
+                };
+                Ok((key, copies))
+            })
+            .collect()
     }
 
     /// Every listening address, with its service (ports chosen by the kernel resolved).
@@ -281,6 +318,65 @@ impl DataPlane {
         self.shared.cut_all.cancel();
         connections.wait().await;
         cut
+    }
+
+    /// Hands every open connection to `out` as soon as nothing of it is in
+    /// flight here (see `connection::leave`); connections still here after
+    /// `grace` are cut. Call after [`DataPlane::stop_accepting`]. Returns how
+    /// many were cut.
+    pub async fn hand_over(&self, out: std::sync::mpsc::Sender<Departing>, grace: Duration) -> usize {
+        let shared = &self.shared;
+        *shared.hand_over.lock().unwrap_or_else(|p| p.into_inner()) = Some(out);
+        shared.handing_over.store(true, std::sync::atomic::Ordering::Relaxed);
+        let open = shared.connections.len();
+        info!("handing over {open} open connection(s)");
+        shared.connections.close();
+        shared.cut_all.cancel();
+        let cut = if tokio::time::timeout(grace, shared.connections.wait()).await.is_ok() {
+            0
+        } else {
+            let cut = shared.connections.len();
+            warn!("grace period over: cutting the {cut} connection(s) that could not be handed over");
+            shared.cut_now.cancel();
+            shared.connections.wait().await;
+            cut
+        };
+        // Ends the sender's last copy: whoever forwards `out` sees the end.
+        *shared.hand_over.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        cut
+    }
+
+    /// Takes over a connection another process handed over: its task starts
+    /// forwarding on a worker, where the other process left it.
+    pub fn adopt(&self, state: ConnectionState, client: OwnedFd, node: OwnedFd) {
+        let worker = self.next_adopter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.workers.count();
+        let shared = self.shared.clone();
+        let (client, node) = (std::net::TcpStream::from(client), std::net::TcpStream::from(node));
+        let task = async move {
+            let client = match client
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpStream::from_std(client))
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(service = %state.service, "cannot adopt the connection of {}: {e}", state.client);
+                    return;
+                }
+            };
+            let (admitted, node_index) = admission::adopt(&shared, &state);
+            let accepted = Accepted {
+                client,
+                peer: state.client,
+                local_port: state.local_port,
+                service: state.service.as_str().into(),
+                admitted,
+                cut: shared.cut_all.child_token(),
+                shared,
+            };
+            adopted_task(accepted, node_index, node, state).await;
+        };
+        self.workers
+            .spawn_on(worker, self.shared.connections.track_future(task));
     }
 
     /// Stops the worker threads (each hands over its batched access-log lines as it ends).

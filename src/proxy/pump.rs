@@ -109,6 +109,42 @@ impl Future for Pump<'_> {
     }
 }
 
+impl<'a> Pump<'a> {
+    /// A pump taking over a connection another process pumped until now:
+    /// a direction already done (its source sent EOF, passed on) stays done.
+    pub fn resumed(
+        client: &'a TcpStream,
+        node: &'a TcpStream,
+        mode: ForwardMode,
+        counter: &'a dyn Counter,
+        (client_done, node_done): (bool, bool),
+    ) -> Pump<'a> {
+        let mut pump = pump(client, node, mode, counter);
+        pump.upstream.done = client_done;
+        pump.downstream.done = node_done;
+        pump
+    }
+
+    /// From now on, writes what it holds but reads nothing more: the bytes
+    /// not yet read wait in the sockets, so that the connection can move to
+    /// another process with nothing in flight in this one.
+    pub fn drain(&mut self) {
+        self.upstream.draining = true;
+        self.downstream.draining = true;
+    }
+
+    /// Whether no byte is held in this process (no channel, nothing
+    /// unwritten): the connection can be handed over as it is.
+    pub fn is_quiescent(&self) -> bool {
+        self.upstream.is_quiescent() && self.downstream.is_quiescent()
+    }
+
+    /// Which directions are done: (client → node, node → client).
+    pub fn done(&self) -> (bool, bool) {
+        (self.upstream.done, self.downstream.done)
+    }
+}
+
 impl Pump<'_> {
     fn poll_both(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), PumpError>> {
         let counter = self.counter;
@@ -145,6 +181,8 @@ struct Direction {
     /// Whether the last chunk looked like bulk transfer (see `Channel::take`).
     bulk: bool,
     done: bool,
+    /// Writes what it holds but reads no more (see [`Pump::drain`]).
+    draining: bool,
 }
 
 impl Direction {
@@ -158,7 +196,12 @@ impl Direction {
             mode,
             bulk: false,
             done: false,
+            draining: false,
         }
+    }
+
+    fn is_quiescent(&self) -> bool {
+        self.pending == 0 && self.channel.is_none()
     }
 
     fn fail(&self, side: Side) -> impl FnOnce(io::Error) -> PumpError {
@@ -204,6 +247,10 @@ impl Direction {
                     Err(e) => return Poll::Ready(Err(self.fail(self.dst_side)(e))),
                 }
                 continue;
+            }
+            if self.draining {
+                self.give_back_channel();
+                return Poll::Pending;
             }
             match src.poll_read_ready(cx) {
                 Poll::Ready(ready) => ready.map_err(self.fail(self.src_side))?,

@@ -1,8 +1,9 @@
 //! The running balancer, wired together: the data plane (workers, listeners,
 //! connections), the control plane's owner (`control::Control`), the
 //! background tasks (probes, agents, the rate sampler, the pin flusher, the
-//! admin API) under one tracker and one stop token, and the order in which
-//! all of it stops. The binary and the tests both start it through
+//! admin API) under one tracker and one stop token, the order in which all
+//! of it stops, and the upgrade in place that hands it to a new process
+//! (`upgrade`). The binary and the tests both start it through
 //! [`Server::start`]. It decides nothing itself: changes go to `Control`,
 //! bytes to `proxy`.
 
@@ -23,6 +24,10 @@ use crate::control::Control;
 pub use crate::control::{ControlError, ReloadReport};
 use crate::model::{Live, Snapshot, WallClock};
 use crate::proxy::{BindError, DataPlane, Inherited, WorkerSettings};
+
+mod upgrade;
+
+pub use upgrade::{Predecessor, Successor, UpgradeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -58,6 +63,13 @@ struct Shared {
     tasks: TaskTracker,
     /// Cancelled once the connections are done: every background task stops.
     stop: CancellationToken,
+    /// Stops the admin API alone (a child of `stop`): an upgrade's old
+    /// process stops taking admin requests as soon as the new one serves them.
+    admin_stop: CancellationToken,
+    /// A copy of the admin API's socket, for an upgrade to hand over.
+    admin_socket: std::sync::Mutex<Option<std::net::TcpListener>>,
+    /// Set while an upgrade runs: a second one is refused.
+    upgrading: std::sync::atomic::AtomicBool,
 }
 
 impl Server {
@@ -91,13 +103,17 @@ impl Server {
                 .map_err(StartError::Workers)?,
         );
         let bound = data.bind(&crate::config::listeners(config))?;
+        let stop = CancellationToken::new();
         let server = Server {
             shared: Arc::new(Shared {
                 control: Control::new(config.clone(), live.clone(), data.clone()),
                 data,
                 affinity: affinity.clone(),
                 tasks: TaskTracker::new(),
-                stop: CancellationToken::new(),
+                admin_stop: stop.child_token(),
+                stop,
+                admin_socket: std::sync::Mutex::new(None),
+                upgrading: Default::default(),
             }),
         };
         let (tasks, stop) = (&server.shared.tasks, &server.shared.stop);
@@ -113,17 +129,23 @@ impl Server {
     /// bound address. It stops with the other background tasks.
     pub async fn start_admin(&self) -> Result<SocketAddr, StartError> {
         let addr = self.shared.control.state().file.admin.listen;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
+        let listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|source| StartError::AdminBind { addr, source })?;
-        let bound = listener
-            .local_addr()
-            .map_err(|source| StartError::AdminBind { addr, source })?;
+        self.serve_admin(listener, addr)
+    }
+
+    /// Starts the admin API on `listener` (handed over by an upgrade).
+    fn serve_admin(&self, listener: std::net::TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+        let fail = |source| StartError::AdminBind { addr, source };
+        let bound = listener.local_addr().map_err(fail)?;
+        *self.shared.admin_socket.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener.try_clone().map_err(fail)?);
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(fail)?;
         info!("admin listening on {bound}");
         self.shared.tasks.spawn(crate::admin::serve(
             listener,
             self.shared.control.clone(),
-            self.shared.stop.clone(),
+            self.shared.admin_stop.clone(),
         ));
         Ok(bound)
     }
@@ -198,14 +220,22 @@ impl Server {
     /// writes the pins of the connections just ended) and waits for them.
     /// Returns how many connections were cut.
     pub async fn shutdown(self, grace: Duration) -> usize {
+        // An upgrade given up on may have left the pin file lent.
+        self.shared.affinity.take_back();
         let data = &self.shared.data;
         data.stop_accepting().await;
         let cut = data.drain(grace).await;
+        self.stop_tasks_and_workers().await;
+        cut
+    }
+
+    /// Stops every background task (the pin flusher writes the pins of the
+    /// connections just ended), waits for them, then stops the workers.
+    async fn stop_tasks_and_workers(&self) {
         self.shared.stop.cancel();
         self.shared.tasks.close();
         self.shared.tasks.wait().await;
         // Last: a worker hands over its batched access-log lines as it ends.
-        data.stop_workers().await;
-        cut
+        self.shared.data.stop_workers().await;
     }
 }
