@@ -9,14 +9,14 @@
 //!
 //! ```text
 //!  cli                  arguments, signals, exit codes, the demo; wires nothing itself
-//!  server               wiring: starts the data plane, the control plane, the background tasks; stops them in order
+//!  server               wiring: starts the data plane, the control plane, the background tasks; stops them in order; the upgrade in place
 //!  admin                HTTP API, dashboard, metrics exposition, the `ctl` client
-//!  control              control state (file + run-time overrides), reload plan, carrying it out
+//!  control              control state (file + run-time overrides), reload plan, carrying it out, the upgrade's wire
 //!  proxy                workers, listeners, accept, admission, one connection's life, connect, pump
 //!  balance health       one algorithm a file; probes and load agents;
 //!  affinity             the pin file (redb) and its flusher
-//!  model                snapshot, nodes, figures, rates, pins: what every task reads
-//!  config logging       TOML → validated values; where log lines go. Import nothing of the crate
+//!  model logging        snapshot, nodes, figures, rates, pins: what every task reads; where log lines go
+//!  config               TOML → validated values; imports nothing of the crate
 //! ```
 //!
 //! One connection's path: [`proxy`] accepts it on a worker thread, admits it,
