@@ -4,7 +4,10 @@
 //! admin API) under one tracker and one stop token, and the order in which
 //! all of it stops. The binary and the tests both start it through
 //! [`Server::start`]. It decides nothing itself: changes go to `Control`,
-//! bytes to `proxy`.
+//! bytes to `proxy`, and what privileges to keep is `control::privileges`'s
+//! (this module's `privileges` only makes the system calls).
+
+mod privileges;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -18,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::affinity::{self, Affinity};
-use crate::config::{Config, NodeState};
+use crate::config::{AdminListen, Config, NodeState};
 use crate::control::Control;
 pub use crate::control::{ControlError, ReloadReport};
 use crate::model::{Live, Snapshot, WallClock};
@@ -29,9 +32,11 @@ pub enum StartError {
     #[error(transparent)]
     Bind(#[from] BindError),
     #[error("admin API: cannot listen on {addr}: {source}")]
-    AdminBind { addr: SocketAddr, source: io::Error },
+    AdminBind { addr: AdminListen, source: io::Error },
     #[error("cannot start the worker threads: {0}")]
     Workers(io::Error),
+    #[error("cannot drop privileges: {0}")]
+    Privileges(io::Error),
 }
 
 /// What a start may choose besides the config.
@@ -104,15 +109,22 @@ impl Server {
     }
 
     /// Starts the admin API on the config's `[admin] listen` and returns the
-    /// bound address. It stops with the other background tasks.
-    pub async fn start_admin(&self) -> Result<SocketAddr, StartError> {
-        let addr = self.shared.control.state().file.admin.listen;
-        let listener = tokio::net::TcpListener::bind(addr)
+    /// bound address (`IP:PORT`, or `unix:PATH`). It stops with the other
+    /// background tasks. A Unix socket belongs to `user` and `group` when
+    /// the config names them.
+    pub async fn start_admin(&self) -> Result<AdminListen, StartError> {
+        let file = self.shared.control.state().file;
+        let addr = file.admin.listen.clone();
+        let owner = file.run_as.as_ref().map(|r| (r.uid, r.gid));
+        let failed = |source| StartError::AdminBind {
+            addr: addr.clone(),
+            source,
+        };
+        let listener = crate::admin::AdminListener::bind(&addr, file.admin.socket_mode, owner)
             .await
-            .map_err(|source| StartError::AdminBind { addr, source })?;
-        let bound = listener
-            .local_addr()
-            .map_err(|source| StartError::AdminBind { addr, source })?;
+            .map_err(failed)?;
+        let bound = listener.bound().map_err(failed)?;
+        self.shared.control.note_admin_bound(bound.clone());
         info!("admin listening on {bound}");
         self.shared.tasks.spawn(crate::admin::serve(
             listener,
@@ -120,6 +132,61 @@ impl Server {
             self.shared.stop.clone(),
         ));
         Ok(bound)
+    }
+
+    /// With `user` in the config, becomes that user, its group and its
+    /// supplementary groups, keeping only the capabilities the config needs
+    /// (`control::privileges`) and setting `PR_SET_NO_NEW_PRIVS`. Call it
+    /// once every listener, the admin socket and the state files are open
+    /// (after [`Server::start_admin`]); a reload then refuses a file that
+    /// needs a capability dropped here. Without `user`, does nothing.
+    pub async fn drop_privileges(&self) -> Result<(), StartError> {
+        use crate::control::privileges::needed;
+        let file = self.shared.control.state().file;
+        let Some(run_as) = &file.run_as else {
+            return Ok(());
+        };
+        let start = privileges::unprivileged_port_start();
+        let keep: crate::control::privileges::Privileges = needed(&file, &crate::config::listeners(&file), start)
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        let caps = privileges::capabilities(&keep);
+        let on_workers = |step: fn(&caps::CapsHashSet) -> io::Result<()>| {
+            let caps = caps.clone();
+            self.shared.data.on_every_worker(move || step(&caps))
+        };
+        for done in on_workers(privileges::prepare_thread).await {
+            done.map_err(StartError::Privileges)?;
+        }
+        // No await from here to the change of user: a thread this one
+        // started meanwhile (the blocking pool's) would inherit its
+        // "keep capabilities" and keep them.
+        privileges::prepare_thread(&caps).map_err(StartError::Privileges)?;
+        privileges::become_user(run_as).map_err(StartError::Privileges)?;
+        privileges::finish_thread(&caps).map_err(StartError::Privileges)?;
+        for done in on_workers(privileges::finish_thread).await {
+            done.map_err(StartError::Privileges)?;
+        }
+        let kept: Vec<String> = keep.iter().map(ToString::to_string).collect();
+        info!(
+            "running as user {} (uid {}), group {} (gid {}); capabilities kept: {}",
+            run_as.user,
+            run_as.uid,
+            run_as.group,
+            run_as.gid,
+            if kept.is_empty() {
+                "none".to_string()
+            } else {
+                kept.join(", ")
+            }
+        );
+        self.shared.control.note_dropped(crate::control::Dropped {
+            user: run_as.user.clone(),
+            kept: keep,
+            unprivileged_port_start: start,
+        });
+        Ok(())
     }
 
     /// The control plane: state changes and reloads.
@@ -138,7 +205,7 @@ impl Server {
     }
 
     /// The admin token in force now (a reload may change it).
-    pub fn admin_token(&self) -> Arc<Option<String>> {
+    pub fn admin_token(&self) -> Option<String> {
         self.shared.control.admin_token()
     }
 

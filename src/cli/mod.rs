@@ -56,12 +56,17 @@ pub enum Command {
     },
     /// Talks to a running balancer's admin API.
     Ctl {
-        /// The admin API: HOST:PORT or http://HOST:PORT.
+        /// The admin API: HOST:PORT, http://HOST:PORT or unix:PATH.
         #[arg(long, default_value = crate::config::DEFAULT_ADMIN_LISTEN, value_name = "ADDR")]
         admin: String,
-        /// The admin token, if the balancer has one.
+        /// The admin token, if the balancer has one (shows in `ps`: prefer
+        /// --token-file or PROTOBALANCE_TOKEN).
         #[arg(long, env = "PROTOBALANCE_TOKEN", hide_env_values = true, value_name = "TOKEN")]
         token: Option<String>,
+        /// A file holding the admin token (surrounding blanks ignored); wins
+        /// over --token and PROTOBALANCE_TOKEN.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
         #[command(subcommand)]
         action: CtlCommand,
     },
@@ -131,13 +136,30 @@ pub fn main(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Ctl { admin, token, action } => match control_runtime() {
-            Ok(rt) => rt.block_on(crate::admin::ctl::run(&admin, token.as_deref(), action.into())),
-            Err(e) => {
-                eprintln!("error: cannot start the runtime: {e}");
-                ExitCode::FAILURE
+        Command::Ctl {
+            admin,
+            token,
+            token_file,
+            action,
+        } => {
+            let token = match token_file {
+                None => token,
+                Some(file) => match crate::config::read_regular_file(&file, crate::config::MAX_TOKEN_FILE) {
+                    Ok(text) => Some(text.trim().to_string()),
+                    Err(why) => {
+                        eprintln!("error: --token-file {}: {why}", file.display());
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
+            match control_runtime() {
+                Ok(rt) => rt.block_on(crate::admin::ctl::run(&admin, token.as_deref(), action.into())),
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         Command::Demo { listen } => match control_runtime() {
             Ok(rt) => rt.block_on(demo::run(&listen)),
             Err(e) => {

@@ -41,7 +41,12 @@ pub(super) fn serve(mut config: Config, path: Option<PathBuf>, threads: Option<u
         if let Some(path) = path {
             server.set_config_path(path);
         }
-        if let Err(e) = server.start_admin().await {
+        let admin = server.start_admin().await;
+        let dropped = match admin {
+            Ok(_) => server.drop_privileges().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = dropped {
             eprintln!("error: {e}");
             server.shutdown(std::time::Duration::ZERO).await;
             return ExitCode::FAILURE;
