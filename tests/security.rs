@@ -703,3 +703,76 @@ fn a_balancer_on_a_low_port_keeps_only_the_bind_capability() {
         assert_eq!(service_status(&s, "web")["bound"].as_array().unwrap().len(), 2);
     });
 }
+
+// ---------------------------------------------------------------------------
+// The new keys: each refusal names the key, the value and the line.
+
+#[test]
+fn each_new_key_is_validated_with_its_line() {
+    // Line 1: top; line 2: [admin]; line 3: the key under test (admin cases).
+    let admin = |line: &str| format!("state_dir = \"\"\n[admin]\n{line}\n");
+    let unix = |line: &str| admin(&format!("listen = \"unix:/run/pb/admin.sock\"\n{line}"));
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (
+            admin("listen = \"unix:admin.sock\""),
+            vec![":3:", "listen = \"unix:admin.sock\"", "absolute path"],
+        ),
+        (admin("listen = \"nonsense\""), vec![":3:", "unix:PATH"]),
+        (
+            admin("socket_mode = \"0660\""),
+            vec![":3:", "socket_mode = \"0660\"", "only for listen = \"unix:PATH\""],
+        ),
+        (
+            unix("socket_mode = \"0666\""),
+            vec![":4:", "socket_mode = \"0666\"", "others nothing"],
+        ),
+        (unix("socket_mode = \"rw\""), vec![":4:", "octal"]),
+        (unix("socket_mode = \"0400\""), vec![":4:", "read and write"]),
+        (
+            admin("allowed_hosts = [\"a b\"]"),
+            vec![":3:", "allowed_hosts = \"a b\"", "host name or IP"],
+        ),
+        (admin("allowed_hosts = [\"a:99999\"]"), vec![":3:", "a:99999"]),
+        (
+            admin("max_connections = 0"),
+            vec![":3:", "[admin] max_connections = 0", "1 to 4096"],
+        ),
+        (admin("max_connections = 5000"), vec![":3:", "1 to 4096"]),
+        (
+            admin("header_timeout = \"10ms\""),
+            vec![":3:", "header_timeout = \"10ms\"", "at least 100ms"],
+        ),
+        (
+            admin("request_timeout = \"soon\""),
+            vec![":3:", "request_timeout = \"soon\""],
+        ),
+        (admin("token = \"short\""), vec![":3:", "too short"]),
+        (
+            "user = \"no-such-user-here\"\n".into(),
+            vec![":1:", "user = \"no-such-user-here\"", "no such user"],
+        ),
+        (
+            "group = \"root\"\n".into(),
+            vec![":1:", "group = \"root\"", "needs user"],
+        ),
+        (
+            "user = \"root\"\ngroup = \"no-such-group-here\"\n".into(),
+            vec![":2:", "group = \"no-such-group-here\"", "no such group"],
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (text, expected) in &cases {
+        let (ok, err) = check(text);
+        if ok || !expected.iter().all(|e| err.contains(e)) {
+            wrong.push(format!("{text:?}: expected {expected:?}, got: {err}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    assert!(
+        check(&unix(
+            "socket_mode = \"0660\"\nallowed_hosts = [\"lb1.example.com\", \"[::1]:9\"]"
+        ))
+        .0
+    );
+    assert!(check("user = \"root\"\ngroup = \"root\"\n").0);
+}
