@@ -29,8 +29,8 @@ pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 /// Largest `[admin] max_connections`.
 pub const MAX_ADMIN_CONNECTIONS: usize = 4096;
 
-/// The `[admin]` settings.
-#[derive(Debug, Clone, PartialEq)]
+/// The `[admin]` settings. Its `Debug` hides the token.
+#[derive(Clone, PartialEq)]
 pub struct AdminConfig {
     pub listen: AdminListen,
     /// From `token` or `token_file`.
@@ -46,6 +46,20 @@ pub struct AdminConfig {
     pub header_timeout: Duration,
     /// How long a request may take from its headers to its answer.
     pub request_timeout: Duration,
+}
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "(hidden)"))
+            .field("allowed_hosts", &self.allowed_hosts)
+            .field("socket_mode", &format_args!("{:04o}", self.socket_mode))
+            .field("max_connections", &self.max_connections)
+            .field("header_timeout", &self.header_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .finish()
+    }
 }
 
 impl Default for AdminConfig {
@@ -341,6 +355,19 @@ mod tests {
         ] {
             assert_eq!(hp(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn debug_output_hides_the_token() {
+        let admin = AdminConfig {
+            token: Some("do-not-print-me".into()),
+            ..AdminConfig::default()
+        };
+        let shown = format!("{admin:?}");
+        assert!(
+            !shown.contains("do-not-print-me") && shown.contains("(hidden)"),
+            "{shown}"
+        );
     }
 
     #[test]
