@@ -7,16 +7,26 @@
 //! - Changed pins are marked dirty in memory and written in one transaction
 //!   per [`FLUSH_INTERVAL`] by a background task (and once more at shutdown),
 //!   never on a connection's path.
-//! - A damaged file is logged, moved aside to `affinity.redb.corrupt` and
-//!   replaced by an empty one. A file that cannot be used for another reason
-//!   (held by another process, no permission) is left alone and pins are kept
-//!   in memory only. The balancer never refuses to start because of this file.
+//! - A damaged file is logged, moved aside to `affinity.redb.corrupt.SECONDS`
+//!   (the Unix time: a later damage keeps the earlier copies) and replaced
+//!   by an empty one. A file that cannot be used for another reason (held by
+//!   another process, no permission, a symbolic link) is left alone and pins
+//!   are kept in memory only. The balancer never refuses to start because of
+//!   this file.
+//! - The file holds client addresses: `state_dir` is created 0700 and the
+//!   file 0600 (an existing file is brought to 0600), and it is opened with
+//!   `O_NOFOLLOW`: a symbolic link at its path is refused, never followed
+//!   (root would write wherever it points).
 //! - When no cluster has affinity at start and there is no file yet, the file
 //!   is not created until there is a pin to write (a reload turned affinity
 //!   on): opening it runs enough of the store library to cost about half a
-//!   megabyte of resident memory, for nothing while no client is pinned.
+//!   megabyte of resident memory, for nothing while no client is pinned. Not
+//!   with `user`: the process may no longer create files in `state_dir`
+//!   after it drops privileges, so the file is opened at start.
 
+use std::fs::{DirBuilder, File, OpenOptions};
 use std::net::IpAddr;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -96,15 +106,24 @@ impl Affinity {
             return affinity;
         }
         affinity.path = Some(state_dir.join(STORE_FILE));
-        if let Err(e) = std::fs::create_dir_all(state_dir) {
+        if let Err(e) = DirBuilder::new().recursive(true).mode(0o700).create(state_dir) {
             error!(
                 "cannot create state_dir {}: {e}; client affinity will not survive a restart",
                 state_dir.display()
             );
             return affinity;
         }
+        if let Ok(meta) = std::fs::metadata(state_dir)
+            && meta.mode() & 0o077 != 0
+        {
+            warn!(
+                "state_dir {} is open to other users (mode {:04o}); its files are 0600, but 0700 hides even their names",
+                state_dir.display(),
+                meta.mode() & 0o7777
+            );
+        }
         let path = state_dir.join(STORE_FILE);
-        if !config.clusters.iter().any(|c| c.affinity) && !path.exists() {
+        if !config.clusters.iter().any(|c| c.affinity) && !path.exists() && config.run_as.is_none() {
             *affinity.store() = Store::Deferred(path);
             return affinity;
         }
@@ -320,7 +339,7 @@ fn open_store(path: &Path) -> Option<(Database, Vec<StoredPin>)> {
             None
         }
         Err(StoreError::Damaged(e)) => {
-            let aside = PathBuf::from(format!("{}.corrupt", path.display()));
+            let aside = aside_name(path);
             error!(
                 "affinity store {} is damaged ({e}); moving it to {} and starting an empty one",
                 path.display(),
@@ -345,11 +364,57 @@ fn open_store(path: &Path) -> Option<(Database, Vec<StoredPin>)> {
     }
 }
 
+/// Where a damaged store at `path` is moved: `PATH.corrupt.SECONDS`, a name
+/// no earlier copy has (`-2`, `-3`, ... within one second).
+fn aside_name(path: &Path) -> PathBuf {
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let base = format!("{}.corrupt.{seconds}", path.display());
+    (1..)
+        .map(|n| PathBuf::from(if n == 1 { base.clone() } else { format!("{base}-{n}") }))
+        .find(|p| std::fs::symlink_metadata(p).is_err())
+        .expect("some name is free")
+}
+
+/// Opens (or creates, 0600) the store's file at `path`, never through a
+/// symbolic link, and brings it to 0600.
+fn open_file(path: &Path) -> Result<File, StoreError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => StoreError::Unusable("it is a symbolic link: refused, never followed".into()),
+            _ => StoreError::Unusable(e.to_string()),
+        })?;
+    let meta = file.metadata().map_err(|e| StoreError::Unusable(e.to_string()))?;
+    if !meta.file_type().is_file() {
+        return Err(StoreError::Unusable("not a regular file".into()));
+    }
+    if meta.mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| StoreError::Unusable(format!("cannot make it 0600: {e}")))?;
+        info!(
+            "affinity store {}: mode {:04o} made 0600",
+            path.display(),
+            meta.mode() & 0o7777
+        );
+    }
+    Ok(file)
+}
+
 /// Opens or creates the store at `path` and reads every pin in it. A panic
 /// inside the store library on a damaged file counts as damage too.
 fn open_and_read(path: &Path) -> Result<(Database, Vec<StoredPin>), StoreError> {
+    let file = open_file(path)?;
     panic::catch_unwind(AssertUnwindSafe(|| -> Result<_, redb::Error> {
-        let db = Database::create(path)?;
+        let backend = redb::backends::FileBackend::new(file)?;
+        let db = Database::builder().create_with_backend(backend)?;
         // Make sure the table exists, so that reading a fresh file works.
         let txn = db.begin_write()?;
         txn.open_table(PINS)?;
@@ -486,11 +551,102 @@ mod tests {
         .unwrap();
         let store = Affinity::open(dir.path(), &config("1d"), 100, WallClock::System);
         assert!(store.is_persistent(), "a fresh store replaces the corrupt one");
-        assert!(dir.path().join("affinity.redb.corrupt").exists());
+        assert_eq!(corrupt_copies(dir.path()).len(), 1);
         store.pins().pin("c", ip(1), "b");
         store.close();
         let store = Affinity::open(dir.path(), &config("1d"), 100, WallClock::System);
         assert_eq!(store.pins().pinned("c", ip(1), DAY).as_deref(), Some("b"));
+    }
+
+    /// The damaged copies moved aside in `dir`, with their contents.
+    fn corrupt_copies(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut found: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("affinity.redb.corrupt.")
+            })
+            .map(|p| {
+                (
+                    p.file_name().unwrap().to_string_lossy().into_owned(),
+                    std::fs::read(&p).unwrap(),
+                )
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_second_damage_keeps_the_first_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        for garbage in [&b"first garbage, not a store"[..], b"second garbage, not a store"] {
+            std::fs::write(&path, garbage).unwrap();
+            let store = Affinity::open(dir.path(), &config("1d"), 100, WallClock::System);
+            assert!(store.is_persistent());
+            store.close();
+        }
+        let copies = corrupt_copies(dir.path());
+        let contents: Vec<&[u8]> = copies.iter().map(|(_, c)| c.as_slice()).collect();
+        assert_eq!(copies.len(), 2, "{copies:?}");
+        assert!(
+            contents.contains(&&b"first garbage, not a store"[..]),
+            "the first copy stays"
+        );
+        assert!(contents.contains(&&b"second garbage, not a store"[..]));
+        for (name, _) in &copies {
+            assert_eq!(mode(&dir.path().join(name)), 0o600, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_store_is_private_to_its_owner() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("state");
+        let store = Affinity::open(&dir, &config("1d"), 100, WallClock::System);
+        store.pins().pin("c", ip(1), "a");
+        store.close();
+        assert_eq!(mode(&dir), 0o700, "state_dir");
+        assert_eq!(mode(&dir.join(STORE_FILE)), 0o600, "the store");
+        // A file left world-readable (by an older version) is made private.
+        std::fs::set_permissions(dir.join(STORE_FILE), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let store = Affinity::open(&dir, &config("1d"), 100, WallClock::System);
+        assert_eq!(store.pins().pinned("c", ip(1), DAY).as_deref(), Some("a"));
+        assert_eq!(mode(&dir.join(STORE_FILE)), 0o600);
+    }
+
+    #[test]
+    fn a_symlink_at_the_store_path_is_refused_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("somewhere-else");
+        std::fs::write(&target, b"precious").unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join(STORE_FILE)).unwrap();
+        let store = Affinity::open(dir.path(), &config("1d"), 100, WallClock::System);
+        assert!(!store.is_persistent(), "pins stay in memory");
+        assert_eq!(std::fs::read(&target).unwrap(), b"precious", "the target is untouched");
+        assert!(
+            std::fs::symlink_metadata(dir.path().join(STORE_FILE))
+                .unwrap()
+                .file_type()
+                .is_symlink(),
+            "the link is left alone, not moved aside"
+        );
+        assert!(corrupt_copies(dir.path()).is_empty());
+        // A dangling link is refused too: nothing is created where it points.
+        let dangling = tempfile::tempdir().unwrap();
+        let nowhere = dangling.path().join("nowhere");
+        std::os::unix::fs::symlink(&nowhere, dangling.path().join(STORE_FILE)).unwrap();
+        let store = Affinity::open(dangling.path(), &config("1d"), 100, WallClock::System);
+        assert!(!store.is_persistent());
+        assert!(!nowhere.exists());
     }
 
     #[test]
@@ -510,7 +666,7 @@ mod tests {
             .unwrap();
         let store = Affinity::open(dir.path(), &config("1d"), 100, WallClock::System);
         assert!(store.is_persistent());
-        assert!(dir.path().join("affinity.redb.corrupt").exists(), "moved aside");
+        assert_eq!(corrupt_copies(dir.path()).len(), 1, "moved aside");
     }
 
     #[test]
@@ -520,10 +676,7 @@ mod tests {
         first.pins().pin("c", ip(1), "b");
         let second = Affinity::open(dir.path(), &config("1d"), 100, WallClock::System);
         assert!(!second.is_persistent(), "the second owner keeps pins in memory");
-        assert!(
-            !dir.path().join("affinity.redb.corrupt").exists(),
-            "the file was not moved"
-        );
+        assert!(corrupt_copies(dir.path()).is_empty(), "the file was not moved");
         first.close();
         let again = Affinity::open(dir.path(), &config("1d"), 100, WallClock::System);
         assert_eq!(again.pins().pinned("c", ip(1), DAY).as_deref(), Some("b"));

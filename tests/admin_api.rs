@@ -117,8 +117,9 @@ async fn every_route_needs_the_token() {
     assert_eq!(reply.status, 401);
     use base64::Engine;
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("anyone:{TOKEN}"));
-    let raw =
-        format!("GET /api/v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {basic}\r\nConnection: close\r\n\r\n");
+    let raw = format!(
+        "GET /api/v1/status HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Basic {basic}\r\nConnection: close\r\n\r\n"
+    );
     let mut stream = TcpStream::connect(&admin).await.unwrap();
     stream.write_all(raw.as_bytes()).await.unwrap();
     let mut answer = String::new();

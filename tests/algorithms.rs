@@ -107,3 +107,57 @@ async fn traffic_rate_weighs_an_open_connection_by_the_bytes_it_moves() {
     drop(busy);
     server.shutdown(Duration::from_secs(5)).await;
 }
+
+/// An agent that reports a negative load (`-1e300`) counts as idle (0), no
+/// less: a negative number would turn the rating upside down, so that the
+/// node seemed the less loaded the more connections it held, and took them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_negative_agent_load_counts_as_zero() {
+    let (a, b) = (
+        Backend::start("a", Behaviour::Greet).await,
+        Backend::start("b", Behaviour::Greet).await,
+    );
+    // a's agent says 7 first, so that its next answer shows when it lands.
+    let negative = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let agent_a = serve({
+        let negative = negative.clone();
+        move |mut stream| {
+            let answer: &[u8] = if negative.load(Relaxed) { b"-1e300\n" } else { b"7\n" };
+            async move {
+                let _ = stream.write_all(answer).await;
+            }
+        }
+    })
+    .await;
+    let agent_b = agent(Arc::new(AtomicU64::new(0f64.to_bits()))).await;
+    let cluster = Cluster::new("c")
+        .key("algorithm = \"least-load\"")
+        .key("load_rating = \"(agent_load + 1) * (connections + 1)\"")
+        .key("retry_interval = \"50ms\"")
+        .node(Node::new("a", a.addr).key(&format!("agent = \"{agent_a}\"")))
+        .node(Node::new("b", b.addr).key(&format!("agent = \"{agent_b}\"")));
+    let (server, addr) = ConfigText::one_service(cluster).start().await;
+    let snapshot = server.snapshot();
+    let figures = |n: &str| snapshot.clusters["c"].node(n).unwrap().figures.clone();
+    let (fa, fb) = (figures("a"), figures("b"));
+    wait_until("a's agent to answer", || async { fa.agent_load() == 7.0 }).await;
+    negative.store(true, Relaxed);
+    wait_until("a's agent to answer -1e300", || async { fa.agent_load() != 7.0 }).await;
+    assert_eq!(fa.agent_load(), 0.0, "held at 0");
+    assert_eq!(fb.agent_load(), 0.0);
+
+    // Open connections count: with a at 0, the two nodes take turns.
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(connect(addr).await);
+    }
+    let on_b = held.iter().filter(|(_, node)| node == "b").count();
+    assert_eq!(
+        on_b,
+        5,
+        "b takes its share: {:?}",
+        held.iter().map(|(_, n)| n).collect::<Vec<_>>()
+    );
+    drop(held);
+    server.shutdown(Duration::from_secs(5)).await;
+}

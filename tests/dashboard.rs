@@ -1,7 +1,10 @@
 //! The dashboard in a real headless browser (Debian's chromium driven by
 //! playwright-core, tests/browser/dashboard.mjs): under load the page shows
 //! numbers that move, and a click on yellow (confirmed) sets the node's state
-//! on the server.
+//! on the server. Before that, a page from another origin (served here on
+//! another loopback port) tries what a page can through the browser — a
+//! `no-cors` reload, a form posted to the reload, a JSON `PUT` to a node's
+//! state, framing the dashboard — and changes nothing.
 //!
 //! Needs `chromium` and `node` (scripts/test installs them and runs
 //! `npm ci` in tests/browser through scripts/test.d/browser.sh). Without
@@ -48,13 +51,23 @@ async fn dashboard_shows_live_numbers_and_sets_a_state() {
     }
 
     let (a, b, g) = (echo_backend().await, echo_backend().await, echo_backend().await);
-    let (server, admin, _file) = ConfigText::new()
+    let config = ConfigText::new()
         .service(Service::new("web", "blue"))
         .cluster(Cluster::of("blue", &[("a", a), ("b", b)]))
-        .cluster(Cluster::of("green", &[("g", g)]))
-        .start_with_admin()
-        .await;
+        .cluster(Cluster::of("green", &[("g", g)]));
+    let (server, admin, file) = config.start_with_admin().await;
     let web = server.addr_of("web").unwrap();
+    // A reload, however the attacking page got one, would show: the file now says b is red.
+    let b_red = ConfigText::new()
+        .service(Service::new("web", "blue"))
+        .cluster(
+            Cluster::new("blue")
+                .node(Node::new("a", a))
+                .node(Node::new("b", b).key("state = \"red\"")),
+        )
+        .cluster(Cluster::of("green", &[("g", g)]));
+    std::fs::write(file.path(), b_red.text()).unwrap();
+    let attack = attack_page(&format!("http://{admin}"), "blue", "b").await;
 
     // Steady load: short connections with a little traffic each, until the browser is done.
     let stop = Arc::new(AtomicBool::new(false));
@@ -87,6 +100,7 @@ async fn dashboard_shows_live_numbers_and_sets_a_state() {
         .arg(format!("http://{admin}/"))
         .arg(&screenshot)
         .args(["blue", "a"])
+        .arg(format!("http://{attack}/"))
         .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(BROWSER_RUN, run)
@@ -124,9 +138,86 @@ async fn dashboard_shows_live_numbers_and_sets_a_state() {
         let _ = std::fs::remove_file(&screenshot);
     }
 
-    // The click changed the server, not just the page.
+    eprintln!("browser run: {result}");
+    // The other origin's page tried, and was answered or blocked, but changed nothing.
+    let tried = result["attack"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no attack log: {result}"));
+    assert_eq!(tried.len(), 4, "every attempt ran: {result}");
+    assert!(
+        !result["framed_url"]
+            .as_str()
+            .is_some_and(|u| u.starts_with(&format!("http://{admin}"))),
+        "the dashboard loaded in another origin's frame: {result}"
+    );
+    assert!(
+        result["framed_rows"].as_i64() <= Some(0),
+        "the framed dashboard drew nodes: {result}"
+    );
+
+    // The click changed the server, not just the page; the attack did not.
     let s = status(&admin, None).await;
     assert_eq!(node_status(&s, "blue", "a")["state"], "yellow");
-    assert_eq!(node_status(&s, "blue", "b")["state"], "green");
+    assert_eq!(
+        node_status(&s, "blue", "b")["state"],
+        "green",
+        "no reload, no state change: {result}"
+    );
     server.shutdown(PATIENCE).await;
+}
+
+/// A page on another loopback port (another origin) that tries to change
+/// node `node` of `cluster` on the admin API at `admin` through the browser
+/// (each attempt noted in `window.attackLog`, `window.attackDone` at the
+/// end), with the dashboard in a frame named `framed`. Returns its address.
+async fn attack_page(admin: &str, cluster: &str, node: &str) -> std::net::SocketAddr {
+    let page = format!(
+        r#"<!doctype html><html><head><title>not the balancer</title></head><body>
+<form id="f" method="POST" action="{admin}/api/v1/reload" enctype="text/plain" target="sink">
+<input name='{{"a":"' value='"}}'></form>
+<iframe name="sink"></iframe>
+<iframe name="framed" src="{admin}/"></iframe>
+<script>
+window.attackLog = [];
+const target = "{admin}/api/v1/clusters/{cluster}/nodes/{node}/state";
+async function attempt(what, run) {{
+  try {{ const r = await run(); window.attackLog.push(what + ": answered " + (r.type === "opaque" ? "(opaque)" : r.status)); }}
+  catch (e) {{ window.attackLog.push(what + ": failed: " + e.message); }}
+}}
+(async () => {{
+  await attempt("no-cors POST reload", () => fetch("{admin}/api/v1/reload", {{ method: "POST", mode: "no-cors" }}));
+  await attempt("no-cors POST reload, form body", () =>
+    fetch("{admin}/api/v1/reload", {{ method: "POST", mode: "no-cors", body: new URLSearchParams({{ a: "b" }}) }}));
+  await attempt("PUT state as JSON", () =>
+    fetch(target, {{ method: "PUT", headers: {{ "Content-Type": "application/json" }}, body: '{{"state":"red"}}' }}));
+  await new Promise((done) => {{
+    document.querySelector("iframe[name=sink]").onload = done;
+    setTimeout(done, 5000);
+    document.getElementById("f").submit();
+  }});
+  window.attackLog.push("form POST reload: submitted");
+  window.attackDone = true;
+}})();
+</script></body></html>"#
+    );
+    serve(move |mut stream| {
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+            page.len()
+        );
+        async move {
+            // The request's head, then the page, whatever was asked.
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = stream.write_all(answer.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        }
+    })
+    .await
 }

@@ -12,6 +12,10 @@ shutdown_grace = "5s"
 max_connections = 100
 [admin]
 listen = "127.0.0.1:9900"
+allowed_hosts = ["lb1.example.com"]
+max_connections = 8
+header_timeout = "5s"
+request_timeout = "10s"
 [defaults]
 connect_timeout = "3s"
 retry_interval = "10s"
@@ -69,7 +73,7 @@ proptest! {
 
     #[test]
     fn any_value_for_any_key_never_panics(
-        line in 0usize..29,
+        line in 0usize..33,
         value in prop_oneof![
             Just("\"\"".to_string()),
             Just("-1".to_string()),

@@ -413,3 +413,47 @@ fn systemd_learns_the_new_main_pid() {
     assert!(next().starts_with("STOPPING=1"), "only the last process says it stops");
     wait_until_blocking("the new process to stop", || exited(new));
 }
+
+#[test]
+fn a_balancer_that_dropped_to_its_user_upgrades_and_keeps_its_unix_admin_socket() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        skip_or_fail("dropping privileges needs root");
+        return;
+    }
+    let (uid, _) = test_user();
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(uid), None).unwrap();
+    let socket = dir.path().join("admin.sock");
+    let node = echo_node();
+    let config = ConfigText::one_service(Cluster::of("c", &[("a", node)]))
+        .top(&format!("user = {TEST_USER:?}"))
+        .admin_listen(&format!("unix:{}", socket.display()));
+    let proc = Running::run(&config, &[]);
+    // The new process reads the file as the user, as a reload would.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(proc.config_path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (addr, admin) = (proc.listen_addr(), proc.admin_addr());
+    proc.wait_for("running as user protobalance-test");
+    let old = proc.child.id();
+    let mut open = TcpStream::connect(addr).unwrap();
+    open.set_read_timeout(Some(PATIENCE)).unwrap();
+    exchange(&mut open, 0).unwrap();
+    proc.signal(libc::SIGUSR2);
+    proc.wait_for("upgrade: the new process serves");
+    let mut new = old;
+    wait_until_blocking("a new process serves the unix socket", || {
+        new = serving_pid(&admin);
+        new != old
+    });
+    wait_until_blocking("the old process exits", || exited(old));
+    assert!(socket.exists(), "the socket file stays: the new process serves on it");
+    assert_eq!(
+        proc_status(new, None, "Uid").split('\t').next(),
+        Some(uid.to_string().as_str())
+    );
+    exchange(&mut open, 1).expect("handed over");
+    // SAFETY: the pid of the balancer the upgrade started.
+    unsafe { libc::kill(new as i32, libc::SIGTERM) };
+    wait_until_blocking("the new process to stop", || exited(new));
+}

@@ -1,5 +1,9 @@
 //! A minimal HTTP/1.1 client for the admin API, used by `protobalance ctl`
-//! (and the tests): one request per connection, JSON in and out.
+//! (and the tests): one request per connection, JSON in and out, over TCP
+//! (`HOST:PORT`, `http://HOST:PORT`) or a Unix socket (`unix:PATH`). It
+//! sends what the API's fences ask of a request (`admin::guard`): its
+//! `Host`, and `Content-Type: application/json` on every request that
+//! changes state.
 
 use std::time::Duration;
 
@@ -7,7 +11,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, header};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
 
 /// How long a whole request may take.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
@@ -20,7 +25,7 @@ pub enum ClientError {
     Timeout { admin: String },
     #[error("HTTP error talking to {admin}: {source}")]
     Http { admin: String, source: hyper::Error },
-    #[error("bad admin address {0:?}: expected HOST:PORT or http://HOST:PORT")]
+    #[error("bad admin address {0:?}: expected HOST:PORT, http://HOST:PORT or unix:PATH")]
     BadAddress(String),
     #[error("cannot build the request: {0}")]
     BadRequest(String),
@@ -53,6 +58,38 @@ pub fn authority(admin: &str) -> Result<&str, ClientError> {
     Ok(a)
 }
 
+/// Where the admin API is: a TCP authority or a Unix socket's path.
+enum Target<'a> {
+    Tcp(&'a str),
+    Unix(&'a str),
+}
+
+impl<'a> Target<'a> {
+    fn of(admin: &'a str) -> Result<Target<'a>, ClientError> {
+        match admin.strip_prefix("unix:") {
+            Some(path) if !path.is_empty() => Ok(Target::Unix(path)),
+            Some(_) => Err(ClientError::BadAddress(admin.to_string())),
+            None => authority(admin).map(Target::Tcp),
+        }
+    }
+
+    /// How errors name it.
+    fn name(&self) -> String {
+        match self {
+            Target::Tcp(a) => a.to_string(),
+            Target::Unix(path) => format!("unix:{path}"),
+        }
+    }
+
+    /// The `Host` to send: the authority, or `localhost` over a Unix socket.
+    fn host(&self) -> &'a str {
+        match self {
+            Target::Tcp(a) => a,
+            Target::Unix(_) => "localhost",
+        }
+    }
+}
+
 /// Sends one request to the admin API at `admin` and reads the whole answer.
 pub async fn request(
     admin: &str,
@@ -61,43 +98,53 @@ pub async fn request(
     path: &str,
     body: Option<&str>,
 ) -> Result<Reply, ClientError> {
-    let authority = authority(admin)?;
-    tokio::time::timeout(TIMEOUT, exchange(authority, token, method, path, body))
+    let target = Target::of(admin)?;
+    let exchange = async {
+        let unreachable = |source| ClientError::Unreachable {
+            admin: target.name(),
+            source,
+        };
+        match target {
+            Target::Tcp(authority) => {
+                let stream = TcpStream::connect(authority).await.map_err(unreachable)?;
+                exchange(stream, &target, token, method, path, body).await
+            }
+            Target::Unix(socket) => {
+                let stream = UnixStream::connect(socket).await.map_err(unreachable)?;
+                exchange(stream, &target, token, method, path, body).await
+            }
+        }
+    };
+    tokio::time::timeout(TIMEOUT, exchange)
         .await
-        .map_err(|_| ClientError::Timeout {
-            admin: authority.to_string(),
-        })?
+        .map_err(|_| ClientError::Timeout { admin: target.name() })?
 }
 
-async fn exchange(
-    authority: &str,
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    target: &Target<'_>,
     token: Option<&str>,
     method: Method,
     path: &str,
     body: Option<&str>,
 ) -> Result<Reply, ClientError> {
     let http = |source| ClientError::Http {
-        admin: authority.to_string(),
+        admin: target.name(),
         source,
     };
-    let stream = TcpStream::connect(authority)
-        .await
-        .map_err(|source| ClientError::Unreachable {
-            admin: authority.to_string(),
-            source,
-        })?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(http)?;
     tokio::spawn(connection);
+    let changes_state = !matches!(method, Method::GET | Method::HEAD);
     let mut request = Request::builder()
         .method(method)
         .uri(path)
-        .header(header::HOST, authority);
+        .header(header::HOST, target.host());
     if let Some(token) = token {
         request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
     }
-    if body.is_some() {
+    if body.is_some() || changes_state {
         request = request.header(header::CONTENT_TYPE, "application/json");
     }
     let request = request

@@ -106,7 +106,7 @@ fn segment(name: &str) -> String {
 fn explain_unreachable(e: ClientError, admin: &str) -> String {
     match e {
         ClientError::Unreachable { .. } => {
-            format!("{e}\n(is protobalance running with its admin API on {admin}? use --admin HOST:PORT)")
+            format!("{e}\n(is protobalance running with its admin API on {admin}? use --admin HOST:PORT or unix:PATH)")
         }
         other => other.to_string(),
     }
@@ -119,7 +119,9 @@ fn explain_refusal(reply: &Reply, sent_token: bool) -> String {
         .unwrap_or_else(|| reply.text());
     match reply.status {
         401 if sent_token => "401 unauthorized: the admin API refused this token".into(),
-        401 => "401 unauthorized: the admin API needs a token: pass --token TOKEN or set PROTOBALANCE_TOKEN".into(),
+        401 => "401 unauthorized: the admin API needs a token: pass --token-file FILE, set PROTOBALANCE_TOKEN \
+                or pass --token TOKEN"
+            .into(),
         404 => format!("404 not found: {message}"),
         status => format!("{status}: {message}"),
     }

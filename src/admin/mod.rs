@@ -9,13 +9,19 @@
 //! included, needs `Authorization: Bearer TOKEN`. Browsers may send the token
 //! as the password of HTTP Basic authentication instead (any user name): the
 //! 401 answer offers Basic, so a browser asks for it once and then sends it
-//! with the page's own API calls. Tokens are compared in constant time and
-//! never logged.
+//! with the page's own API calls. Tokens are compared as SHA-256 digests in
+//! constant time (so neither their content nor their length leaks) and are
+//! never logged. Before the token: the `Host` check; after it, the
+//! cross-site checks (`guard`). The socket and its budget: `serve`.
 
 pub mod client;
 pub mod ctl;
+mod guard;
 mod metrics;
+mod serve;
 pub mod status;
+
+pub use serve::{AdminHandOff, AdminListener};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -28,12 +34,14 @@ use axum::routing::{get, post, put};
 use base64::Engine;
 use serde::de::DeserializeOwned;
 use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 use subtle::ConstantTimeEq;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::NodeState;
+use crate::config::{AdminListen, NodeState};
 use crate::control::{Control, ControlError};
 
 /// The largest request body accepted: the API's bodies are a few dozen bytes.
@@ -42,18 +50,29 @@ pub const MAX_BODY: usize = 16 * 1024;
 /// The dashboard: one page, its CSS and JS inline, nothing fetched from elsewhere.
 const DASHBOARD: &str = include_str!("dashboard.html");
 
-/// Serves the admin API on `listener` until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, control: Control, stop: CancellationToken) {
-    if let Err(e) = axum::serve(listener, router(control))
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    {
-        warn!("admin API stopped: {e}");
-    }
+/// Serves the admin API on `listener` until `stop` is cancelled, within the
+/// connection budget of the `[admin]` settings in force.
+pub async fn serve(listener: AdminListener, control: Control, stop: CancellationToken) {
+    let admin = control.admin_config();
+    let budget = serve::Budget::of(&admin);
+    let bound = match listener.bound() {
+        Ok(bound) => bound,
+        Err(e) => {
+            warn!("admin API: cannot read its own address ({e}); not serving");
+            return;
+        }
+    };
+    serve::serve(listener, router(control, bound, budget.request_timeout), budget, stop).await;
 }
 
-/// Every route of the admin API, behind the token check.
-pub fn router(control: Control) -> Router {
+/// Every route of the admin API, behind its checks: the answer's security
+/// headers, the request's time limit, the `Host` of the socket `bound`, the
+/// token, then the cross-site rules.
+fn router(control: Control, bound: AdminListen, request_timeout: Duration) -> Router {
+    let fences = guard::Fences {
+        control: control.clone(),
+        bound: Arc::new(bound),
+    };
     Router::new()
         .route("/", get(dashboard))
         .route("/api/v1/status", get(status))
@@ -66,9 +85,32 @@ pub fn router(control: Control) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
         })
+        .layer(middleware::from_fn(guard::check_cross_site))
         .layer(middleware::from_fn_with_state(control.clone(), authorize))
+        .layer(middleware::from_fn_with_state(fences, guard::check_host))
+        .layer(middleware::from_fn_with_state(request_timeout, time_limit))
+        .layer(middleware::from_fn(guard::security_headers))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(control)
+}
+
+/// Answers 408 (and closes) a request not done within `limit`, its body
+/// read included.
+async fn time_limit(State(limit): State<Duration>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let mut response = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request took longer than [admin] request_timeout ({limit:?})"),
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+    }
 }
 
 /// An error answer: `{"error": "..."}` with a 4xx status.
@@ -106,7 +148,7 @@ impl From<ControlError> for ApiError {
             ControlError::UnknownService(_) | ControlError::UnknownCluster(_) | ControlError::UnknownNode { .. } => {
                 StatusCode::NOT_FOUND
             }
-            ControlError::NoConfigFile => StatusCode::CONFLICT,
+            ControlError::NoConfigFile | ControlError::Refused(_) => StatusCode::CONFLICT,
             ControlError::Config(_) | ControlError::Bind(_) => StatusCode::BAD_REQUEST,
         };
         ApiError::new(status, e.to_string())
@@ -115,9 +157,9 @@ impl From<ControlError> for ApiError {
 
 /// Refuses a request without the configured token (401).
 async fn authorize(State(control): State<Control>, request: Request, next: Next) -> Response {
-    let token = control.admin_token();
-    if let Some(token) = token.as_deref()
-        && !presented_token(request.headers()).is_some_and(|t| bool::from(t.as_bytes().ct_eq(token.as_bytes())))
+    let admin = control.admin_config();
+    if let Some(token) = admin.token.as_deref()
+        && !presented_token(request.headers()).is_some_and(|t| same_token(&t, token))
     {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -126,6 +168,13 @@ async fn authorize(State(control): State<Control>, request: Request, next: Next)
         .into_response();
     }
     next.run(request).await
+}
+
+/// Whether `presented` is `token`, in time that depends on neither: their
+/// digests have one length whatever the lengths of the tokens.
+fn same_token(presented: &str, token: &str) -> bool {
+    let (a, b) = (Sha256::digest(presented.as_bytes()), Sha256::digest(token.as_bytes()));
+    a.as_slice().ct_eq(b.as_slice()).into()
 }
 
 /// The token a request carries: `Bearer TOKEN`, or the password of `Basic`.
@@ -161,7 +210,16 @@ fn json_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result
 }
 
 async fn dashboard() -> impl IntoResponse {
-    ([(header::CACHE_CONTROL, "no-store")], Html(DASHBOARD))
+    static POLICY: OnceLock<HeaderValue> = OnceLock::new();
+    let policy = POLICY
+        .get_or_init(|| HeaderValue::from_str(&guard::dashboard_policy(DASHBOARD)).expect("the policy is plain ASCII"));
+    (
+        [
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            (header::CONTENT_SECURITY_POLICY, policy.clone()),
+        ],
+        Html(DASHBOARD),
+    )
 }
 
 async fn status(State(control): State<Control>) -> impl IntoResponse {
@@ -243,5 +301,24 @@ async fn upgrade(State(control): State<Control>) -> Result<impl IntoResponse, Ap
             StatusCode::CONFLICT,
             format!("upgrade failed, still serving: {e}"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole_whatever_their_lengths() {
+        assert!(same_token("s3cret-admin-token", "s3cret-admin-token"));
+        for other in [
+            "",
+            "s",
+            "s3cret-admin-toke",
+            "s3cret-admin-tokenx",
+            "S3cret-admin-token",
+        ] {
+            assert!(!same_token(other, "s3cret-admin-token"), "{other:?}");
+        }
     }
 }

@@ -62,12 +62,17 @@ pub enum Command {
     },
     /// Talks to a running balancer's admin API.
     Ctl {
-        /// The admin API: HOST:PORT or http://HOST:PORT.
+        /// The admin API: HOST:PORT, http://HOST:PORT or unix:PATH.
         #[arg(long, default_value = crate::config::DEFAULT_ADMIN_LISTEN, value_name = "ADDR")]
         admin: String,
-        /// The admin token, if the balancer has one.
+        /// The admin token, if the balancer has one (shows in `ps`: prefer
+        /// --token-file or PROTOBALANCE_TOKEN).
         #[arg(long, env = "PROTOBALANCE_TOKEN", hide_env_values = true, value_name = "TOKEN")]
         token: Option<String>,
+        /// A file holding the admin token (surrounding blanks ignored); wins
+        /// over --token and PROTOBALANCE_TOKEN.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
         #[command(subcommand)]
         action: CtlCommand,
     },
@@ -79,12 +84,16 @@ pub enum Command {
     },
     /// Upgrades a running balancer in place (the same as `ctl upgrade`).
     Upgrade {
-        /// The admin API: HOST:PORT or http://HOST:PORT.
+        /// The admin API: HOST:PORT, http://HOST:PORT or unix:PATH.
         #[arg(long, default_value = crate::config::DEFAULT_ADMIN_LISTEN, value_name = "ADDR")]
         admin: String,
-        /// The admin token, if the balancer has one.
+        /// The admin token, if the balancer has one (shows in `ps`: prefer
+        /// --token-file or PROTOBALANCE_TOKEN).
         #[arg(long, env = "PROTOBALANCE_TOKEN", hide_env_values = true, value_name = "TOKEN")]
         token: Option<String>,
+        /// A file holding the admin token; wins over --token and PROTOBALANCE_TOKEN.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
     },
     /// Prints the shell completion script for bash, zsh or fish.
     Completions {
@@ -161,17 +170,32 @@ pub fn main(cli: Cli) -> ExitCode {
             let _log_writer = log(flag_format);
             check(&config)
         }
-        Command::Ctl { admin, token, action } => {
+        Command::Ctl {
+            admin,
+            token,
+            token_file,
+            action,
+        } => {
             let _log_writer = log(flag_format);
-            on_runtime(crate::admin::ctl::run(&admin, token.as_deref(), action.into()))
+            match admin_token(token, token_file) {
+                Ok(token) => on_runtime(crate::admin::ctl::run(&admin, token.as_deref(), action.into())),
+                Err(code) => code,
+            }
         }
-        Command::Upgrade { admin, token } => {
+        Command::Upgrade {
+            admin,
+            token,
+            token_file,
+        } => {
             let _log_writer = log(flag_format);
-            on_runtime(crate::admin::ctl::run(
-                &admin,
-                token.as_deref(),
-                crate::admin::ctl::Action::Upgrade,
-            ))
+            match admin_token(token, token_file) {
+                Ok(token) => on_runtime(crate::admin::ctl::run(
+                    &admin,
+                    token.as_deref(),
+                    crate::admin::ctl::Action::Upgrade,
+                )),
+                Err(code) => code,
+            }
         }
         Command::Demo { listen } => {
             let _log_writer = log(flag_format);
@@ -189,6 +213,19 @@ pub fn main(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// The admin token `ctl` sends: from `--token-file`, which wins, else
+/// `--token` or `PROTOBALANCE_TOKEN`.
+fn admin_token(token: Option<String>, token_file: Option<PathBuf>) -> Result<Option<String>, ExitCode> {
+    let Some(file) = token_file else { return Ok(token) };
+    match crate::config::read_regular_file(&file, crate::config::MAX_TOKEN_FILE) {
+        Ok(text) => Ok(Some(text.trim().to_string())),
+        Err(why) => {
+            eprintln!("error: --token-file {}: {why}", file.display());
+            Err(ExitCode::FAILURE)
+        }
     }
 }
 

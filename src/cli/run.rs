@@ -153,7 +153,11 @@ async fn start(config: &Config, path: Option<PathBuf>, handed: Handed) -> Result
         Some(p) => server.take_over(p).await,
         None => server.start_admin().await,
     };
-    if let Err(e) = admin {
+    let dropped = match admin {
+        Ok(_) => server.drop_privileges().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = dropped {
         server.clone().shutdown(std::time::Duration::ZERO).await;
         return Err(fail(&e));
     }

@@ -18,12 +18,21 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod account;
+mod admin;
+mod file;
 mod listeners;
 pub mod load_rating;
 mod raw;
 mod validate;
 mod values;
 
+pub use account::RunAs;
+pub use admin::{
+    AdminConfig, AdminListen, DEFAULT_ADMIN_HEADER_TIMEOUT, DEFAULT_ADMIN_MAX_CONNECTIONS,
+    DEFAULT_ADMIN_REQUEST_TIMEOUT, DEFAULT_SOCKET_MODE, HostPort,
+};
+pub use file::{MAX_CONFIG_FILE, MAX_TOKEN_FILE, read_regular_file};
 pub use listeners::{ListenerKey, listeners};
 pub use load_rating::{LoadRating, LoadRatingError, Variable};
 pub use values::{
@@ -64,15 +73,11 @@ pub struct Config {
     pub forwarding: ForwardMode,
     /// How log lines are written; the CLI's `--log-format` overrides it.
     pub log_format: LogFormat,
+    /// `user` / `group`: who the process becomes once its sockets are open.
+    pub run_as: Option<RunAs>,
     pub admin: AdminConfig,
     pub services: Vec<ServiceConfig>,
     pub clusters: Vec<ClusterConfig>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct AdminConfig {
-    pub listen: SocketAddr,
-    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -173,13 +178,14 @@ impl Config {
         raw.validate(&ctx)
     }
 
-    /// Reads and parses the file at `path`.
+    /// Reads and parses the file at `path`, which must be a regular file
+    /// (a FIFO or a device is refused at once, never waited on).
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let text = read_regular_file(path, MAX_CONFIG_FILE).map_err(|message| ConfigError {
             source_name: name.clone(),
             line: None,
-            message: format!("cannot read the file: {e}"),
+            message,
         })?;
         Config::parse(&text, &name)
     }

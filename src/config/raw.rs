@@ -16,6 +16,8 @@ pub(super) struct RawConfig {
     pub(super) shutdown_grace: Option<Spanned<String>>,
     pub(super) forwarding: Option<Spanned<String>>,
     pub(super) log_format: Option<Spanned<String>>,
+    pub(super) user: Option<Spanned<String>>,
+    pub(super) group: Option<Spanned<String>>,
     pub(super) admin: Option<RawAdmin>,
     pub(super) defaults: Option<RawDefaults>,
     #[serde(default)]
@@ -28,7 +30,14 @@ pub(super) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAdmin {
     pub(super) listen: Option<Spanned<String>>,
-    pub(super) token: Option<Spanned<String>>,
+    /// Any TOML value: serde's message for a wrong type would quote a secret.
+    pub(super) token: Option<Spanned<toml::Value>>,
+    pub(super) token_file: Option<Spanned<String>>,
+    pub(super) allowed_hosts: Option<Vec<Spanned<String>>>,
+    pub(super) socket_mode: Option<Spanned<String>>,
+    pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) header_timeout: Option<Spanned<String>>,
+    pub(super) request_timeout: Option<Spanned<String>>,
 }
 
 /// Cluster keys that `[defaults]` may set for every cluster.

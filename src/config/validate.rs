@@ -5,22 +5,22 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use toml::Spanned;
 
-use super::raw::{RawAdmin, RawCluster, RawConfig, RawDefaults, RawNode, RawService};
+use super::admin::validate_admin;
+use super::raw::{RawCluster, RawConfig, RawDefaults, RawNode, RawService};
 use super::values::{
     AlgorithmKind, ForwardMode, ListenSpec, LogFormat, NodeAddress, NodeState, Resolver, SocketBuffer, parse_duration,
     parse_listen, parse_node_address, parse_socket_buffer,
 };
 use super::{
-    AdminConfig, ClusterConfig, Config, ConfigError, DEFAULT_ADMIN_LISTEN, DEFAULT_AFFINITY_TTL,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_RETRY_INTERVAL, DEFAULT_SHUTDOWN_GRACE, LoadRating, MAX_WEIGHT, NodeConfig,
-    ServiceConfig, ServiceLimits,
+    ClusterConfig, Config, ConfigError, DEFAULT_AFFINITY_TTL, DEFAULT_CONNECT_TIMEOUT, DEFAULT_RETRY_INTERVAL,
+    DEFAULT_SHUTDOWN_GRACE, LoadRating, MAX_WEIGHT, NodeConfig, RunAs, ServiceConfig, ServiceLimits,
 };
 
 /// The text being validated, for turning spans into line numbers.
@@ -41,14 +41,20 @@ impl Ctx<'_> {
     }
 
     /// An error about `key = value` at the value's position.
-    fn bad<T: fmt::Debug>(&self, what: &str, key: &str, value: &Spanned<T>, why: impl fmt::Display) -> ConfigError {
+    pub(super) fn bad<T: fmt::Debug>(
+        &self,
+        what: &str,
+        key: &str,
+        value: &Spanned<T>,
+        why: impl fmt::Display,
+    ) -> ConfigError {
         self.error(
             Some(value.span()),
             format!("{what}{key} = {:?}: {why}", value.get_ref()),
         )
     }
 
-    fn duration(&self, what: &str, key: &str, value: &Spanned<String>) -> Result<Duration, ConfigError> {
+    pub(super) fn duration(&self, what: &str, key: &str, value: &Spanned<String>) -> Result<Duration, ConfigError> {
         parse_duration(value.get_ref()).map_err(|why| self.bad(what, key, value, why))
     }
 
@@ -119,6 +125,7 @@ impl RawConfig {
             .map(|m| positive(ctx, top, "max_connections", m))
             .transpose()?;
         let admin = validate_admin(ctx, self.admin)?;
+        let run_as = validate_run_as(ctx, self.user.as_ref(), self.group.as_ref())?;
         let defaults = self.defaults.unwrap_or_default();
 
         let clusters = validate_clusters(ctx, &self.cluster, &defaults)?;
@@ -133,6 +140,7 @@ impl RawConfig {
             shutdown_grace,
             forwarding,
             log_format,
+            run_as,
             admin,
             services,
             clusters,
@@ -262,41 +270,22 @@ fn check_name(ctx: &Ctx<'_>, what: &str, name: &Spanned<String>) -> Result<(), C
     Ok(())
 }
 
-fn validate_admin(ctx: &Ctx<'_>, raw: Option<RawAdmin>) -> Result<AdminConfig, ConfigError> {
-    let what = "[admin] ";
-    let (listen, token) = match raw {
-        None => (None, None),
-        Some(a) => (a.listen, a.token),
-    };
-    let listen_addr = match &listen {
-        None => DEFAULT_ADMIN_LISTEN.parse().expect("default admin address parses"),
-        Some(l) => l
-            .get_ref()
-            .parse::<SocketAddr>()
-            .map_err(|_| ctx.bad(what, "listen", l, "expected IP:PORT, e.g. 127.0.0.1:9900"))?,
-    };
-    if let Some(t) = &token
-        && t.get_ref().len() < 8
-    {
-        // Never echo a token, even a bad one.
-        return Err(ctx.error(
-            Some(t.span()),
-            format!("{what}token: too short, use at least 8 characters"),
-        ));
+/// `user` and `group`, looked up now so that `check` reports a missing one.
+fn validate_run_as(
+    ctx: &Ctx<'_>,
+    user: Option<&Spanned<String>>,
+    group: Option<&Spanned<String>>,
+) -> Result<Option<RunAs>, ConfigError> {
+    match (user, group) {
+        (None, None) => Ok(None),
+        (None, Some(g)) => Err(ctx.bad("", "group", g, "needs user: the group is the one that user runs in")),
+        (Some(u), g) => super::account::look_up(u.get_ref(), g.map(|g| g.get_ref().as_str()))
+            .map(Some)
+            .map_err(|why| match g {
+                Some(g) if why.contains("group") => ctx.bad("", "group", g, why),
+                _ => ctx.bad("", "user", u, why),
+            }),
     }
-    if !listen_addr.ip().is_loopback() && token.is_none() {
-        let l = listen.as_ref().expect("a non-default address was written");
-        return Err(ctx.bad(
-            what,
-            "listen",
-            l,
-            "not a loopback address, so [admin] token is required",
-        ));
-    }
-    Ok(AdminConfig {
-        listen: listen_addr,
-        token: token.map(Spanned::into_inner),
-    })
 }
 
 fn validate_cluster(ctx: &Ctx<'_>, raw: &RawCluster, defaults: &RawDefaults) -> Result<ClusterConfig, ConfigError> {

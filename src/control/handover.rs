@@ -38,8 +38,8 @@ const MAX_FDS: usize = 253;
 pub enum Message {
     /// Old → new, first: the protocol version and the old process.
     Hello { version: u32, pid: u32 },
-    /// Old → new: the admin API's listening socket (attached).
-    Admin,
+    /// Old → new: the admin API's listening socket (attached), and where it listens.
+    Admin { listen: String },
     /// Old → new: the listening sockets of one listener (as many as `sockets`, attached).
     Listener {
         service: String,

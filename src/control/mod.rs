@@ -10,6 +10,7 @@
 
 pub mod handover;
 mod plan;
+pub mod privileges;
 mod state;
 
 use std::collections::BTreeMap;
@@ -19,10 +20,10 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use arc_swap::ArcSwap;
 use tracing::{info, warn};
 
-pub use plan::{Plan, RestartOnly, plan};
-pub use state::{ControlState, Origin, Override, Overrides};
+pub use plan::{Plan, Refusal, RestartOnly, plan};
+pub use state::{ControlState, Dropped, Origin, Override, Overrides, Process};
 
-use crate::config::{Config, ConfigError, NodeState};
+use crate::config::{AdminConfig, AdminListen, Config, ConfigError, NodeState};
 use crate::model::{Live, Snapshot};
 use crate::proxy::{BindError, DataPlane, warn_capped_socket_buffers};
 
@@ -41,6 +42,9 @@ pub enum ControlError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Bind(#[from] BindError),
+    /// The file is valid, but the running process cannot take it (see [`Refusal`]).
+    #[error("{0}")]
+    Refused(Refusal),
 }
 
 /// What a reload did.
@@ -78,8 +82,8 @@ struct Inner {
     data: Arc<DataPlane>,
     /// The file `reload` reads; unset for `forward` and in-process configs.
     config_path: OnceLock<PathBuf>,
-    /// The admin token of the config now in force, read per admin request.
-    admin_token: ArcSwap<Option<String>>,
+    /// The `[admin]` settings now in force (token, allowed hosts), read per admin request.
+    admin: ArcSwap<AdminConfig>,
 }
 
 impl Control {
@@ -90,7 +94,7 @@ impl Control {
             inner: Arc::new(Inner {
                 upgrades,
                 upgrade_requests: Mutex::new(Some(requests)),
-                admin_token: ArcSwap::from_pointee(file.admin.token.clone()),
+                admin: ArcSwap::from_pointee(file.admin.clone()),
                 state: Mutex::new(ControlState::new(file)),
                 live,
                 data,
@@ -124,9 +128,27 @@ impl Control {
         let _ = self.inner.config_path.set(path);
     }
 
+    /// The `[admin]` settings in force now (a reload may change the token
+    /// and the allowed hosts).
+    pub fn admin_config(&self) -> Arc<AdminConfig> {
+        self.inner.admin.load_full()
+    }
+
     /// The admin token in force now (a reload may change it).
-    pub fn admin_token(&self) -> Arc<Option<String>> {
-        self.inner.admin_token.load_full()
+    pub fn admin_token(&self) -> Option<String> {
+        self.inner.admin.load().token.clone()
+    }
+
+    /// Records the admin socket as bound: a reload is judged against it
+    /// (see [`plan`]).
+    pub fn note_admin_bound(&self, bound: AdminListen) {
+        self.lock().process.admin = Some(bound);
+    }
+
+    /// Records that the process dropped to a user, keeping `dropped.kept`:
+    /// a reload that needs more is refused (see [`plan`]).
+    pub fn note_dropped(&self, dropped: Dropped) {
+        self.lock().process.dropped = Some(dropped);
     }
 
     /// Asks for an upgrade in place (`POST /api/v1/upgrade`) and waits for
@@ -260,6 +282,9 @@ impl Control {
     pub fn apply(&self, new: Config) -> Result<ReloadReport, ControlError> {
         let mut control = self.lock();
         let plan = plan(&control, &new);
+        if let Some(refusal) = plan.refused.into_iter().next() {
+            return Err(ControlError::Refused(refusal));
+        }
         let data = &self.inner.data;
         let bound = data.bind(&plan.open)?;
         for setting in &plan.restart_only {
@@ -276,7 +301,7 @@ impl Control {
         control.file = new;
         control.overrides = plan.overrides.clone();
         self.publish(&control);
-        self.inner.admin_token.store(Arc::new(control.file.admin.token.clone()));
+        self.inner.admin.store(Arc::new(control.file.admin.clone()));
         data.close(&plan.close);
         data.open(bound);
         let named = |keys: &[crate::config::ListenerKey]| -> Vec<String> {

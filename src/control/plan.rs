@@ -15,15 +15,23 @@
 //!   node (same address) with the same `state`; otherwise it is dropped and
 //!   the file's state applies.
 //! - **Restart-only settings** (`threads`, `pin_workers`, `busy_poll`,
-//!   `[admin] listen`) changed in the file are named, and take effect at the
-//!   next start.
+//!   `user`, `group`, `[admin]` `listen`, `socket_mode` and the admin
+//!   budget) changed in the file are named, and take effect at the next
+//!   start.
+//! - **Refusals**: the reload is refused, and nothing changes, when the
+//!   admin socket bound at start is exposed (not loopback, not a Unix
+//!   socket) and the new file has no token — the file's own `listen`
+//!   changes nothing before a restart, so the socket that is bound is the
+//!   one judged; or when what it opens needs a privilege the process
+//!   dropped (`super::privileges`).
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::fmt;
 use std::time::Duration;
 
+use super::privileges::{Privilege, needed};
 use super::state::{ControlState, Overrides};
-use crate::config::{Config, ListenerKey, LogFormat, NodeAddress, listeners};
+use crate::config::{AdminListen, Config, ListenerKey, LogFormat, NodeAddress, listeners};
 
 /// What a reload does.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +50,39 @@ pub struct Plan {
     pub nodes_kept: Vec<(String, String)>,
     /// Settings changed in the file that apply only at the next start.
     pub restart_only: Vec<RestartOnly>,
+    /// Why the reload must not happen at all; empty: it may.
+    pub refused: Vec<Refusal>,
+}
+
+/// Why a reload is refused although the file is valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The admin socket bound at start is exposed and the file has no token.
+    AdminTokenRemoved { bound: AdminListen },
+    /// `what` needs `privilege`, which the process dropped at start.
+    PrivilegeDropped {
+        privilege: Privilege,
+        what: String,
+        user: String,
+    },
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::AdminTokenRemoved { bound } => write!(
+                f,
+                "the admin API is bound to {bound}, which is not a loopback address, until the next start: \
+                 a file without [admin] token (or token_file) would open it to anyone; keep the token, \
+                 or restart to move the admin API"
+            ),
+            Refusal::PrivilegeDropped { privilege, what, user } => write!(
+                f,
+                "{what} needs {privilege}, which the balancer dropped when it became user \"{user}\": \
+                 restart it to open this (it keeps {privilege} when the file it starts with needs it)"
+            ),
+        }
+    }
 }
 
 /// A setting that a running balancer cannot change.
@@ -50,7 +91,11 @@ pub enum RestartOnly {
     Threads(usize),
     PinWorkers(bool),
     BusyPoll(Option<Duration>),
-    AdminListen(SocketAddr),
+    AdminListen(AdminListen),
+    /// Another `[admin]` setting bound at start, as `key = value`.
+    Admin(String),
+    /// `user` / `group`: `None` when the file no longer drops privileges.
+    RunAs(Option<String>),
     LogFormat(LogFormat),
 }
 
@@ -62,6 +107,9 @@ impl std::fmt::Display for RestartOnly {
             RestartOnly::BusyPoll(Some(d)) => write!(f, "busy_poll = {d:?}"),
             RestartOnly::BusyPoll(None) => write!(f, "busy_poll off"),
             RestartOnly::AdminListen(a) => write!(f, "[admin] listen = {a}"),
+            RestartOnly::Admin(setting) => write!(f, "[admin] {setting}"),
+            RestartOnly::RunAs(Some(who)) => write!(f, "user = {who}"),
+            RestartOnly::RunAs(None) => write!(f, "no user"),
             RestartOnly::LogFormat(LogFormat::Text) => write!(f, "log_format = \"text\""),
             RestartOnly::LogFormat(LogFormat::Json) => write!(f, "log_format = \"json\""),
         }
@@ -79,7 +127,9 @@ pub fn plan(old: &ControlState, new: &Config) -> Plan {
         states_dropped: Vec::new(),
         nodes_kept: nodes_kept(&old.file, new),
         restart_only: restart_only(&old.file, new),
+        refused: Vec::new(),
     };
+    plan.refused = refusals(old, new, &plan.open);
     for (service, target) in &old.overrides.redirects {
         let file_now = new.services.iter().find(|s| s.name == *service).map(|s| &s.cluster);
         let unchanged = file_now.is_some_and(|c| old.file_cluster(service) == Some(c.as_str()));
@@ -102,6 +152,30 @@ pub fn plan(old: &ControlState, new: &Config) -> Plan {
         }
     }
     plan
+}
+
+/// Why `new` must not replace the file in force, judged against what the
+/// process holds (the admin socket bound, the privileges kept).
+fn refusals(old: &ControlState, new: &Config, open: &[ListenerKey]) -> Vec<Refusal> {
+    let mut refused = Vec::new();
+    if let Some(bound) = &old.process.admin
+        && bound.is_exposed()
+        && new.admin.token.is_none()
+    {
+        refused.push(Refusal::AdminTokenRemoved { bound: bound.clone() });
+    }
+    if let Some(dropped) = &old.process.dropped {
+        for (privilege, what) in needed(new, open, dropped.unprivileged_port_start) {
+            if !dropped.kept.contains(&privilege) {
+                refused.push(Refusal::PrivilegeDropped {
+                    privilege,
+                    what,
+                    user: dropped.user.clone(),
+                });
+            }
+        }
+    }
+    refused
 }
 
 /// A node as far as the rules above compare it: its address and its state.
@@ -143,8 +217,26 @@ fn restart_only(old: &Config, new: &Config) -> Vec<RestartOnly> {
     if new.busy_poll != old.busy_poll {
         changed.push(RestartOnly::BusyPoll(new.busy_poll));
     }
-    if new.admin.listen != old.admin.listen {
-        changed.push(RestartOnly::AdminListen(new.admin.listen));
+    let (a, b) = (&old.admin, &new.admin);
+    if b.listen != a.listen {
+        changed.push(RestartOnly::AdminListen(b.listen.clone()));
+    }
+    if b.socket_mode != a.socket_mode {
+        changed.push(RestartOnly::Admin(format!("socket_mode = \"{:04o}\"", b.socket_mode)));
+    }
+    if b.max_connections != a.max_connections {
+        changed.push(RestartOnly::Admin(format!("max_connections = {}", b.max_connections)));
+    }
+    if b.header_timeout != a.header_timeout {
+        changed.push(RestartOnly::Admin(format!("header_timeout = {:?}", b.header_timeout)));
+    }
+    if b.request_timeout != a.request_timeout {
+        changed.push(RestartOnly::Admin(format!("request_timeout = {:?}", b.request_timeout)));
+    }
+    if new.run_as != old.run_as {
+        changed.push(RestartOnly::RunAs(
+            new.run_as.as_ref().map(|r| format!("{} (group {})", r.user, r.group)),
+        ));
     }
     if new.log_format != old.log_format {
         changed.push(RestartOnly::LogFormat(new.log_format));
@@ -156,7 +248,7 @@ fn restart_only(old: &Config, new: &Config) -> Vec<RestartOnly> {
 mod tests {
     use super::*;
     use crate::config::NodeState;
-    use crate::control::state::Override;
+    use crate::control::state::{Dropped, Override, Process};
 
     /// (name, address, state) of each node of a cluster.
     type Nodes<'a> = &'a [(&'a str, &'a str, &'a str)];
@@ -227,11 +319,114 @@ mod tests {
         redirect_kept: bool,
         state_kept: bool,
         restart_only: Vec<RestartOnly>,
+        /// What the running process holds (the old state's).
+        process: Process,
+        refused: Vec<Refusal>,
     }
 
-    fn cases() -> Vec<Case> {
-        let same_listen = "\"127.0.0.1:8001\", \"127.0.0.1:8002\"";
-        let row = |what, new, redirect_kept, state_kept| Case {
+    /// The rows of the refusals: the admin socket bound, the privileges kept.
+    fn refusal_cases() -> Vec<Case> {
+        let same_listen = SAME_LISTEN;
+        let bound = |addr: &str| Process {
+            admin: Some(AdminListen::parse(addr).unwrap()),
+            dropped: None,
+        };
+        let mapped = "[::ffff:127.0.0.1]:9900";
+        let with_token = || {
+            file(
+                "[admin]\ntoken = \"a-long-token\"",
+                &[("web", "blue", same_listen)],
+                &[("blue", AB), ("green", G)],
+            )
+        };
+        let add_port_80 = || {
+            file(
+                "",
+                &[(
+                    "web",
+                    "blue",
+                    "\"127.0.0.1:8001\", \"127.0.0.1:8002\", \"127.0.0.1:80\"",
+                )],
+                &[("blue", AB), ("green", G)],
+            )
+        };
+        let dropped = |kept: &[Privilege]| Process {
+            admin: None,
+            dropped: Some(Dropped::new("pb", kept.iter().copied().collect())),
+        };
+        let low = |privilege| Refusal::PrivilegeDropped {
+            privilege,
+            what: "service \"web\" listen 127.0.0.1:80".into(),
+            user: "pb".into(),
+        };
+        vec![
+            Case {
+                process: bound(mapped),
+                refused: vec![Refusal::AdminTokenRemoved {
+                    bound: AdminListen::parse(mapped).unwrap(),
+                }],
+                ..row(
+                    "the admin socket bound off loopback: a file without a token is refused",
+                    base(),
+                    true,
+                    true,
+                )
+            },
+            Case {
+                process: bound("0.0.0.0:9900"),
+                ..row(
+                    "the admin socket bound off loopback: a file with a token is fine",
+                    with_token(),
+                    true,
+                    true,
+                )
+            },
+            Case {
+                process: bound("127.0.0.1:9900"),
+                ..row("a loopback admin socket needs no token", base(), true, true)
+            },
+            Case {
+                process: bound("unix:/run/pb/admin.sock"),
+                ..row("a unix admin socket needs no token", base(), true, true)
+            },
+            Case {
+                process: dropped(&[]),
+                open: vec![key("web", "127.0.0.1:80")],
+                refused: vec![low(Privilege::BindLowPort)],
+                ..row(
+                    "a port below 1024 after dropping CAP_NET_BIND_SERVICE is refused",
+                    add_port_80(),
+                    true,
+                    true,
+                )
+            },
+            Case {
+                process: dropped(&[Privilege::BindLowPort]),
+                open: vec![key("web", "127.0.0.1:80")],
+                ..row(
+                    "a port below 1024 with CAP_NET_BIND_SERVICE kept opens",
+                    add_port_80(),
+                    true,
+                    true,
+                )
+            },
+            Case {
+                open: vec![key("web", "127.0.0.1:80")],
+                ..row(
+                    "a port below 1024 without a drop opens (binding says if it may)",
+                    add_port_80(),
+                    true,
+                    true,
+                )
+            },
+        ]
+    }
+
+    const SAME_LISTEN: &str = "\"127.0.0.1:8001\", \"127.0.0.1:8002\"";
+
+    /// A row with nothing opened, closed, named or refused.
+    fn row(what: &'static str, new: Config, redirect_kept: bool, state_kept: bool) -> Case {
+        Case {
             what,
             new,
             close: vec![],
@@ -239,7 +434,13 @@ mod tests {
             redirect_kept,
             state_kept,
             restart_only: vec![],
-        };
+            process: Process::default(),
+            refused: vec![],
+        }
+    }
+
+    fn cases() -> Vec<Case> {
+        let same_listen = SAME_LISTEN;
         let moved_a: &[(&str, &str, &str)] = &[("a", "127.0.0.1:9", "green"), ("b", "127.0.0.1:2", "green")];
         let red_a: &[(&str, &str, &str)] = &[("a", "127.0.0.1:1", "red"), ("b", "127.0.0.1:2", "green")];
         let only_b: &[(&str, &str, &str)] = &[("b", "127.0.0.1:2", "green")];
@@ -304,7 +505,7 @@ mod tests {
                     RestartOnly::Threads(3),
                     RestartOnly::PinWorkers(true),
                     RestartOnly::BusyPoll(Some(Duration::from_micros(50))),
-                    RestartOnly::AdminListen("127.0.0.1:9999".parse().unwrap()),
+                    RestartOnly::AdminListen(AdminListen::Tcp("127.0.0.1:9999".parse().unwrap())),
                     RestartOnly::LogFormat(LogFormat::Json),
                 ],
                 ..row(
@@ -323,8 +524,9 @@ mod tests {
 
     #[test]
     fn every_reload_rule() {
-        for case in cases() {
-            let old = with_overrides(base(), true, true);
+        for case in cases().into_iter().chain(refusal_cases()) {
+            let mut old = with_overrides(base(), true, true);
+            old.process = case.process.clone();
             let p = plan(&old, &case.new);
             let what = case.what;
             assert_eq!(p.close, case.close, "{what}: close");
@@ -346,6 +548,7 @@ mod tests {
             );
             assert_eq!(p.states_dropped.is_empty(), case.state_kept, "{what}: states_dropped");
             assert_eq!(p.restart_only, case.restart_only, "{what}: restart-only");
+            assert_eq!(p.refused, case.refused, "{what}: refused");
         }
     }
 

@@ -1,11 +1,13 @@
 //! The control state: the configuration as the file says it, plus the
-//! changes made at run time (node states, service redirects) on top of it.
-//! Plain values, no locks and no I/O: [`super::Control`] owns one and
-//! changes it one step at a time.
+//! changes made at run time (node states, service redirects) on top of it,
+//! and what the running process holds that no file changes (the admin
+//! socket it bound, the privileges it kept). Plain values, no locks and no
+//! I/O: [`super::Control`] owns one and changes it one step at a time.
 
 use std::collections::BTreeMap;
 
-use crate::config::{Config, NodeState};
+use super::privileges::{DEFAULT_UNPRIVILEGED_PORT_START, Privileges};
+use crate::config::{AdminListen, Config, NodeState};
 
 /// Where and when a run-time change was made.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -42,11 +44,43 @@ pub struct Overrides {
     pub node_states: BTreeMap<(String, String), Override<NodeState>>,
 }
 
+/// What the running process holds whatever the file says: a reload is
+/// judged against it, not against the file it replaces.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Process {
+    /// The admin API's socket as bound (port 0 resolved); `None`: not started.
+    pub admin: Option<AdminListen>,
+    /// How the process dropped its privileges; `None`: it did not, so it
+    /// can still do whatever it could at start.
+    pub dropped: Option<Dropped>,
+}
+
+/// A drop to `user`, and what it kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dropped {
+    pub user: String,
+    pub kept: Privileges,
+    /// `net.ipv4.ip_unprivileged_port_start` at the drop.
+    pub unprivileged_port_start: u16,
+}
+
+impl Dropped {
+    /// A drop to `user` that kept `kept`, under the kernel's default port rule.
+    pub fn new(user: &str, kept: Privileges) -> Dropped {
+        Dropped {
+            user: user.to_string(),
+            kept,
+            unprivileged_port_start: DEFAULT_UNPRIVILEGED_PORT_START,
+        }
+    }
+}
+
 /// The file's configuration and the run-time overrides in force.
 #[derive(Debug, Clone)]
 pub struct ControlState {
     pub file: Config,
     pub overrides: Overrides,
+    pub process: Process,
 }
 
 impl ControlState {
@@ -55,6 +89,7 @@ impl ControlState {
         ControlState {
             file,
             overrides: Overrides::default(),
+            process: Process::default(),
         }
     }
 

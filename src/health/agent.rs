@@ -9,7 +9,10 @@
 //! An agent that cannot be reached, is too slow, or answers something that is
 //! not a finite number leaves `agent_load` at its last value: a node whose
 //! agent hiccups keeps the load it last reported rather than suddenly looking
-//! idle (0) or unusable. Before the first answer `agent_load` is 0. A failing
+//! idle (0) or unusable. A number below 0 counts as 0 and one above
+//! [`MAX_AGENT_LOAD`] as that: a negative load would turn a load rating
+//! upside down, so that the node looked less loaded the more connections it
+//! took, and took them all. Before the first answer `agent_load` is 0. A failing
 //! agent is logged as a warning once when it starts failing and once when it
 //! answers again, not at every poll. Agents only inform the load figure;
 //! whether a node is available is health's business.
@@ -33,6 +36,8 @@ use crate::model::{Live, NodeFigures};
 const TICK: Duration = Duration::from_millis(100);
 /// Longest answer accepted, newline included.
 const MAX_ANSWER: usize = 64;
+/// The largest load an agent may report; more counts as this.
+pub const MAX_AGENT_LOAD: f64 = 1_000_000.0;
 
 /// Why an agent gave no load.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +71,10 @@ pub async fn query(addr: SocketAddr, timeout: Duration) -> Result<f64, AgentErro
     let text = String::from_utf8_lossy(&answer);
     let line = text.split('\n').next().unwrap_or_default().trim();
     match line.parse::<f64>() {
-        Ok(v) if v.is_finite() && (text.contains('\n') || answer.len() < MAX_ANSWER) => Ok(v),
+        // Also turns -0 into 0.
+        Ok(v) if v.is_finite() && (text.contains('\n') || answer.len() < MAX_ANSWER) => {
+            Ok(if v > 0.0 { v.min(MAX_AGENT_LOAD) } else { 0.0 })
+        }
         _ => Err(AgentError::BadAnswer(line.to_string())),
     }
 }
@@ -181,6 +189,43 @@ mod tests {
         assert_eq!(query(agent(b"0.75\n", 1).await, T).await.unwrap(), 0.75);
         assert_eq!(query(agent(b" 42 \r\nignored\n", 1).await, T).await.unwrap(), 42.0);
         assert_eq!(query(agent(b"7", 1).await, T).await.unwrap(), 7.0); // EOF ends the line
+    }
+
+    #[tokio::test]
+    async fn loads_are_held_between_zero_and_the_maximum() {
+        for (answer, load) in [
+            (
+                &b"-1e300
+"[..],
+                0.0,
+            ),
+            (
+                b"-0.5
+", 0.0,
+            ),
+            (
+                b"-0
+", 0.0,
+            ),
+            (
+                b"1e300
+",
+                MAX_AGENT_LOAD,
+            ),
+            (
+                b"999999
+", 999_999.0,
+            ),
+        ] {
+            let answer: &'static [u8] = Box::leak(answer.to_vec().into_boxed_slice());
+            let got = query(agent(answer, 1).await, T).await.unwrap();
+            assert_eq!(
+                got.to_bits(),
+                f64::to_bits(load),
+                "{:?}",
+                String::from_utf8_lossy(answer)
+            );
+        }
     }
 
     #[tokio::test]

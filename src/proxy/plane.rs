@@ -287,6 +287,27 @@ impl DataPlane {
         self.workers.count()
     }
 
+    /// Runs `f` once on each worker thread, and returns what each returned,
+    /// in worker order: for what only a thread can do for itself (setting
+    /// its capabilities when the process drops privileges).
+    pub async fn on_every_worker<T: Send + 'static>(&self, f: impl Fn() -> T + Send + Sync + 'static) -> Vec<T> {
+        let f = Arc::new(f);
+        let mut answers = Vec::with_capacity(self.workers.count());
+        for worker in 0..self.workers.count() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let f = f.clone();
+            self.workers.spawn_on(worker, async move {
+                let _ = tx.send(f());
+            });
+            answers.push(rx);
+        }
+        let mut out = Vec::with_capacity(answers.len());
+        for rx in answers {
+            out.push(rx.await.expect("a worker thread runs what it is given"));
+        }
+        out
+    }
+
     /// Connections being served now.
     pub fn open_connections(&self) -> usize {
         self.shared.connections.len()

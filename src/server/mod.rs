@@ -5,7 +5,10 @@
 //! of it stops, and the upgrade in place that hands it to a new process
 //! (`upgrade`). The binary and the tests both start it through
 //! [`Server::start`]. It decides nothing itself: changes go to `Control`,
-//! bytes to `proxy`.
+//! bytes to `proxy`, and what privileges to keep is `control::privileges`'s
+//! (this module's `privileges` only makes the system calls).
+
+mod privileges;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -19,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::affinity::{self, Affinity};
-use crate::config::{Config, NodeState};
+use crate::config::{AdminListen, Config, NodeState};
 use crate::control::Control;
 pub use crate::control::{ControlError, ReloadReport};
 use crate::model::{Live, Snapshot, WallClock};
@@ -34,9 +37,11 @@ pub enum StartError {
     #[error(transparent)]
     Bind(#[from] BindError),
     #[error("admin API: cannot listen on {addr}: {source}")]
-    AdminBind { addr: SocketAddr, source: io::Error },
+    AdminBind { addr: AdminListen, source: io::Error },
     #[error("cannot start the worker threads: {0}")]
     Workers(io::Error),
+    #[error("cannot drop privileges: {0}")]
+    Privileges(io::Error),
 }
 
 /// What a start may choose besides the config.
@@ -67,7 +72,7 @@ struct Shared {
     /// process stops taking admin requests as soon as the new one serves them.
     admin_stop: CancellationToken,
     /// A copy of the admin API's socket, for an upgrade to hand over.
-    admin_socket: std::sync::Mutex<Option<std::net::TcpListener>>,
+    admin_socket: std::sync::Mutex<Option<crate::admin::AdminHandOff>>,
     /// Set while an upgrade runs: a second one is refused.
     upgrading: std::sync::atomic::AtomicBool,
 }
@@ -126,21 +131,38 @@ impl Server {
     }
 
     /// Starts the admin API on the config's `[admin] listen` and returns the
-    /// bound address. It stops with the other background tasks.
-    pub async fn start_admin(&self) -> Result<SocketAddr, StartError> {
-        let addr = self.shared.control.state().file.admin.listen;
-        let listener = std::net::TcpListener::bind(addr)
-            .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .map_err(|source| StartError::AdminBind { addr, source })?;
-        self.serve_admin(listener, addr)
+    /// bound address (`IP:PORT`, or `unix:PATH`). It stops with the other
+    /// background tasks. A Unix socket belongs to `user` and `group` when
+    /// the config names them.
+    pub async fn start_admin(&self) -> Result<AdminListen, StartError> {
+        let file = self.shared.control.state().file;
+        let addr = file.admin.listen.clone();
+        let owner = file.run_as.as_ref().map(|r| (r.uid, r.gid));
+        let failed = |source| StartError::AdminBind {
+            addr: addr.clone(),
+            source,
+        };
+        let listener = crate::admin::AdminListener::bind(&addr, file.admin.socket_mode, owner)
+            .await
+            .map_err(failed)?;
+        self.serve_admin(listener, &addr)
     }
 
-    /// Starts the admin API on `listener` (handed over by an upgrade).
-    fn serve_admin(&self, listener: std::net::TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {
-        let fail = |source| StartError::AdminBind { addr, source };
-        let bound = listener.local_addr().map_err(fail)?;
-        *self.shared.admin_socket.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener.try_clone().map_err(fail)?);
-        let listener = tokio::net::TcpListener::from_std(listener).map_err(fail)?;
+    /// Starts the admin API on `listener` (bound here, or handed over by an
+    /// upgrade), configured as `addr`.
+    fn serve_admin(
+        &self,
+        listener: crate::admin::AdminListener,
+        addr: &AdminListen,
+    ) -> Result<AdminListen, StartError> {
+        let failed = |source| StartError::AdminBind {
+            addr: addr.clone(),
+            source,
+        };
+        let bound = listener.bound().map_err(failed)?;
+        *self.shared.admin_socket.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(listener.hand_off().map_err(failed)?);
+        self.shared.control.note_admin_bound(bound.clone());
         info!("admin listening on {bound}");
         self.shared.tasks.spawn(crate::admin::serve(
             listener,
@@ -148,6 +170,77 @@ impl Server {
             self.shared.admin_stop.clone(),
         ));
         Ok(bound)
+    }
+
+    /// With `user` in the config, becomes that user, its group and its
+    /// supplementary groups, keeping only the capabilities the config needs
+    /// (`control::privileges`) and setting `PR_SET_NO_NEW_PRIVS`. Call it
+    /// once every listener, the admin socket and the state files are open
+    /// (after [`Server::start_admin`]); a reload then refuses a file that
+    /// needs a capability dropped here. Without `user`, does nothing.
+    pub async fn drop_privileges(&self) -> Result<(), StartError> {
+        use crate::control::privileges::needed;
+        let file = self.shared.control.state().file;
+        let Some(run_as) = &file.run_as else {
+            return Ok(());
+        };
+        let start = privileges::unprivileged_port_start();
+        let keep: crate::control::privileges::Privileges = needed(&file, &crate::config::listeners(&file), start)
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        if euid != 0 && euid == run_as.uid {
+            // Already this user: started by an upgrade of a process that
+            // dropped, or by a service manager. Nothing to drop; it may do
+            // what the capabilities it holds allow.
+            let held: crate::control::privileges::Privileges =
+                keep.into_iter().filter(|p| privileges::holds(*p)).collect();
+            info!("running as user {} already", run_as.user);
+            self.shared.control.note_dropped(crate::control::Dropped {
+                user: run_as.user.clone(),
+                kept: held,
+                unprivileged_port_start: start,
+            });
+            return Ok(());
+        }
+        let caps = privileges::capabilities(&keep);
+        let on_workers = |step: fn(&caps::CapsHashSet) -> io::Result<()>| {
+            let caps = caps.clone();
+            self.shared.data.on_every_worker(move || step(&caps))
+        };
+        for done in on_workers(privileges::prepare_thread).await {
+            done.map_err(StartError::Privileges)?;
+        }
+        // No await from here to the change of user: a thread this one
+        // started meanwhile (the blocking pool's) would inherit its
+        // "keep capabilities" and keep them.
+        privileges::prepare_thread(&caps).map_err(StartError::Privileges)?;
+        privileges::become_user(run_as).map_err(StartError::Privileges)?;
+        privileges::finish_thread(&caps).map_err(StartError::Privileges)?;
+        for done in on_workers(privileges::finish_thread).await {
+            done.map_err(StartError::Privileges)?;
+        }
+        let kept: Vec<String> = keep.iter().map(ToString::to_string).collect();
+        info!(
+            "running as user {} (uid {}), group {} (gid {}); capabilities kept: {}",
+            run_as.user,
+            run_as.uid,
+            run_as.group,
+            run_as.gid,
+            if kept.is_empty() {
+                "none".to_string()
+            } else {
+                kept.join(", ")
+            }
+        );
+        self.shared.control.note_dropped(crate::control::Dropped {
+            user: run_as.user.clone(),
+            kept: keep,
+            unprivileged_port_start: start,
+        });
+        Ok(())
     }
 
     /// The control plane: state changes and reloads.
@@ -166,7 +259,7 @@ impl Server {
     }
 
     /// The admin token in force now (a reload may change it).
-    pub fn admin_token(&self) -> Arc<Option<String>> {
+    pub fn admin_token(&self) -> Option<String> {
         self.shared.control.admin_token()
     }
 

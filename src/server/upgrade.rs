@@ -29,6 +29,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::{Server, StartError};
+use crate::config::AdminListen;
 use crate::control::Overrides;
 use crate::control::handover::{CHANNEL_ENV, Channel, Message, NodeRecord, PinRecord, VERSION};
 use crate::model::Pin;
@@ -77,7 +78,8 @@ pub struct Predecessor {
     channel: Channel,
     pid: u32,
     listeners: Vec<Inherited>,
-    admin: Option<std::net::TcpListener>,
+    /// The admin API's socket and where it listens.
+    admin: Option<(OwnedFd, AdminListen)>,
     overrides: Overrides,
     figures: Vec<NodeRecord>,
 }
@@ -93,6 +95,7 @@ impl Server {
         let result = self.start_successor().await;
         if let Err(e) = &result {
             warn!("upgrade failed, still serving: {e}");
+            self.admin_handed_over(false);
             self.shared.affinity.take_back();
             self.shared.upgrading.store(false, SeqCst);
         }
@@ -106,6 +109,7 @@ impl Server {
         let affinity = self.shared.affinity.clone();
         // Before the new process starts: it must find the pin file free.
         let _ = tokio::task::spawn_blocking(move || affinity.lend()).await;
+        self.admin_handed_over(true);
         let (channel, theirs) = Channel::pair().map_err(UpgradeError::Channel)?;
         let mut child = Starting(Some(spawn(&exe, theirs)?));
         info!(pid = child.id(), "upgrade: started {}", exe.display());
@@ -142,6 +146,13 @@ impl Server {
         }
     }
 
+    /// The admin socket's file (a Unix socket) is, or is no longer, the new process's.
+    fn admin_handed_over(&self, yes: bool) {
+        if let Some(admin) = &*self.shared.admin_socket.lock().unwrap_or_else(|p| p.into_inner()) {
+            admin.set_handed_over(yes);
+        }
+    }
+
     /// Every node's identity and counters now.
     fn node_records(&self) -> Vec<NodeRecord> {
         let snapshot = self.snapshot();
@@ -171,7 +182,8 @@ impl Server {
             Vec::new(),
         )];
         if let Some(admin) = &*self.shared.admin_socket.lock().unwrap_or_else(|p| p.into_inner()) {
-            records.push((Message::Admin, vec![admin.try_clone()?.into()]));
+            let listen = admin.listen.to_string();
+            records.push((Message::Admin { listen }, vec![admin.socket.try_clone()?]));
         }
         for (key, sockets) in self.shared.data.listener_sockets()? {
             let message = Message::Listener {
@@ -246,7 +258,7 @@ impl Server {
     /// takes over its run-time overrides and its nodes' counters, serves the
     /// admin API on its socket, and tells it this process is ready; then
     /// takes the pins it sends until it is done.
-    pub async fn take_over(&self, predecessor: Predecessor) -> Result<std::net::SocketAddr, StartError> {
+    pub async fn take_over(&self, predecessor: Predecessor) -> Result<AdminListen, StartError> {
         let Predecessor {
             channel,
             pid,
@@ -268,21 +280,23 @@ impl Server {
             }
         }
         let admin = match admin {
-            Some(listener) => {
-                let addr = listener.local_addr().map_err(|source| StartError::AdminBind {
-                    addr: self.shared.control.state().file.admin.listen,
-                    source,
-                })?;
-                self.serve_admin(listener, addr)?
+            Some((socket, listen)) => {
+                let listener =
+                    crate::admin::AdminListener::adopt(socket, &listen).map_err(|source| StartError::AdminBind {
+                        addr: listen.clone(),
+                        source,
+                    })?;
+                self.serve_admin(listener, &listen)?
             }
             None => self.start_admin().await?,
         };
         let ready = Message::Ready {
             pid: std::process::id(),
         };
-        channel
-            .send(&ready, &[])
-            .map_err(|source| StartError::AdminBind { addr: admin, source })?;
+        channel.send(&ready, &[]).map_err(|source| StartError::AdminBind {
+            addr: admin.clone(),
+            source,
+        })?;
         info!(predecessor = pid, "upgrade: took over from process {pid}");
         let live = self.shared.control.live().clone();
         let data = self.shared.data.clone();
@@ -333,7 +347,10 @@ impl Predecessor {
                 self.fail(&reason);
                 return Err(reason);
             }
-            Message::Admin => self.admin = fds.pop().map(std::net::TcpListener::from),
+            Message::Admin { listen } => {
+                let listen = AdminListen::parse(&listen).map_err(|e| format!("bad admin address {listen:?}: {e}"))?;
+                self.admin = fds.pop().map(|fd| (fd, listen));
+            }
             Message::Listener {
                 service, configured, ..
             } => {

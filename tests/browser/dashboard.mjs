@@ -1,16 +1,20 @@
 // Drives Debian's chromium against the live dashboard:
-//   node dashboard.mjs URL SCREENSHOT CLUSTER NODE
-// waits for live numbers that move, clicks "yellow" on CLUSTER/NODE (accepting
-// the confirmation), waits for the page to show it, saves a screenshot, and
-// prints one JSON line with what it saw. Exit 0 on success, 1 otherwise.
+//   node dashboard.mjs URL SCREENSHOT CLUSTER NODE [ATTACK_URL]
+// With ATTACK_URL, first opens that page (another origin's, which tries to
+// change the balancer through the browser and sets window.attackDone) and
+// notes what it tried and whether its frame of the dashboard loaded. Then
+// waits for live numbers that move, clicks "yellow" on CLUSTER/NODE
+// (accepting the confirmation), waits for the page to show it, saves a
+// screenshot, and prints one JSON line with what it saw. Exit 0 on success,
+// 1 otherwise.
 import { chromium } from "playwright-core";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
-const [url, screenshot, cluster, node] = process.argv.slice(2);
+const [url, screenshot, cluster, node, attackUrl] = process.argv.slice(2);
 if (!url || !screenshot || !cluster || !node) {
-  console.error("usage: node dashboard.mjs URL SCREENSHOT CLUSTER NODE");
+  console.error("usage: node dashboard.mjs URL SCREENSHOT CLUSTER NODE [ATTACK_URL]");
   process.exit(2);
 }
 const TIMEOUT = 90_000;
@@ -32,6 +36,14 @@ try {
   page.setDefaultTimeout(TIMEOUT);
   const dialogs = [];
   page.on("dialog", (d) => { dialogs.push(d.message()); d.accept(); });
+  if (attackUrl) {
+    await page.goto(attackUrl);
+    await page.waitForFunction(() => window.attackDone === true, null, { timeout: TIMEOUT, polling: 100 });
+    result.attack = await page.evaluate(() => window.attackLog);
+    const framed = page.frames().find((f) => f.name() === "framed");
+    result.framed_url = framed ? framed.url() : null;
+    result.framed_rows = framed ? await framed.locator("tr[data-node]").count().catch(() => -1) : -1;
+  }
   await page.goto(url);
 
   const row = page.locator(`tr[data-node="${cluster}/${node}"]`);

@@ -85,9 +85,16 @@ impl Running {
 
     /// `protobalance run --config FILE ARGS...` with `config` in FILE.
     pub fn run(config: &ConfigText, args: &[&str]) -> Running {
+        Running::run_with(config, args, |_| {})
+    }
+
+    /// As [`Running::run`], with `tweak` applied to the command first (a
+    /// lowered descriptor limit in `pre_exec`, say).
+    pub fn run_with(config: &ConfigText, args: &[&str], tweak: impl FnOnce(&mut Command)) -> Running {
         let file = config.file();
         let mut command = Command::new(BIN);
         command.args(["run", "--config"]).arg(file.path()).args(args);
+        tweak(&mut command);
         let mut running = Running::start(command);
         running.config = Some(file);
         running
@@ -245,6 +252,56 @@ pub async fn api(
     protobalance::admin::client::request(admin, token, method, path, body)
         .await
         .unwrap()
+}
+
+/// An answer read off the wire by [`raw_http`].
+#[derive(Debug)]
+pub struct RawReply {
+    pub status: u16,
+    /// Header names in lower case, with their values.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl RawReply {
+    /// The value of header `name` (any case), if the answer has it.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends `request` as it is (it should say `Connection: close`) to the TCP
+/// address `addr` and reads the whole answer; for requests the client of
+/// [`api`] would never send (another `Host`, an `Origin`, any content type).
+pub async fn raw_http(addr: &str, request: &str) -> RawReply {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let text = super::within(&format!("an answer to {request:?}"), async {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("the admin API listens");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    RawReply {
+        status,
+        headers,
+        body: body.to_string(),
+    }
 }
 
 /// `GET /api/v1/status` as JSON.

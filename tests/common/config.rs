@@ -19,6 +19,7 @@ pub struct ConfigText {
     top: Vec<String>,
     admin_listen: String,
     token: Option<String>,
+    admin_keys: Vec<String>,
     services: Vec<Service>,
     clusters: Vec<Cluster>,
 }
@@ -56,6 +57,7 @@ impl Default for ConfigText {
             top: Vec::new(),
             admin_listen: "127.0.0.1:0".into(),
             token: None,
+            admin_keys: Vec::new(),
             services: Vec::new(),
             clusters: Vec::new(),
         }
@@ -105,6 +107,12 @@ impl ConfigText {
         self
     }
 
+    /// Extra `key = value` lines for `[admin]` (`allowed_hosts = [...]`, ...).
+    pub fn admin_key(mut self, lines: &str) -> Self {
+        self.admin_keys.push(lines.into());
+        self
+    }
+
     pub fn service(mut self, service: Service) -> Self {
         self.services.push(service);
         self
@@ -136,6 +144,7 @@ impl ConfigText {
         if let Some(token) = &self.token {
             t.push_str(&format!("token = {}\n", quote(token)));
         }
+        push_lines(&mut t, &self.admin_keys);
         for s in &self.services {
             let listen: Vec<String> = s.listen.iter().map(|l| quote(l)).collect();
             t.push_str(&format!(

@@ -20,13 +20,15 @@ pub mod backends;
 pub mod balancer;
 pub mod clients;
 pub mod config;
-pub mod skip;
+pub mod privileges;
+mod skip;
 pub mod wait;
 
 pub use backends::*;
 pub use balancer::*;
 pub use clients::*;
 pub use config::*;
+pub use privileges::*;
 pub use skip::*;
 pub use wait::*;
 
