@@ -488,8 +488,8 @@ async fn each_worker_accepts_from_its_own_socket_and_its_neighbours() {
     let (server, addr) = start_with_workers(3, false).await;
     assert_eq!(
         listening_sockets_and_descriptors(addr.port()),
-        (3, 6),
-        "one SO_REUSEPORT socket per worker, each watched by two workers"
+        (3, 9),
+        "one SO_REUSEPORT socket per worker, each watched by two workers, and a copy to hand over in an upgrade"
     );
     assert_eq!(read_all(addr).await, "n");
     server.shutdown(PATIENCE).await;
@@ -503,7 +503,11 @@ async fn steered_workers_accept_only_from_their_own_sockets() {
         return;
     }
     let (server, addr) = start_with_workers(2, true).await;
-    assert_eq!(listening_sockets_and_descriptors(addr.port()), (2, 2));
+    assert_eq!(
+        listening_sockets_and_descriptors(addr.port()),
+        (2, 4),
+        "each worker's own socket, and a copy of each to hand over in an upgrade"
+    );
     server.shutdown(PATIENCE).await;
 }
 

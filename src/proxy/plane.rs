@@ -315,8 +315,11 @@ impl DataPlane {
 
     /// Stops accepting on every listener and waits for the accept loops to end.
     pub async fn stop_accepting(&self) {
-        for l in self.listeners().iter() {
+        for l in self.listeners().iter_mut() {
             l.stop.cancel();
+            // The upgrade's copies too (sent already, if one runs): once the
+            // accept loops end, nothing holds the sockets and clients are refused.
+            l.sockets.clear();
         }
         self.accept_loops.close();
         self.accept_loops.wait().await;
