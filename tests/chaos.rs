@@ -118,13 +118,17 @@ impl Default for Tally {
 /// preceded `before`.
 async fn disrupted_since(counter: &AtomicU64, before: u64, tally: &Tally) -> bool {
     let now = *tally.rounds.borrow();
-    let mut rounds = tally.rounds.subscribe();
-    within(
-        "the chaos driver's next round",
-        rounds.wait_for(|r| *r > now.saturating_add(1)),
-    )
-    .await
-    .expect("the driver keeps the round counter");
+    // The driver has finished (rounds = MAX): every disruption is counted
+    // already, and no later round will come to wait for.
+    if now != u64::MAX {
+        let mut rounds = tally.rounds.subscribe();
+        within(
+            "the chaos driver's next round",
+            rounds.wait_for(|r| *r > now.saturating_add(1)),
+        )
+        .await
+        .expect("the driver keeps the round counter");
+    }
     counter.load(SeqCst) != before
 }
 
