@@ -8,6 +8,7 @@
 //! bytes to `proxy`, and what privileges to keep is `control::privileges`'s
 //! (this module's `privileges` only makes the system calls).
 
+mod memory;
 mod privileges;
 
 use std::collections::BTreeMap;
@@ -126,6 +127,7 @@ impl Server {
         tasks.spawn(crate::health::agent::poll_forever(live.clone(), stop.clone()));
         tasks.spawn(crate::health::probe::run(live, stop.clone()));
         tasks.spawn(affinity::run_flusher(affinity, stop.clone()));
+        tasks.spawn(memory::trim_after_load(server.shared.data.clone(), stop.clone()));
         server.shared.data.open(bound);
         Ok(server)
     }
