@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use super::figures::{NodeFigures, ServiceFigures};
 use crate::config::{
-    AlgorithmKind, ClusterConfig, Config, ForwardMode, ListenSpec, NodeAddress, ServiceLimits, SocketBuffer,
+    AlgorithmKind, ClusterConfig, Config, ForwardMode, ListenSpec, NodeAddress, ProxyHeader, ServiceLimits,
+    SocketBuffer, Source,
 };
 
 /// A balancing algorithm, compiled for one cluster (see `crate::balance`).
@@ -51,6 +52,8 @@ pub struct Node {
     pub figures: Arc<NodeFigures>,
     /// The node's load agent (`crate::health::agent`), if it has one.
     pub agent: Option<SocketAddr>,
+    /// The PROXY header this node gets first on each connection.
+    pub send_proxy: ProxyHeader,
 }
 
 impl Node {
@@ -69,6 +72,8 @@ pub struct Cluster {
     pub retry_interval: Duration,
     /// Buffer size of each socket to a node (`None`: the kernel's own sizing).
     pub socket_buffer: Option<SocketBuffer>,
+    /// The local address of each connection to a node.
+    pub source: Source,
     pub nodes: Vec<Node>,
 }
 
@@ -95,6 +100,7 @@ impl Cluster {
             connect_timeout: crate::config::DEFAULT_CONNECT_TIMEOUT,
             retry_interval: crate::config::DEFAULT_RETRY_INTERVAL,
             socket_buffer: None,
+            source: Source::Kernel,
             nodes: vec![node],
         }
     }
@@ -196,6 +202,7 @@ fn build_cluster(c: &ClusterConfig, previous: Option<&Snapshot>, algorithms: Alg
                 fallover: n.fallover,
                 figures,
                 agent: n.agent,
+                send_proxy: n.send_proxy,
             }
         })
         .collect();
@@ -208,6 +215,7 @@ fn build_cluster(c: &ClusterConfig, previous: Option<&Snapshot>, algorithms: Alg
         connect_timeout: c.connect_timeout,
         retry_interval: c.retry_interval,
         socket_buffer: c.socket_buffer,
+        source: c.source,
         nodes,
     }
 }

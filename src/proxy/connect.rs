@@ -49,7 +49,8 @@ use tokio::time::Instant;
 
 use super::Candidates;
 use super::channel::{SpareBuffers, keep_spare, take_spare};
-use crate::config::SocketBuffer;
+use super::identity;
+use crate::config::{ProxyHeader, SocketBuffer};
 use crate::health::probe;
 use crate::model::{Cluster, NodeFigures};
 
@@ -74,6 +75,21 @@ pub enum Outcome {
     /// No byte moved either way for the service's idle timeout while the node
     /// was on probation.
     Idle,
+    /// The connection to a node could not be bound as the cluster's `source`
+    /// says (no `CAP_NET_ADMIN`, an address that is not local): no node
+    /// would do better.
+    Unbindable(io::Error),
+}
+
+/// Who the client is, as a node is told (`send_proxy`) or shown (`source`).
+#[derive(Clone, Copy)]
+pub struct Ends {
+    /// The client's address: its socket's peer, or what an upstream
+    /// balancer's PROXY header said.
+    pub client: SocketAddr,
+    /// The address the client connected to, where an upstream balancer's
+    /// header said; else the client socket's own local address.
+    pub to: Option<SocketAddr>,
 }
 
 /// The client's first bytes, kept until a node takes the client.
@@ -139,6 +155,7 @@ enum ClientEvent {
 /// `idle`: the service's idle timeout, which applies on probation too.
 pub async fn connect_client(
     client: &TcpStream,
+    ends: Ends,
     cluster: &Cluster,
     first: Option<usize>,
     local_port: u16,
@@ -148,7 +165,18 @@ pub async fn connect_client(
     for i in Candidates::new(&cluster.nodes, first) {
         let node = &cluster.nodes[i];
         let target = node.address.target(local_port);
-        let stream = match connect(target, cluster.connect_timeout, cluster.socket_buffer).await {
+        let bound = match identity::bound_socket(cluster.source, ends.client.ip(), target) {
+            Ok(bound) => bound,
+            Err(e) => return Outcome::Unbindable(e),
+        };
+        let header = match node.send_proxy {
+            ProxyHeader::None => Vec::new(),
+            kind => match ends.to.map_or_else(|| client.local_addr(), Ok) {
+                Ok(to) => identity::header(kind, ends.client, to),
+                Err(e) => return Outcome::ClientGone(e),
+            },
+        };
+        let stream = match connect(target, bound, cluster.connect_timeout, cluster.socket_buffer).await {
             Ok(stream) => stream,
             Err(e) if is_exhaustion(&e) => return Outcome::Exhausted(e),
             Err(e) => {
@@ -157,7 +185,7 @@ pub async fn connect_client(
                 continue;
             }
         };
-        match probation(client, &stream, &node.figures, &mut held, idle).await {
+        match probation(client, &stream, &header, &node.figures, &mut held, idle).await {
             Ok(()) => {
                 return Outcome::Connected {
                     node: i,
@@ -191,10 +219,17 @@ pub async fn connect_client(
 /// did (the socket_buffer runs in bench/results/).
 pub(super) async fn connect(
     target: SocketAddr,
+    bound: Option<tokio::net::TcpSocket>,
     timeout: Duration,
     buffer: Option<SocketBuffer>,
 ) -> io::Result<TcpStream> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(target))
+    let connecting = async {
+        match bound {
+            Some(socket) => socket.connect(target).await,
+            None => TcpStream::connect(target).await,
+        }
+    };
+    let stream = tokio::time::timeout(timeout, connecting)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))??;
     stream.set_nodelay(true)?;
@@ -207,19 +242,25 @@ pub(super) async fn connect(
     Ok(stream)
 }
 
-/// Replays the held bytes (and the client's half-close) to `node`, then
-/// forwards the client's first bytes until the node answers (`Ok`) or fails.
+/// Writes the node's PROXY `header` (empty: none), replays the held bytes
+/// (and the client's half-close) to `node`, then forwards the client's
+/// first bytes until the node answers (`Ok`) or fails.
 async fn probation(
     client: &TcpStream,
     node: &TcpStream,
+    header: &[u8],
     figures: &NodeFigures,
     held: &mut FirstBytes,
     idle: Option<Duration>,
 ) -> Result<(), Fault> {
+    if !header.is_empty() {
+        write_all(node, header).await.map_err(Fault::Node)?;
+    }
     if !held.buf.is_empty() {
         write_all(node, &held.buf).await.map_err(Fault::Node)?;
     }
-    if held.client_done && pass_on_half_close(node, !held.buf.is_empty()).map_err(Fault::Node)? {
+    let wrote = !header.is_empty() || !held.buf.is_empty();
+    if held.client_done && pass_on_half_close(node, wrote).map_err(Fault::Node)? {
         return Ok(());
     }
     let mut peeked = [0u8; 1];
