@@ -363,6 +363,114 @@ async fn source_binds_node_connections_to_a_fixed_or_the_clients_address() {
     server.shutdown(PATIENCE).await;
 }
 
+/// Three network namespaces (client, balancer, node) joined by veth pairs,
+/// with the node's default route via the balancer and, in the balancer's,
+/// the policy routing of docs/deployments.md "Transparent source". Gone
+/// (with their links) when dropped.
+struct Namespaces(String);
+
+const NAMESPACES: &str = r#"
+set -e
+P=$1
+for n in cl lb nd; do ip netns add $P-$n; ip -n $P-$n link set lo up; done
+ip link add $P-c0 netns $P-cl type veth peer name $P-c1 netns $P-lb
+ip link add $P-n0 netns $P-nd type veth peer name $P-n1 netns $P-lb
+ip -n $P-cl addr add 10.71.1.2/24 dev $P-c0; ip -n $P-cl link set $P-c0 up
+ip -n $P-lb addr add 10.71.1.1/24 dev $P-c1; ip -n $P-lb link set $P-c1 up
+ip -n $P-lb addr add 10.71.2.1/24 dev $P-n1; ip -n $P-lb link set $P-n1 up
+ip -n $P-nd addr add 10.71.2.2/24 dev $P-n0; ip -n $P-nd link set $P-n0 up
+ip -n $P-cl route add default via 10.71.1.1
+ip -n $P-nd route add default via 10.71.2.1
+ip netns exec $P-lb sysctl -q -w net.ipv4.ip_forward=1
+ip netns exec $P-lb iptables -t mangle -N DIVERT
+ip netns exec $P-lb iptables -t mangle -A PREROUTING -p tcp -m socket --transparent -j DIVERT
+ip netns exec $P-lb iptables -t mangle -A DIVERT -j MARK --set-mark 1
+ip netns exec $P-lb iptables -t mangle -A DIVERT -j ACCEPT
+ip -n $P-lb rule add fwmark 1 lookup 100
+ip -n $P-lb route add local 0.0.0.0/0 dev lo table 100
+"#;
+
+impl Namespaces {
+    /// `None` (with the reason) where this machine cannot make them.
+    fn create() -> Result<Namespaces, String> {
+        let prefix = format!("pb{}", std::process::id());
+        let ns = Namespaces(prefix.clone());
+        let out = std::process::Command::new("sh")
+            .args(["-c", NAMESPACES, "sh", &prefix])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(ns)
+    }
+
+    fn exec(&self, ns: &str) -> std::process::Command {
+        let mut c = std::process::Command::new(common::tool("ip"));
+        c.args(["netns", "exec", &format!("{}-{ns}", self.0)]);
+        c
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for n in ["cl", "lb", "nd"] {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &format!("{}-{n}", self.0)])
+                .status();
+        }
+    }
+}
+
+#[test]
+fn a_transparent_source_shows_the_client_to_a_node_on_another_network() {
+    if !common::require_tools(&["ip", "iptables", "python3"]) {
+        return;
+    }
+    let ns = match Namespaces::create() {
+        Ok(ns) => ns,
+        Err(why) => return skip_or_fail(&format!("cannot create network namespaces here: {why}")),
+    };
+    // The node answers each connection with the address it came from.
+    let mut node = ns.exec("nd");
+    node.args([
+        "python3",
+        "-c",
+        "import socket\ns=socket.create_server(('10.71.2.2',7000))\nprint('ready',flush=True)\n\
+         while True:\n c,a=s.accept(); c.sendall(a[0].encode()); c.close()",
+    ]);
+    let node = common::Running::start(node);
+    node.wait_for("ready");
+    let config = ConfigText::new()
+        .service(Service::new("s", "c").listen(&["10.71.1.1:7000"]))
+        .cluster(
+            Cluster::new("c")
+                .key("source = \"client\"")
+                .node(Node::new("n", "10.71.2.2:7000")),
+        );
+    let file = config.file();
+    let mut balancer = ns.exec("lb");
+    balancer.arg(common::BIN).arg("run").arg("--config").arg(file.path());
+    let balancer = common::Running::start(balancer);
+    balancer.wait_for("running");
+    let client = ns
+        .exec("cl")
+        .args([
+            "python3",
+            "-c",
+            "import socket\ns=socket.create_connection(('10.71.1.1',7000),timeout=10)\nprint(s.recv(100).decode())",
+        ])
+        .output()
+        .unwrap();
+    assert!(client.status.success(), "{}", String::from_utf8_lossy(&client.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&client.stdout).trim(),
+        "10.71.1.2",
+        "the node's peer is the client in the client's namespace"
+    );
+    drop((balancer, node));
+}
+
 #[test]
 fn check_refuses_bad_identity_keys_with_key_and_line() {
     let base = |cluster_key: &str, service_key: &str| {
