@@ -429,7 +429,7 @@ fn a_transparent_source_shows_the_client_to_a_node_on_another_network() {
     }
     let ns = match Namespaces::create() {
         Ok(ns) => ns,
-        Err(why) => return skip_or_fail(&format!("cannot create network namespaces here: {why}")),
+        Err(why) => return common::skip_counted(&format!("cannot create network namespaces here: {why}")),
     };
     // The node answers each connection with the address it came from.
     let mut node = ns.exec("nd");
