@@ -469,6 +469,28 @@ fn a_transparent_source_shows_the_client_to_a_node_on_another_network() {
         "the node's peer is the client in the client's namespace"
     );
     drop((balancer, node));
+
+    // A node the balancer has no route to: `check` says so.
+    let unroutable = ConfigText::new()
+        .service(Service::new("s", "c").listen(&["10.71.1.1:7001"]))
+        .cluster(
+            Cluster::new("c")
+                .key("source = \"client\"")
+                .node(Node::new("far", "10.99.0.1:7000")),
+        );
+    let file = unroutable.file();
+    let out = ns
+        .exec("lb")
+        .arg(common::BIN)
+        .args(["check", "--config"])
+        .arg(file.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("node \"far\": no route from the balancer to 10.99.0.1"),
+        "{said}"
+    );
 }
 
 #[test]
@@ -503,4 +525,85 @@ fn check_refuses_bad_identity_keys_with_key_and_line() {
         let e = common::config_error(&base(cluster_key, service_key));
         assert!(e.contains(needle) && e.contains(&format!(":{line}:")), "{e}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probe_of_a_v2_node_says_the_connection_is_the_balancers_own() {
+    let (node, seen) = recording_node().await;
+    let cluster = Cluster::new("c")
+        .key("send_proxy = \"v2\"")
+        .key("retry_interval = \"50ms\"")
+        .node(Node::new("n", node));
+    let (server, _) = ConfigText::one_service(cluster).start().await;
+    let figures = server.snapshot().clusters["c"].node("n").unwrap().figures.clone();
+    figures.mark_available(false);
+    common::wait_until("the probe has been and gone", || async {
+        !seen.lock().unwrap().is_empty()
+    })
+    .await;
+    assert_eq!(
+        seen.lock().unwrap()[0].1,
+        b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00",
+        "a v2 LOCAL header, nothing else"
+    );
+    assert!(figures.is_available());
+    server.shutdown(PATIENCE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_mutations_of_headers_are_served_or_closed_never_more() {
+    use rand::RngExt;
+    let (server, addr) = behind_upstream("").await;
+    let to = "203.0.113.1:443".parse().unwrap();
+    let from = "198.51.100.7:5555".parse().unwrap();
+    let valid = [v1(from, to), v2(from, to, &[]), v2(from, to, &[0x04, 0, 2, 9, 9])];
+    const TRIES: u64 = 150;
+    for n in 0..TRIES {
+        let (mut header, cut, flips, chunk) = {
+            let mut rng = rand::rng();
+            let header = valid[rng.random_range(0..valid.len())].clone();
+            let cut = rng.random_range(1..=header.len());
+            (header, cut, rng.random_range(0..3), rng.random_range(1..8))
+        };
+        for _ in 0..flips {
+            let i = rand::rng().random_range(0..header.len());
+            header[i] = rand::rng().random();
+        }
+        header.truncate(cut);
+        let mut s = connect_from(ip(0, 1, (n % 200) as u8 + 1), addr).await;
+        for piece in header.chunks(chunk) {
+            if s.write_all(piece).await.is_err() {
+                break;
+            }
+        }
+        let _ = s.write_all(b"payload").await;
+        let _ = s.shutdown().await;
+        let mut answer = Vec::new();
+        let _ = within("the balancer's answer or close", s.read_to_end(&mut answer)).await;
+        // Served: the node echoed exactly what followed the header (a suffix
+        // of what was sent, shorter by the header); else nothing came back.
+        let sent = [header.as_slice(), b"payload"].concat();
+        assert!(
+            answer.is_empty() || (answer.len() < sent.len() && sent.ends_with(&answer)),
+            "{header:?} -> {answer:?}"
+        );
+    }
+    let figures = server.snapshot().services["svc"].figures.clone();
+    let refused: u64 = Refusal::ALL.iter().map(|r| figures.refused(*r)).sum();
+    wait_until_all_done(&figures).await;
+    assert_eq!(
+        figures.accepted() + refused,
+        TRIES,
+        "each connection served or refused, once"
+    );
+    let mut s = connect_from(ip(0, 0, 43), addr).await;
+    assert_eq!(exchange(&mut s, &[valid[1].as_slice(), b"ok"].concat()).await, b"ok");
+    server.shutdown(PATIENCE).await;
+}
+
+async fn wait_until_all_done(figures: &std::sync::Arc<protobalance::model::ServiceFigures>) {
+    common::wait_until("every connection is over", || async {
+        figures.active_connections() == 0
+    })
+    .await;
 }

@@ -74,7 +74,12 @@ pub async fn run(live: Arc<Live>, stop: CancellationToken) {
                 probes.spawn(async move {
                     let node = &cluster.nodes[i];
                     match tokio::time::timeout(cluster.connect_timeout, tokio::net::TcpStream::connect(target)).await {
-                        Ok(Ok(_)) => {
+                        Ok(Ok(stream)) => {
+                            if node.send_proxy == crate::config::ProxyHeader::V2 {
+                                // A node that requires the header reads a bare
+                                // connect as a broken one: tell it this is ours.
+                                let _ = stream.try_write(&local_header());
+                            }
                             mark_available(&cluster, node, format_args!("probe connected to {target}"));
                         }
                         Ok(Err(e)) => {
@@ -100,6 +105,20 @@ pub async fn run(live: Arc<Live>, stop: CancellationToken) {
             }
         }
     }
+}
+
+/// A PROXY protocol v2 `LOCAL` header: "this connection is the balancer's
+/// own", which a node that requires the header (`send_proxy = "v2"`)
+/// accepts without a client address.
+pub fn local_header() -> Vec<u8> {
+    use ppp::v2::{Addresses, Builder, Command, Protocol, Version};
+    Builder::with_addresses(
+        Version::Two | Command::Local,
+        Protocol::Unspecified,
+        Addresses::Unspecified,
+    )
+    .build()
+    .expect("an empty v2 header fits in memory")
 }
 
 /// A node's identity for the in-flight set: its figures outlive reloads.

@@ -48,18 +48,6 @@ pub fn header(kind: ProxyHeader, client: SocketAddr, to: SocketAddr) -> Vec<u8> 
     }
 }
 
-/// A v2 `LOCAL` header: "this connection is the balancer's own" (a health
-/// check), which a node that requires the header accepts without a client.
-pub fn local_header() -> Vec<u8> {
-    Builder::with_addresses(
-        Version::Two | Command::Local,
-        Protocol::Unspecified,
-        ppp::v2::Addresses::Unspecified,
-    )
-    .build()
-    .expect("an empty v2 header fits in memory")
-}
-
 fn same_family(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
     if a.is_ipv4() == b.is_ipv4() {
         return (a, b);
@@ -271,7 +259,30 @@ pub fn transparent_is_possible(config: &crate::config::Config) -> Result<(), Str
              routing of docs/deployments.md \"Transparent source\"",
             cluster.name
         )
-    })
+    })?;
+    for cluster in config.clusters.iter().filter(|c| c.source == Source::Client) {
+        for node in &cluster.nodes {
+            // A UDP connect sends nothing: it only asks the kernel for a route.
+            let target = node.address.target(9);
+            let unspecified: SocketAddr = if target.is_ipv4() {
+                (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let route = std::net::UdpSocket::bind(unspecified).and_then(|s| s.connect(target));
+            if let Err(e) = route {
+                return Err(format!(
+                    "cluster \"{}\" node \"{}\": no route from the balancer to {} ({e}): with source = \
+                     \"client\" the node's replies must come back through the balancer (docs/deployments.md \
+                     \"Transparent source\")",
+                    cluster.name,
+                    node.name,
+                    target.ip()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -308,7 +319,7 @@ mod tests {
 
     #[test]
     fn a_local_header_means_the_connection_is_its_own() {
-        let bytes = local_header();
+        let bytes = crate::health::probe::local_header();
         assert_eq!(decode(HeaderResult::parse(&bytes)).unwrap(), (16, Carried::Own));
     }
 
@@ -316,6 +327,6 @@ mod tests {
     fn what_is_no_header_is_refused() {
         assert!(decode(HeaderResult::parse(b"GET / HTTP/1.1\r\n\r\n")).is_err());
         assert!(HeaderResult::parse(b"PROXY TCP4 1.2").is_incomplete());
-        assert!(HeaderResult::parse(&local_header()[..10]).is_incomplete());
+        assert!(HeaderResult::parse(&crate::health::probe::local_header()[..10]).is_incomplete());
     }
 }
