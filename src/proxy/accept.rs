@@ -118,7 +118,7 @@ async fn from_upstream(
         _ = cut.cancelled() => return,
     };
     let (peer, to) = match carried {
-        Ok(identity::Carried::Client { client, to }) => (client, Some(to)),
+        Ok(identity::Carried::Client { client, to }) => (client, Some(Box::new(to))),
         Ok(identity::Carried::Own) => (upstream, None),
         Err(e) => {
             admission::refuse_header(&shared, &service, upstream.ip(), &e.to_string());

@@ -103,7 +103,9 @@ pub(super) struct Accepted {
     pub(super) peer: SocketAddr,
     /// The address the client connected to, where an upstream balancer's
     /// header said (else the socket's own, looked up when a node needs it).
-    pub(super) to: Option<SocketAddr>,
+    /// Boxed: every open connection's task holds this field, and most
+    /// clients come without an upstream.
+    pub(super) to: Option<Box<SocketAddr>>,
     /// The port the client reached us on (see `NodeAddress::target`).
     pub(super) local_port: u16,
     pub(super) service: Arc<str>,
@@ -151,7 +153,7 @@ async fn connect_phase(accepted: &Accepted) -> Option<(usize, TcpStream, u64)> {
         .or_else(|| cluster.balancer.home(peer.ip(), &cluster.nodes))
         .or_else(|| cluster.pick(peer.ip()));
     let outcome = tokio::select! {
-        outcome = connect::connect_client(client, connect::Ends { client: peer, to: *to }, cluster, first, *local_port, admitted.idle_timeout) => outcome,
+        outcome = connect::connect_client(client, connect::Ends { client: peer, to: to.as_deref().copied() }, cluster, first, *local_port, admitted.idle_timeout) => outcome,
         _ = shared.must_cut(cut) => return None,
     };
     match outcome {
