@@ -80,6 +80,7 @@ pub(super) struct RawCluster {
     pub(super) connect_timeout: Option<Spanned<String>>,
     pub(super) retry_interval: Option<Spanned<String>>,
     pub(super) socket_buffer: Option<Spanned<String>>,
+    pub(super) last_resort: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) node: Vec<RawNode>,
 }

@@ -49,7 +49,7 @@ use tokio::time::Instant;
 
 use super::Candidates;
 use super::channel::{SpareBuffers, keep_spare, take_spare};
-use crate::config::SocketBuffer;
+use crate::config::{LastResort, SocketBuffer};
 use crate::health::probe;
 use crate::model::{Cluster, NodeFigures};
 
@@ -136,7 +136,9 @@ enum ClientEvent {
 
 /// Connects `client` (who reached us on `local_port`) to the first candidate,
 /// starting with `first`, that takes it. Failed nodes are marked unavailable.
-/// `idle`: the service's idle timeout, which applies on probation too.
+/// `idle`: the service's idle timeout, which applies on probation too. When
+/// no node is eligible at all and the cluster's `last_resort` allows it, the
+/// green nodes that merely look down are tried, in the same order.
 pub async fn connect_client(
     client: &TcpStream,
     cluster: &Cluster,
@@ -145,40 +147,68 @@ pub async fn connect_client(
     idle: Option<Duration>,
 ) -> Outcome {
     let mut held = FirstBytes::default();
+    let mut offered = false;
     for i in Candidates::new(&cluster.nodes, first) {
-        let node = &cluster.nodes[i];
-        let target = node.address.target(local_port);
-        let stream = match connect(target, cluster.connect_timeout, cluster.socket_buffer).await {
-            Ok(stream) => stream,
-            Err(e) if is_exhaustion(&e) => return Outcome::Exhausted(e),
-            Err(e) => {
-                node.figures.count_connect_failure();
-                probe::mark_unavailable(cluster, node, format_args!("connect to {target} failed: {e}"));
-                continue;
+        offered = true;
+        if let Some(outcome) = try_node(client, cluster, i, local_port, idle, &mut held).await {
+            return outcome;
+        }
+    }
+    // Only when nothing was offered: nodes that just failed this client are not tried twice.
+    if !offered && cluster.last_resort == LastResort::TryUnavailable {
+        for i in Candidates::last_resort(&cluster.nodes, first) {
+            if let Some(outcome) = try_node(client, cluster, i, local_port, idle, &mut held).await {
+                if let Outcome::Connected { node, .. } = &outcome {
+                    let node = &cluster.nodes[*node];
+                    probe::mark_available(cluster, node, "it took a client tried as a last resort");
+                }
+                return outcome;
             }
-        };
-        match probation(client, &stream, &node.figures, &mut held, idle).await {
-            Ok(()) => {
-                return Outcome::Connected {
-                    node: i,
-                    stream,
-                    forwarded: held.buf.len() as u64,
-                };
-            }
-            Err(Fault::Node(e)) => {
-                node.figures.count_connect_failure();
-                probe::mark_unavailable(
-                    cluster,
-                    node,
-                    format_args!("{target} ended the connection before answering: {e}"),
-                );
-            }
-            Err(Fault::Red) => {}
-            Err(Fault::Idle) => return Outcome::Idle,
-            Err(Fault::Client(e)) => return Outcome::ClientGone(e),
         }
     }
     Outcome::NoNode
+}
+
+/// One candidate: `Some` ends the search (connected, or a fault no other
+/// node would fix); `None`: try the next one.
+async fn try_node(
+    client: &TcpStream,
+    cluster: &Cluster,
+    i: usize,
+    local_port: u16,
+    idle: Option<Duration>,
+    held: &mut FirstBytes,
+) -> Option<Outcome> {
+    let node = &cluster.nodes[i];
+    let target = node.address.target(local_port);
+    let stream = match connect(target, cluster.connect_timeout, cluster.socket_buffer).await {
+        Ok(stream) => stream,
+        Err(e) if is_exhaustion(&e) => return Some(Outcome::Exhausted(e)),
+        Err(e) => {
+            node.figures.count_connect_failure();
+            probe::mark_unavailable(cluster, node, format_args!("connect to {target} failed: {e}"));
+            return None;
+        }
+    };
+    match probation(client, &stream, &node.figures, held, idle).await {
+        Ok(()) => Some(Outcome::Connected {
+            node: i,
+            stream,
+            forwarded: held.buf.len() as u64,
+        }),
+        Err(Fault::Node(e)) => {
+            node.figures.count_connect_failure();
+            probe::mark_unavailable(
+                cluster,
+                node,
+                format_args!("{target} ended the connection before answering: {e}"),
+            );
+            None
+        }
+        Err(Fault::Red) => None,
+        Err(Fault::Idle) => Some(Outcome::Idle),
+        Err(Fault::Client(e)) => Some(Outcome::ClientGone(e)),
+    }
 }
 
 /// Connects to a node within `timeout`, with TCP_NODELAY set and, when the
