@@ -234,6 +234,11 @@ fn check(config: &std::path::Path) -> ExitCode {
     match Config::load(config) {
         Ok(c) => {
             println!("{}: {}", config.display(), c.summary());
+            // Valid, but this process could not serve it as it is: say so
+            // (the service may run with more privileges than `check`).
+            if let Err(missing) = crate::proxy::identity::transparent_is_possible(&c) {
+                eprintln!("warning: {missing}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -21,6 +21,7 @@ use std::time::Duration;
 mod account;
 mod admin;
 mod file;
+mod identity;
 mod listeners;
 pub mod load_rating;
 mod raw;
@@ -33,6 +34,7 @@ pub use admin::{
     DEFAULT_ADMIN_REQUEST_TIMEOUT, DEFAULT_SOCKET_MODE, HostPort,
 };
 pub use file::{MAX_CONFIG_FILE, MAX_TOKEN_FILE, read_regular_file};
+pub use identity::{DEFAULT_ACCEPT_PROXY_TIMEOUT, ProxyHeader, Source};
 pub use listeners::{ListenerKey, listeners};
 pub use load_rating::{LoadRating, LoadRatingError, Variable};
 pub use values::{
@@ -106,6 +108,12 @@ pub struct ServiceLimits {
     /// `socket_buffer`: the receive and send buffer size of each client's
     /// socket (`None`: the kernel sizes them itself).
     pub socket_buffer: Option<SocketBuffer>,
+    /// `accept_proxy_from`: clients from these networks are upstream
+    /// balancers, whose connections start with a PROXY header that names
+    /// the real client.
+    pub accept_proxy_from: Vec<ipnet::IpNet>,
+    /// How long such a client has to send its whole header.
+    pub accept_proxy_timeout: Duration,
 }
 
 impl ServiceLimits {
@@ -114,6 +122,14 @@ impl ServiceLimits {
         let client = canonical(client);
         (self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&client)))
             && !self.deny.iter().any(|n| n.contains(&client))
+    }
+
+    /// Whether `peer` (the socket's own peer) must start with a PROXY header.
+    pub fn expects_proxy_header(&self, peer: IpAddr) -> bool {
+        !self.accept_proxy_from.is_empty() && {
+            let peer = canonical(peer);
+            self.accept_proxy_from.iter().any(|n| n.contains(&peer))
+        }
     }
 }
 
@@ -133,6 +149,8 @@ pub struct ClusterConfig {
     pub socket_buffer: Option<SocketBuffer>,
     /// `last_resort`: what a client gets when no node is eligible.
     pub last_resort: LastResort,
+    /// `source`: the local address of each connection to a node.
+    pub source: Source,
     pub nodes: Vec<NodeConfig>,
 }
 
@@ -159,6 +177,8 @@ pub struct NodeConfig {
     pub state: NodeState,
     /// The node's load agent, polled every `retry_interval` (see `crate::health::agent`).
     pub agent: Option<SocketAddr>,
+    /// `send_proxy`, the node's own or its cluster's.
+    pub send_proxy: ProxyHeader,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -50,6 +50,8 @@ pub(super) struct RawDefaults {
     pub(super) connect_timeout: Option<Spanned<String>>,
     pub(super) retry_interval: Option<Spanned<String>>,
     pub(super) socket_buffer: Option<Spanned<String>>,
+    pub(super) send_proxy: Option<Spanned<String>>,
+    pub(super) source: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -66,6 +68,9 @@ pub(super) struct RawService {
     pub(super) allow: Vec<Spanned<String>>,
     #[serde(default)]
     pub(super) deny: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(super) accept_proxy_from: Vec<Spanned<String>>,
+    pub(super) accept_proxy_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -81,6 +86,8 @@ pub(super) struct RawCluster {
     pub(super) retry_interval: Option<Spanned<String>>,
     pub(super) socket_buffer: Option<Spanned<String>>,
     pub(super) last_resort: Option<Spanned<String>>,
+    pub(super) send_proxy: Option<Spanned<String>>,
+    pub(super) source: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) node: Vec<RawNode>,
 }
@@ -94,4 +101,5 @@ pub(super) struct RawNode {
     pub(super) fallover: Option<Spanned<String>>,
     pub(super) state: Option<Spanned<String>>,
     pub(super) agent: Option<Spanned<String>>,
+    pub(super) send_proxy: Option<Spanned<String>>,
 }

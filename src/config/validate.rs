@@ -13,6 +13,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::admin::validate_admin;
+use super::identity::{self, ProxyHeader};
 use super::raw::{RawCluster, RawConfig, RawDefaults, RawNode, RawService};
 use super::values::{
     AlgorithmKind, ForwardMode, ListenSpec, LogFormat, NodeAddress, NodeState, Resolver, SocketBuffer, parse_duration,
@@ -259,6 +260,10 @@ fn validate_limits(ctx: &Ctx<'_>, what: &str, raw: &RawService) -> Result<Servic
         allow: networks("allow", &raw.allow)?,
         deny: networks("deny", &raw.deny)?,
         socket_buffer: ctx.socket_buffer(what, raw.socket_buffer.as_ref())?,
+        accept_proxy_from: networks("accept_proxy_from", &raw.accept_proxy_from)?,
+        accept_proxy_timeout: ctx
+            .optional_duration(what, "accept_proxy_timeout", raw.accept_proxy_timeout.as_ref())?
+            .unwrap_or(super::DEFAULT_ACCEPT_PROXY_TIMEOUT),
     })
 }
 
@@ -348,7 +353,8 @@ fn validate_cluster(ctx: &Ctx<'_>, raw: &RawCluster, defaults: &RawDefaults) -> 
         retry_interval,
         socket_buffer: ctx.socket_buffer(&what, layered(&raw.socket_buffer, &defaults.socket_buffer))?,
         last_resort: validate_last_resort(ctx, &what, raw)?,
-        nodes: validate_nodes(ctx, raw)?,
+        source: identity::source(ctx, &what, layered(&raw.source, &defaults.source))?,
+        nodes: validate_nodes(ctx, raw, defaults)?,
     })
 }
 
@@ -408,9 +414,15 @@ fn layered_duration(
 
 /// The cluster's nodes: names, addresses, weights, states, agents, then the
 /// fall-over chains (which may name nodes further down the list).
-fn validate_nodes(ctx: &Ctx<'_>, raw: &RawCluster) -> Result<Vec<NodeConfig>, ConfigError> {
+fn validate_nodes(ctx: &Ctx<'_>, raw: &RawCluster, defaults: &RawDefaults) -> Result<Vec<NodeConfig>, ConfigError> {
     let name = raw.name.get_ref();
     let what = format!("cluster \"{name}\": ");
+    let send_proxy = identity::send_proxy(
+        ctx,
+        &what,
+        layered(&raw.send_proxy, &defaults.send_proxy),
+        ProxyHeader::None,
+    )?;
     if raw.node.is_empty() {
         return Err(ctx.error(Some(raw.name.span()), format!("{what}has no [[cluster.node]]")));
     }
@@ -421,7 +433,10 @@ fn validate_nodes(ctx: &Ctx<'_>, raw: &RawCluster) -> Result<Vec<NodeConfig>, Co
         if !node_names.insert(n.name.get_ref().as_str()) {
             return Err(ctx.bad(&what, "node name", &n.name, "duplicate node name in this cluster"));
         }
-        nodes.push(validate_node(ctx, name, n)?);
+        let mut node = validate_node(ctx, name, n)?;
+        let nwhat = format!("{what}node \"{}\": ", n.name.get_ref());
+        node.send_proxy = identity::send_proxy(ctx, &nwhat, n.send_proxy.as_ref(), send_proxy)?;
+        nodes.push(node);
     }
     link_fallovers(ctx, name, &raw.node, &mut nodes)?;
     Ok(nodes)
@@ -460,6 +475,7 @@ fn validate_node(ctx: &Ctx<'_>, cluster: &str, n: &RawNode) -> Result<NodeConfig
         fallover: None,
         state,
         agent,
+        send_proxy: ProxyHeader::None,
     })
 }
 

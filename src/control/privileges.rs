@@ -57,9 +57,16 @@ pub fn needed(config: &Config, listeners: &[ListenerKey], unprivileged_port_star
             format!("service \"{}\" listen {}", low.service, low.addr),
         ));
     }
-    // Transparent connections (`source = "client"`) add Privilege::NetAdmin
-    // here, with the cluster that asks for them.
-    let _ = config;
+    if let Some(c) = config
+        .clusters
+        .iter()
+        .find(|c| c.source == crate::config::Source::Client)
+    {
+        needed.push((
+            Privilege::NetAdmin,
+            format!("cluster \"{}\" source = \"client\"", c.name),
+        ));
+    }
     needed
 }
 
@@ -96,6 +103,18 @@ mod tests {
         assert!(
             needs("\"127.0.0.1:80\"", 0).is_empty(),
             "the kernel lets anyone bind it"
+        );
+    }
+
+    #[test]
+    fn a_transparent_source_needs_net_admin() {
+        let text = "[[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:8080\"]\ncluster = \"c\"\n\
+                    [[cluster]]\nname = \"c\"\nsource = \"client\"\n\
+                    [[cluster.node]]\nname = \"n\"\naddress = \"127.0.0.1:1\"\n";
+        let c = Config::parse(text, "t").unwrap();
+        assert_eq!(
+            needed(&c, &listeners(&c), 1024),
+            vec![(Privilege::NetAdmin, "cluster \"c\" source = \"client\"".to_string())]
         );
     }
 }

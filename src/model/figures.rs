@@ -261,16 +261,19 @@ pub enum Refusal {
     Denied,
     /// The balancer itself was out of descriptors or memory for the node side.
     Exhausted,
+    /// A client from `accept_proxy_from` sent no valid PROXY header in time.
+    ProxyHeader,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 6] = [
+    pub const ALL: [Refusal; 7] = [
         Refusal::NoNode,
         Refusal::MaxConnections,
         Refusal::GlobalMaxConnections,
         Refusal::MaxConnectionsPerClient,
         Refusal::Denied,
         Refusal::Exhausted,
+        Refusal::ProxyHeader,
     ];
 
     /// The `reason` label of `protobalance_service_refused_total`.
@@ -282,6 +285,7 @@ impl Refusal {
             Refusal::MaxConnectionsPerClient => "max_connections_per_client",
             Refusal::Denied => "denied",
             Refusal::Exhausted => "exhausted",
+            Refusal::ProxyHeader => "proxy_header",
         }
     }
 }

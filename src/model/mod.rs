@@ -92,6 +92,7 @@ pub(crate) mod testing {
                     fallover: None,
                     figures: Arc::new(NodeFigures::new(NodeState::Green)),
                     agent: None,
+                    send_proxy: crate::config::ProxyHeader::None,
                 }
             })
             .collect()

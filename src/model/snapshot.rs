@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use super::figures::{NodeFigures, ServiceFigures};
 use crate::config::{
-    AlgorithmKind, ClusterConfig, Config, ForwardMode, LastResort, ListenSpec, NodeAddress, ServiceLimits, SocketBuffer,
+    AlgorithmKind, ClusterConfig, Config, ForwardMode, LastResort, ListenSpec, NodeAddress, ProxyHeader, ServiceLimits,
+    SocketBuffer, Source,
 };
 
 /// A balancing algorithm, compiled for one cluster (see `crate::balance`).
@@ -51,6 +52,8 @@ pub struct Node {
     pub figures: Arc<NodeFigures>,
     /// The node's load agent (`crate::health::agent`), if it has one.
     pub agent: Option<SocketAddr>,
+    /// The PROXY header this node gets first on each connection.
+    pub send_proxy: ProxyHeader,
 }
 
 impl Node {
@@ -71,6 +74,8 @@ pub struct Cluster {
     pub socket_buffer: Option<SocketBuffer>,
     /// Whether a client no eligible node can take is tried on green nodes that look down.
     pub last_resort: LastResort,
+    /// The local address of each connection to a node.
+    pub source: Source,
     pub nodes: Vec<Node>,
 }
 
@@ -99,6 +104,7 @@ impl Cluster {
             socket_buffer: None,
             // A detached cluster picks nothing, so it has no one to try.
             last_resort: LastResort::Refuse,
+            source: Source::Kernel,
             nodes: vec![node],
         }
     }
@@ -200,6 +206,7 @@ fn build_cluster(c: &ClusterConfig, previous: Option<&Snapshot>, algorithms: Alg
                 fallover: n.fallover,
                 figures,
                 agent: n.agent,
+                send_proxy: n.send_proxy,
             }
         })
         .collect();
@@ -213,6 +220,7 @@ fn build_cluster(c: &ClusterConfig, previous: Option<&Snapshot>, algorithms: Alg
         retry_interval: c.retry_interval,
         socket_buffer: c.socket_buffer,
         last_resort: c.last_resort,
+        source: c.source,
         nodes,
     }
 }

@@ -2,6 +2,7 @@
 //! client (`admission`) and spawns its connection task on that worker.
 //! Never reads a client's bytes.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use tracing::{debug, warn};
 use super::connection::{Accepted, connection_task};
 use super::shared::Shared;
 use super::workers::AcceptCount;
-use super::{admission, busy_poll};
+use super::{admission, busy_poll, identity};
 
 /// Pause after a failed accept (out of descriptors, usually).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -51,6 +52,12 @@ pub(super) async fn accept_loop(
         match accepted {
             Ok((client, peer)) => {
                 accepted_here.add_one();
+                if let Some(timeout) = admission::expects_proxy_header(&shared, &service, peer.ip()) {
+                    let (service, shared, cut) = (service.clone(), shared.clone(), cut.clone());
+                    let task = from_upstream(client, peer, local_port, timeout, service, shared.clone(), cut);
+                    shared.connections.spawn(busy_poll::Counted::new(task));
+                    continue;
+                }
                 let admitted = match admission::admit(&shared, &service, peer.ip()) {
                     Ok(a) => a,
                     Err(refused) => {
@@ -63,6 +70,7 @@ pub(super) async fn accept_loop(
                 let accepted = Accepted {
                     client,
                     peer,
+                    to: None,
                     local_port,
                     service: service.clone(),
                     admitted,
@@ -89,4 +97,47 @@ pub(super) async fn accept_loop(
         }
     }
     debug!(service = %service, "listener on {local:?} closed");
+}
+
+/// A client from `accept_proxy_from`: an upstream balancer's connection,
+/// which must start with a PROXY header within `timeout`. The client it
+/// names is admitted and served as if it had connected itself; a missing,
+/// malformed, oversized or late header closes the connection, counted and
+/// logged (at most once a second per service) with the reason.
+async fn from_upstream(
+    client: tokio::net::TcpStream,
+    upstream: SocketAddr,
+    local_port: u16,
+    timeout: Duration,
+    service: Arc<str>,
+    shared: Arc<Shared>,
+    cut: CancellationToken,
+) {
+    let carried = tokio::select! {
+        carried = identity::take_header(&client, timeout) => carried,
+        _ = cut.cancelled() => return,
+    };
+    let (peer, to) = match carried {
+        Ok(identity::Carried::Client { client, to }) => (client, Some(to)),
+        Ok(identity::Carried::Own) => (upstream, None),
+        Err(e) => {
+            admission::refuse_header(&shared, &service, upstream.ip(), &e.to_string());
+            return;
+        }
+    };
+    let admitted = match admission::admit(&shared, &service, peer.ip()) {
+        Ok(a) => a,
+        Err(refused) => return refused.record(&service, peer.ip()),
+    };
+    let accepted = Accepted {
+        client,
+        peer,
+        to,
+        local_port,
+        service,
+        admitted,
+        shared,
+        cut,
+    };
+    connection_task(accepted).await;
 }

@@ -73,6 +73,23 @@ pub fn admit(shared: &Arc<Shared>, service_name: &str, client: IpAddr) -> Result
     })
 }
 
+/// The header timeout when `peer` is an upstream balancer of `service`
+/// (`accept_proxy_from`), whose connection must start with a PROXY header.
+pub fn expects_proxy_header(shared: &Shared, service: &str, peer: IpAddr) -> Option<Duration> {
+    let snapshot = shared.live.snapshot.load();
+    let limits = &snapshot.services.get(service)?.limits;
+    limits.expects_proxy_header(peer).then_some(limits.accept_proxy_timeout)
+}
+
+/// Counts and logs an upstream balancer's connection closed for its header.
+pub fn refuse_header(shared: &Shared, service: &str, upstream: IpAddr, why: &str) {
+    let snapshot = shared.live.snapshot.load();
+    if let Some(s) = snapshot.services.get(service) {
+        s.figures.count_refused(Refusal::ProxyHeader);
+        log_refusal(&s.figures, service, upstream, Refusal::ProxyHeader, Some(&why));
+    }
+}
+
 /// Admits a connection adopted from the process this one upgraded: counted
 /// under every limit like any other, refused by none (it was admitted there).
 /// Its node: the snapshot's node of that name and address, or, when the
@@ -118,6 +135,7 @@ fn detached(state: &ConnectionState) -> Cluster {
         fallover: None,
         figures: Arc::new(crate::model::NodeFigures::new(crate::config::NodeState::Green)),
         agent: None,
+        send_proxy: crate::config::ProxyHeader::None,
     };
     Cluster::detached(&state.cluster, node)
 }
@@ -133,12 +151,18 @@ impl Refused {
     pub fn record(&self, service_name: &str, client: IpAddr) {
         let Some(figures) = &self.service else { return };
         figures.count_refused(self.reason);
-        log_refusal(figures, service_name, client, self.reason);
+        log_refusal(figures, service_name, client, self.reason, None);
     }
 }
 
 /// Logs a refusal unless one was logged for this service in the last second.
-pub fn log_refusal(figures: &ServiceFigures, service: &str, client: IpAddr, reason: Refusal) {
+pub fn log_refusal(
+    figures: &ServiceFigures,
+    service: &str,
+    client: IpAddr,
+    reason: Refusal,
+    why: Option<&dyn std::fmt::Display>,
+) {
     let now = process_millis();
     let last = figures.last_refusal_log_ms.load(Relaxed);
     if (last == 0 || now >= last + 1000)
@@ -148,10 +172,11 @@ pub fn log_refusal(figures: &ServiceFigures, service: &str, client: IpAddr, reas
             .is_ok()
     {
         let total: u64 = Refusal::ALL.iter().map(|r| figures.refused(*r)).sum();
+        let why = why.map(|w| format!(": {w}")).unwrap_or_default();
         warn!(
             service,
             reason = reason.name(),
-            "refused client {client} ({total} refusal(s) so far; logged at most once a second)"
+            "refused client {client}{why} ({total} refusal(s) so far; logged at most once a second)"
         );
     }
 }

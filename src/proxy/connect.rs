@@ -49,7 +49,8 @@ use tokio::time::Instant;
 
 use super::Candidates;
 use super::channel::{SpareBuffers, keep_spare, take_spare};
-use crate::config::{LastResort, SocketBuffer};
+use super::identity;
+use crate::config::{LastResort, ProxyHeader, SocketBuffer};
 use crate::health::probe;
 use crate::model::{Cluster, NodeFigures};
 
@@ -74,6 +75,21 @@ pub enum Outcome {
     /// No byte moved either way for the service's idle timeout while the node
     /// was on probation.
     Idle,
+    /// The connection to a node could not be bound as the cluster's `source`
+    /// says (no `CAP_NET_ADMIN`, an address that is not local): no node
+    /// would do better.
+    Unbindable(io::Error),
+}
+
+/// Who the client is, as a node is told (`send_proxy`) or shown (`source`).
+#[derive(Clone, Copy)]
+pub struct Ends {
+    /// The client's address: its socket's peer, or what an upstream
+    /// balancer's PROXY header said.
+    pub client: SocketAddr,
+    /// The address the client connected to, where an upstream balancer's
+    /// header said; else the client socket's own local address.
+    pub to: Option<SocketAddr>,
 }
 
 /// The client's first bytes, kept until a node takes the client.
@@ -141,6 +157,7 @@ enum ClientEvent {
 /// green nodes that merely look down are tried, in the same order.
 pub async fn connect_client(
     client: &TcpStream,
+    ends: Ends,
     cluster: &Cluster,
     first: Option<usize>,
     local_port: u16,
@@ -148,16 +165,23 @@ pub async fn connect_client(
 ) -> Outcome {
     let mut held = FirstBytes::default();
     let mut offered = false;
+    let attempt = Attempt {
+        client,
+        ends,
+        cluster,
+        local_port,
+        idle,
+    };
     for i in Candidates::new(&cluster.nodes, first) {
         offered = true;
-        if let Some(outcome) = try_node(client, cluster, i, local_port, idle, &mut held).await {
+        if let Some(outcome) = attempt.try_node(i, &mut held).await {
             return outcome;
         }
     }
     // Only when nothing was offered: nodes that just failed this client are not tried twice.
     if !offered && cluster.last_resort == LastResort::TryUnavailable {
         for i in Candidates::last_resort(&cluster.nodes, first) {
-            if let Some(outcome) = try_node(client, cluster, i, local_port, idle, &mut held).await {
+            if let Some(outcome) = attempt.try_node(i, &mut held).await {
                 if let Outcome::Connected { node, .. } = &outcome {
                     let node = &cluster.nodes[*node];
                     probe::mark_available(cluster, node, "it took a client tried as a last resort");
@@ -169,45 +193,67 @@ pub async fn connect_client(
     Outcome::NoNode
 }
 
-/// One candidate: `Some` ends the search (connected, or a fault no other
-/// node would fix); `None`: try the next one.
-async fn try_node(
-    client: &TcpStream,
-    cluster: &Cluster,
-    i: usize,
+/// What stays the same across one client's candidates.
+struct Attempt<'a> {
+    client: &'a TcpStream,
+    ends: Ends,
+    cluster: &'a Cluster,
     local_port: u16,
     idle: Option<Duration>,
-    held: &mut FirstBytes,
-) -> Option<Outcome> {
-    let node = &cluster.nodes[i];
-    let target = node.address.target(local_port);
-    let stream = match connect(target, cluster.connect_timeout, cluster.socket_buffer).await {
-        Ok(stream) => stream,
-        Err(e) if is_exhaustion(&e) => return Some(Outcome::Exhausted(e)),
-        Err(e) => {
-            node.figures.count_connect_failure();
-            probe::mark_unavailable(cluster, node, format_args!("connect to {target} failed: {e}"));
-            return None;
+}
+
+impl Attempt<'_> {
+    /// One candidate: `Some` ends the search (connected, or a fault no other
+    /// node would fix); `None`: try the next one.
+    async fn try_node(&self, i: usize, held: &mut FirstBytes) -> Option<Outcome> {
+        let Attempt {
+            client,
+            ends,
+            cluster,
+            local_port,
+            idle,
+        } = *self;
+        let node = &cluster.nodes[i];
+        let target = node.address.target(local_port);
+        let bound = match identity::bound_socket(cluster.source, ends.client.ip(), target) {
+            Ok(bound) => bound,
+            Err(e) => return Some(Outcome::Unbindable(e)),
+        };
+        let header = match node.send_proxy {
+            ProxyHeader::None => Vec::new(),
+            kind => match ends.to.map_or_else(|| client.local_addr(), Ok) {
+                Ok(to) => identity::header(kind, ends.client, to),
+                Err(e) => return Some(Outcome::ClientGone(e)),
+            },
+        };
+        let stream = match connect(target, bound, cluster.connect_timeout, cluster.socket_buffer).await {
+            Ok(stream) => stream,
+            Err(e) if is_exhaustion(&e) => return Some(Outcome::Exhausted(e)),
+            Err(e) => {
+                node.figures.count_connect_failure();
+                probe::mark_unavailable(cluster, node, format_args!("connect to {target} failed: {e}"));
+                return None;
+            }
+        };
+        match probation(client, &stream, &header, &node.figures, held, idle).await {
+            Ok(()) => Some(Outcome::Connected {
+                node: i,
+                stream,
+                forwarded: held.buf.len() as u64,
+            }),
+            Err(Fault::Node(e)) => {
+                node.figures.count_connect_failure();
+                probe::mark_unavailable(
+                    cluster,
+                    node,
+                    format_args!("{target} ended the connection before answering: {e}"),
+                );
+                None
+            }
+            Err(Fault::Red) => None,
+            Err(Fault::Idle) => Some(Outcome::Idle),
+            Err(Fault::Client(e)) => Some(Outcome::ClientGone(e)),
         }
-    };
-    match probation(client, &stream, &node.figures, held, idle).await {
-        Ok(()) => Some(Outcome::Connected {
-            node: i,
-            stream,
-            forwarded: held.buf.len() as u64,
-        }),
-        Err(Fault::Node(e)) => {
-            node.figures.count_connect_failure();
-            probe::mark_unavailable(
-                cluster,
-                node,
-                format_args!("{target} ended the connection before answering: {e}"),
-            );
-            None
-        }
-        Err(Fault::Red) => None,
-        Err(Fault::Idle) => Some(Outcome::Idle),
-        Err(Fault::Client(e)) => Some(Outcome::ClientGone(e)),
     }
 }
 
@@ -221,10 +267,17 @@ async fn try_node(
 /// did (the socket_buffer runs in bench/results/).
 pub(super) async fn connect(
     target: SocketAddr,
+    bound: Option<tokio::net::TcpSocket>,
     timeout: Duration,
     buffer: Option<SocketBuffer>,
 ) -> io::Result<TcpStream> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(target))
+    let connecting = async {
+        match bound {
+            Some(socket) => socket.connect(target).await,
+            None => TcpStream::connect(target).await,
+        }
+    };
+    let stream = tokio::time::timeout(timeout, connecting)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))??;
     stream.set_nodelay(true)?;
@@ -237,19 +290,25 @@ pub(super) async fn connect(
     Ok(stream)
 }
 
-/// Replays the held bytes (and the client's half-close) to `node`, then
-/// forwards the client's first bytes until the node answers (`Ok`) or fails.
+/// Writes the node's PROXY `header` (empty: none), replays the held bytes
+/// (and the client's half-close) to `node`, then forwards the client's
+/// first bytes until the node answers (`Ok`) or fails.
 async fn probation(
     client: &TcpStream,
     node: &TcpStream,
+    header: &[u8],
     figures: &NodeFigures,
     held: &mut FirstBytes,
     idle: Option<Duration>,
 ) -> Result<(), Fault> {
+    if !header.is_empty() {
+        write_all(node, header).await.map_err(Fault::Node)?;
+    }
     if !held.buf.is_empty() {
         write_all(node, &held.buf).await.map_err(Fault::Node)?;
     }
-    if held.client_done && pass_on_half_close(node, !held.buf.is_empty()).map_err(Fault::Node)? {
+    let wrote = !header.is_empty() || !held.buf.is_empty();
+    if held.client_done && pass_on_half_close(node, wrote).map_err(Fault::Node)? {
         return Ok(());
     }
     let mut peeked = [0u8; 1];

@@ -98,7 +98,12 @@ impl pump::Counter for ConnectionBytes<'_> {
 /// [`serve_client`] only borrows it.
 pub(super) struct Accepted {
     pub(super) client: TcpStream,
+    /// The client's address: the socket's peer, or what an upstream
+    /// balancer's PROXY header said (`accept_proxy_from`).
     pub(super) peer: SocketAddr,
+    /// The address the client connected to, where an upstream balancer's
+    /// header said (else the socket's own, looked up when a node needs it).
+    pub(super) to: Option<SocketAddr>,
     /// The port the client reached us on (see `NodeAddress::target`).
     pub(super) local_port: u16,
     pub(super) service: Arc<str>,
@@ -124,6 +129,7 @@ async fn connect_phase(accepted: &Accepted) -> Option<(usize, TcpStream, u64)> {
     let Accepted {
         client,
         peer,
+        to,
         local_port,
         service,
         admitted,
@@ -145,7 +151,7 @@ async fn connect_phase(accepted: &Accepted) -> Option<(usize, TcpStream, u64)> {
         .or_else(|| cluster.balancer.home(peer.ip(), &cluster.nodes))
         .or_else(|| cluster.pick(peer.ip()));
     let outcome = tokio::select! {
-        outcome = connect::connect_client(client, cluster, first, *local_port, admitted.idle_timeout) => outcome,
+        outcome = connect::connect_client(client, connect::Ends { client: peer, to: *to }, cluster, first, *local_port, admitted.idle_timeout) => outcome,
         _ = shared.must_cut(cut) => return None,
     };
     match outcome {
@@ -169,11 +175,17 @@ async fn connect_phase(accepted: &Accepted) -> Option<(usize, TcpStream, u64)> {
         connect::Outcome::Exhausted(e) => {
             // Our fault, not the node's: no other node would do better.
             admitted.service.count_refused(Refusal::Exhausted);
-            admission::log_refusal(&admitted.service, service, peer.ip(), Refusal::Exhausted);
+            admission::log_refusal(&admitted.service, service, peer.ip(), Refusal::Exhausted, None);
             debug!(
                 service,
                 "no descriptor or memory for a node connection: {e}; closing {peer}"
             );
+            None
+        }
+        connect::Outcome::Unbindable(e) => {
+            admitted.service.count_refused(Refusal::NoNode);
+            let why = format!("cannot bind the connection to a node as `source` says: {e}");
+            admission::log_refusal(&admitted.service, service, peer.ip(), Refusal::NoNode, Some(&why));
             None
         }
         connect::Outcome::Idle => {
@@ -484,14 +496,19 @@ mod future_sizes {
             let pump = super::pump::pump(&c, &c, crate::config::ForwardMode::Auto, &Nop);
             println!("pump future: {} bytes", std::mem::size_of_val(&pump));
             drop(pump);
-            let connect =
-                super::connect::connect("127.0.0.1:1".parse().unwrap(), std::time::Duration::from_secs(1), None);
+            let connect = super::connect::connect(
+                "127.0.0.1:1".parse().unwrap(),
+                None,
+                std::time::Duration::from_secs(1),
+                None,
+            );
             println!("connect future: {} bytes", std::mem::size_of_val(&connect));
             let peer: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
             let admitted = super::admission::admit(&shared, "forward", peer.ip()).ok().unwrap();
             let accepted = super::Accepted {
                 client: c,
                 peer,
+                to: None,
                 local_port: 1,
                 service: "forward".into(),
                 admitted,

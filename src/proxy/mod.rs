@@ -20,6 +20,7 @@ mod candidates;
 mod channel;
 mod connect;
 mod connection;
+pub mod identity;
 mod plane;
 mod pump;
 mod shared;

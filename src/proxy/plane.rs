@@ -391,6 +391,8 @@ impl DataPlane {
             let accepted = Accepted {
                 client,
                 peer: state.client,
+                // Its node had its PROXY header long ago.
+                to: None,
                 local_port: state.local_port,
                 service: state.service.as_str().into(),
                 admitted,

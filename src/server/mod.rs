@@ -43,6 +43,8 @@ pub enum StartError {
     Workers(io::Error),
     #[error("cannot drop privileges: {0}")]
     Privileges(io::Error),
+    #[error("{0}")]
+    Transparent(String),
 }
 
 /// What a start may choose besides the config.
@@ -90,6 +92,7 @@ impl Server {
     /// As [`Server::start`], with `options`.
     pub async fn start_with(config: &Config, options: Options) -> Result<Server, StartError> {
         crate::proxy::warn_capped_socket_buffers(config);
+        crate::proxy::identity::transparent_is_possible(config).map_err(StartError::Transparent)?;
         let affinity = {
             let (dir, config, clock) = (config.state_dir.clone(), config.clone(), options.wall_clock.clone());
             tokio::task::spawn_blocking(move || Affinity::open(&dir, &config, affinity::MAX_PINS_PER_CLUSTER, clock))

@@ -87,6 +87,7 @@ fn debian_package(program: &str) -> &str {
         "cargo-deb" => "(none: cargo install cargo-deb, as scripts/test.d/cargo-deb.sh does)",
         "dpkg-deb" => "dpkg",
         "systemd-analyze" => "systemd",
+        "ip" => "iproute2",
         other => other, // chromium, npm, nginx, vsftpd, curl
     }
 }

@@ -113,6 +113,12 @@ async fn smtp_through_exim_delivers_to_a_backend() {
 /// dovecot in the foreground serving IMAP and POP3 for user `tester`
 /// (password `secret`), whose Maildir holds one message naming `name`.
 fn dovecot(name: &str, dir: &Path, imap: u16, pop3: u16) -> Daemon {
+    dovecot_with(name, dir, imap, pop3, false)
+}
+
+/// As [`dovecot`]; `behind_proxy`: its IMAP listener takes a PROXY header
+/// from loopback (`haproxy = yes`), and logins log the address it names.
+fn dovecot_with(name: &str, dir: &Path, imap: u16, pop3: u16, behind_proxy: bool) -> Daemon {
     let maildir = dir.join("home/tester/Maildir");
     for sub in ["cur", "new", "tmp"] {
         std::fs::create_dir_all(maildir.join(sub)).unwrap();
@@ -125,14 +131,19 @@ fn dovecot(name: &str, dir: &Path, imap: u16, pop3: u16) -> Daemon {
     chown_to(&dir.join("home"), "nobody");
     std::fs::write(dir.join("passwd"), "tester:{PLAIN}secret\n").unwrap();
     let d = dir.display();
+    let (trusted, haproxy) = if behind_proxy {
+        ("haproxy_trusted_networks = 127.0.0.0/8\n", "    haproxy = yes\n")
+    } else {
+        ("", "")
+    };
     let conf = format!(
-        "protocols = imap pop3\nlisten = 127.0.0.1\nbase_dir = {d}/run\nstate_dir = {d}/state\n\
+        "{trusted}protocols = imap pop3\nlisten = 127.0.0.1\nbase_dir = {d}/run\nstate_dir = {d}/state\n\
          instance_name = {name}\nlog_path = /dev/stderr\nssl = no\ndisable_plaintext_auth = no\n\
          auth_mechanisms = plain\n\
          passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN {d}/passwd\n}}\n\
          userdb {{\n  driver = static\n  args = uid=nobody gid=nogroup home={d}/home/%u\n}}\n\
          mail_location = maildir:~/Maildir\n\
-         service imap-login {{\n  inet_listener imap {{\n    port = {imap}\n  }}\n  inet_listener imaps {{\n    port = 0\n  }}\n}}\n\
+         service imap-login {{\n  inet_listener imap {{\n    port = {imap}\n{haproxy}  }}\n  inet_listener imaps {{\n    port = 0\n  }}\n}}\n\
          service pop3-login {{\n  inet_listener pop3 {{\n    port = {pop3}\n  }}\n  inet_listener pop3s {{\n    port = 0\n  }}\n}}\n"
     );
     std::fs::write(dir.join("dovecot.conf"), conf).unwrap();
@@ -198,4 +209,38 @@ async fn imap_and_pop3_through_dovecot_fetch_the_stored_message() {
     }
     server.shutdown(PATIENCE).await;
     drop(daemons);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dovecot_behind_send_proxy_logs_the_clients_own_address() {
+    if !require_tools(&["dovecot", "curl"]) || !require_root() {
+        return;
+    }
+    let work = work_dir();
+    let dir: PathBuf = work.path().join("proxied");
+    let (imap, pop3) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
+    let daemon = dovecot_with("dovecot-proxied", &dir, imap, pop3, true);
+    let cluster = Cluster::new("imap")
+        .key("send_proxy = \"v2\"")
+        .node(Node::new("d", format!("127.0.0.1:{imap}")));
+    let (server, addr) = ConfigText::one_service(cluster).start().await;
+    let out = run_client({
+        let mut c = curl();
+        c.args(["--interface", "127.0.0.25", "--user", "tester:secret"])
+            .arg(format!("imap://{addr}/INBOX;UID=1"));
+        c
+    })
+    .await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Subject: stored at dovecot-proxied"));
+    let login = daemon
+        .log_text()
+        .lines()
+        .find(|l| l.contains("Login: user=<tester>"))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no login in dovecot's log:\n{}", daemon.log_text()));
+    assert!(
+        login.contains("rip=127.0.0.25"),
+        "dovecot saw the client's own address: {login}"
+    );
+    server.shutdown(PATIENCE).await;
 }
