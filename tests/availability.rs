@@ -625,3 +625,78 @@ async fn a_pin_survives_its_node_being_unavailable_and_moves_when_it_turns_red()
     assert_eq!(who_from(ip(0, 0, 3), addr).await, "a", "the pin moved to a");
     server.shutdown(Duration::from_secs(5)).await;
 }
+
+// ---------------------------------------------------------------------------
+// Last resort
+
+/// One node "a" that refuses one connect (killed, then back on its address);
+/// the probe waits an hour, so only a client can find it serving again.
+/// Whether the client after the refused one is served.
+async fn next_client_after_one_refusal(last_resort: &str) -> bool {
+    let a = Backend::start("a", Behaviour::Echo).await;
+    let cfg = ConfigText::one_service(
+        Cluster::new("c")
+            .key("retry_interval = \"1h\"")
+            .key(last_resort)
+            .nodes([Node::new("a", a.addr)]),
+    );
+    let (server, addr) = cfg.start().await;
+    let a_addr = a.kill().await;
+    // This client's connect to a is refused: a leaves selection.
+    let mut refused = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 8];
+    let ended = within("the refused client is closed", refused.read(&mut buf)).await;
+    assert!(matches!(ended, Ok(0) | Err(_)), "closed, not served: {ended:?}");
+    let fa = figures(&server, "a");
+    assert!(!fa.is_available());
+
+    let _a = Backend::start_on("a", Behaviour::Echo, a_addr).await;
+    let mut next = TcpStream::connect(addr).await.unwrap();
+    next.write_all(b"x").await.unwrap();
+    let mut answer = Vec::new();
+    within("the next client's answer or close", async {
+        let mut buf = [0u8; 8];
+        while answer.len() < 3 {
+            match next.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let served = answer == b"a\nx";
+    assert_eq!(
+        fa.is_available(),
+        served,
+        "a serving a last-resort client is available again"
+    );
+    drop(next);
+    server.shutdown(Duration::from_secs(5)).await;
+    served
+}
+
+#[tokio::test]
+async fn a_single_node_that_refused_one_connect_serves_the_next_client() {
+    assert!(next_client_after_one_refusal("").await, "default last_resort");
+    assert!(next_client_after_one_refusal("last_resort = \"try-unavailable\"").await);
+}
+
+#[tokio::test]
+async fn last_resort_refuse_keeps_refusing_until_the_probe() {
+    assert!(!next_client_after_one_refusal("last_resort = \"refuse\"").await);
+}
+
+#[tokio::test]
+async fn last_resort_never_tries_a_yellow_node() {
+    let a = Backend::start("a", Behaviour::Echo).await;
+    let cfg = cluster("", [Node::new("a", a.addr)]);
+    let (server, addr) = cfg.start().await;
+    server.set_node_state("c", "a", NodeState::Yellow).unwrap();
+    figures(&server, "a").set_available(false);
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 8];
+    let ended = within("the client is refused", client.read(&mut buf)).await;
+    assert!(matches!(ended, Ok(0) | Err(_)), "refused, not served: {ended:?}");
+    assert_eq!(a.open_connections(), 0);
+    server.shutdown(Duration::from_secs(5)).await;
+}

@@ -147,9 +147,22 @@ pub struct ClusterConfig {
     /// `socket_buffer`: the receive and send buffer size of each socket to a
     /// node (`None`: the kernel sizes them itself).
     pub socket_buffer: Option<SocketBuffer>,
+    /// `last_resort`: what a client gets when no node is eligible.
+    pub last_resort: LastResort,
     /// `source`: the local address of each connection to a node.
     pub source: Source,
     pub nodes: Vec<NodeConfig>,
+}
+
+/// `last_resort`: when no node is eligible, whether the client is tried on
+/// the green nodes that merely look down before it is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LastResort {
+    /// Try the green-but-unavailable nodes, in candidate order.
+    #[default]
+    TryUnavailable,
+    /// Refuse the client at once.
+    Refuse,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -383,6 +396,17 @@ mod tests {
         assert!(e.message.contains("least-load needs a load_rating"), "{e}");
         let e = cluster_with("ip-hash", "hash_key = \"\"", "").unwrap_err();
         assert!(e.message.contains("hash_key"), "{e}");
+    }
+
+    #[test]
+    fn last_resort_defaults_to_try_unavailable_and_refuses_other_words() {
+        let c = cluster_with("round-robin", "", "").unwrap();
+        assert_eq!(c.clusters[0].last_resort, LastResort::TryUnavailable);
+        let c = cluster_with("round-robin", "last_resort = \"refuse\"", "").unwrap();
+        assert_eq!(c.clusters[0].last_resort, LastResort::Refuse);
+        let e = cluster_with("round-robin", "last_resort = \"retry\"", "").unwrap_err();
+        assert_eq!(e.line, Some(8));
+        assert!(e.message.contains("last_resort = \"retry\": must be"), "{e}");
     }
 
     #[test]

@@ -85,6 +85,7 @@ pub(super) struct RawCluster {
     pub(super) connect_timeout: Option<Spanned<String>>,
     pub(super) retry_interval: Option<Spanned<String>>,
     pub(super) socket_buffer: Option<Spanned<String>>,
+    pub(super) last_resort: Option<Spanned<String>>,
     pub(super) send_proxy: Option<Spanned<String>>,
     pub(super) source: Option<Spanned<String>>,
     #[serde(default)]

@@ -21,7 +21,7 @@ use super::values::{
 };
 use super::{
     ClusterConfig, Config, ConfigError, DEFAULT_AFFINITY_TTL, DEFAULT_CONNECT_TIMEOUT, DEFAULT_RETRY_INTERVAL,
-    DEFAULT_SHUTDOWN_GRACE, LoadRating, MAX_WEIGHT, NodeConfig, RunAs, ServiceConfig, ServiceLimits,
+    DEFAULT_SHUTDOWN_GRACE, LastResort, LoadRating, MAX_WEIGHT, NodeConfig, RunAs, ServiceConfig, ServiceLimits,
 };
 
 /// The text being validated, for turning spans into line numbers.
@@ -352,9 +352,22 @@ fn validate_cluster(ctx: &Ctx<'_>, raw: &RawCluster, defaults: &RawDefaults) -> 
         connect_timeout,
         retry_interval,
         socket_buffer: ctx.socket_buffer(&what, layered(&raw.socket_buffer, &defaults.socket_buffer))?,
+        last_resort: validate_last_resort(ctx, &what, raw)?,
         source: identity::source(ctx, &what, layered(&raw.source, &defaults.source))?,
         nodes: validate_nodes(ctx, raw, defaults)?,
     })
+}
+
+/// The cluster's `last_resort`, `try-unavailable` when it is not written.
+fn validate_last_resort(ctx: &Ctx<'_>, what: &str, raw: &RawCluster) -> Result<LastResort, ConfigError> {
+    match &raw.last_resort {
+        None => Ok(LastResort::default()),
+        Some(v) => match v.get_ref().as_str() {
+            "try-unavailable" => Ok(LastResort::TryUnavailable),
+            "refuse" => Ok(LastResort::Refuse),
+            _ => Err(ctx.bad(what, "last_resort", v, "must be \"try-unavailable\" or \"refuse\"")),
+        },
+    }
 }
 
 /// The cluster's `algorithm` (or the `[defaults]` one), round robin when neither is written.

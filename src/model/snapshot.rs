@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::figures::{NodeFigures, ServiceFigures};
 use crate::config::{
-    AlgorithmKind, ClusterConfig, Config, ForwardMode, ListenSpec, NodeAddress, ProxyHeader, ServiceLimits,
+    AlgorithmKind, ClusterConfig, Config, ForwardMode, LastResort, ListenSpec, NodeAddress, ProxyHeader, ServiceLimits,
     SocketBuffer, Source,
 };
 
@@ -72,6 +72,8 @@ pub struct Cluster {
     pub retry_interval: Duration,
     /// Buffer size of each socket to a node (`None`: the kernel's own sizing).
     pub socket_buffer: Option<SocketBuffer>,
+    /// Whether a client no eligible node can take is tried on green nodes that look down.
+    pub last_resort: LastResort,
     /// The local address of each connection to a node.
     pub source: Source,
     pub nodes: Vec<Node>,
@@ -100,6 +102,8 @@ impl Cluster {
             connect_timeout: crate::config::DEFAULT_CONNECT_TIMEOUT,
             retry_interval: crate::config::DEFAULT_RETRY_INTERVAL,
             socket_buffer: None,
+            // A detached cluster picks nothing, so it has no one to try.
+            last_resort: LastResort::Refuse,
             source: Source::Kernel,
             nodes: vec![node],
         }
@@ -215,6 +219,7 @@ fn build_cluster(c: &ClusterConfig, previous: Option<&Snapshot>, algorithms: Alg
         connect_timeout: c.connect_timeout,
         retry_interval: c.retry_interval,
         socket_buffer: c.socket_buffer,
+        last_resort: c.last_resort,
         source: c.source,
         nodes,
     }

@@ -8,12 +8,18 @@
 //! Nodes that are not eligible (not green, or unavailable) when their turn
 //! comes are skipped, but a skipped node's fall-over node still follows it in
 //! the chain. Each node is offered at most once. The iterator allocates nothing.
+//!
+//! The last resort (`last_resort = "try-unavailable"`, when no node is
+//! eligible) walks the same order but offers every green node, available or
+//! not: yellow and red nodes are never offered.
 
-use crate::model::Node;
+use crate::model::{Node, NodeState};
 
 pub struct Candidates<'a> {
     nodes: &'a [Node],
     first: Option<usize>,
+    /// The last resort: green nodes are offered even when unavailable.
+    last_resort: bool,
     /// Where we are: the first pick, walking its chain, or sweeping the rest.
     next: Step,
 }
@@ -33,7 +39,27 @@ impl<'a> Candidates<'a> {
         Candidates {
             nodes,
             first,
+            last_resort: false,
             next: if first.is_some() { Step::First } else { Step::Done },
+        }
+    }
+
+    /// The last resort's candidates: the green nodes, available or not, in the
+    /// order of [`Candidates::new`] from `first` (`None`: config order).
+    pub fn last_resort(nodes: &'a [Node], first: Option<usize>) -> Self {
+        let first = first.or(if nodes.is_empty() { None } else { Some(0) });
+        Candidates {
+            last_resort: true,
+            ..Candidates::new(nodes, first)
+        }
+    }
+
+    fn takes(&self, index: usize) -> bool {
+        let node = &self.nodes[index];
+        if self.last_resort {
+            node.figures.state() == NodeState::Green
+        } else {
+            node.is_eligible()
         }
     }
 
@@ -64,7 +90,7 @@ impl Iterator for Candidates<'_> {
             match self.next {
                 Step::First => {
                     self.next = Step::Chain(self.nodes[first].fallover);
-                    if self.nodes[first].is_eligible() {
+                    if self.takes(first) {
                         return Some(first);
                     }
                 }
@@ -76,7 +102,7 @@ impl Iterator for Candidates<'_> {
                     } else {
                         Step::Chain(after)
                     };
-                    if self.nodes[i].is_eligible() {
+                    if self.takes(i) {
                         return Some(i);
                     }
                 }
@@ -84,7 +110,7 @@ impl Iterator for Candidates<'_> {
                 Step::Rest(offset) if offset < self.nodes.len() => {
                     self.next = Step::Rest(offset + 1);
                     let i = (first + offset) % self.nodes.len();
-                    if self.nodes[i].is_eligible() && !self.in_first_chain(i) {
+                    if self.takes(i) && !self.in_first_chain(i) {
                         return Some(i);
                     }
                 }
@@ -100,7 +126,6 @@ impl Iterator for Candidates<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::NodeState;
     use crate::model::testing::nodes;
 
     #[test]
@@ -127,5 +152,20 @@ mod tests {
     fn nothing_without_a_pick() {
         let ns = nodes(&[1, 1]);
         assert_eq!(Candidates::new(&ns, None).count(), 0);
+    }
+
+    #[test]
+    fn last_resort_offers_green_unavailable_nodes_only() {
+        let ns = nodes(&[1, 1, 1, 1]);
+        ns[0].figures.set_available(false);
+        ns[1].figures.set_state(NodeState::Yellow);
+        ns[1].figures.set_available(false);
+        ns[2].figures.set_state(NodeState::Red);
+        ns[3].figures.set_available(false);
+        assert_eq!(Candidates::new(&ns, None).count(), 0);
+        let order: Vec<usize> = Candidates::last_resort(&ns, None).collect();
+        assert_eq!(order, vec![0, 3]);
+        let order: Vec<usize> = Candidates::last_resort(&ns, Some(3)).collect();
+        assert_eq!(order, vec![3, 0]);
     }
 }

@@ -50,7 +50,7 @@ use tokio::time::Instant;
 use super::Candidates;
 use super::channel::{SpareBuffers, keep_spare, take_spare};
 use super::identity;
-use crate::config::{ProxyHeader, SocketBuffer};
+use crate::config::{LastResort, ProxyHeader, SocketBuffer};
 use crate::health::probe;
 use crate::model::{Cluster, NodeFigures};
 
@@ -152,7 +152,9 @@ enum ClientEvent {
 
 /// Connects `client` (who reached us on `local_port`) to the first candidate,
 /// starting with `first`, that takes it. Failed nodes are marked unavailable.
-/// `idle`: the service's idle timeout, which applies on probation too.
+/// `idle`: the service's idle timeout, which applies on probation too. When
+/// no node is eligible at all and the cluster's `last_resort` allows it, the
+/// green nodes that merely look down are tried, in the same order.
 pub async fn connect_client(
     client: &TcpStream,
     ends: Ends,
@@ -162,37 +164,83 @@ pub async fn connect_client(
     idle: Option<Duration>,
 ) -> Outcome {
     let mut held = FirstBytes::default();
+    let mut offered = false;
+    let attempt = Attempt {
+        client,
+        ends,
+        cluster,
+        local_port,
+        idle,
+    };
     for i in Candidates::new(&cluster.nodes, first) {
+        offered = true;
+        if let Some(outcome) = attempt.try_node(i, &mut held).await {
+            return outcome;
+        }
+    }
+    // Only when nothing was offered: nodes that just failed this client are not tried twice.
+    if !offered && cluster.last_resort == LastResort::TryUnavailable {
+        for i in Candidates::last_resort(&cluster.nodes, first) {
+            if let Some(outcome) = attempt.try_node(i, &mut held).await {
+                if let Outcome::Connected { node, .. } = &outcome {
+                    let node = &cluster.nodes[*node];
+                    probe::mark_available(cluster, node, "it took a client tried as a last resort");
+                }
+                return outcome;
+            }
+        }
+    }
+    Outcome::NoNode
+}
+
+/// What stays the same across one client's candidates.
+struct Attempt<'a> {
+    client: &'a TcpStream,
+    ends: Ends,
+    cluster: &'a Cluster,
+    local_port: u16,
+    idle: Option<Duration>,
+}
+
+impl Attempt<'_> {
+    /// One candidate: `Some` ends the search (connected, or a fault no other
+    /// node would fix); `None`: try the next one.
+    async fn try_node(&self, i: usize, held: &mut FirstBytes) -> Option<Outcome> {
+        let Attempt {
+            client,
+            ends,
+            cluster,
+            local_port,
+            idle,
+        } = *self;
         let node = &cluster.nodes[i];
         let target = node.address.target(local_port);
         let bound = match identity::bound_socket(cluster.source, ends.client.ip(), target) {
             Ok(bound) => bound,
-            Err(e) => return Outcome::Unbindable(e),
+            Err(e) => return Some(Outcome::Unbindable(e)),
         };
         let header = match node.send_proxy {
             ProxyHeader::None => Vec::new(),
             kind => match ends.to.map_or_else(|| client.local_addr(), Ok) {
                 Ok(to) => identity::header(kind, ends.client, to),
-                Err(e) => return Outcome::ClientGone(e),
+                Err(e) => return Some(Outcome::ClientGone(e)),
             },
         };
         let stream = match connect(target, bound, cluster.connect_timeout, cluster.socket_buffer).await {
             Ok(stream) => stream,
-            Err(e) if is_exhaustion(&e) => return Outcome::Exhausted(e),
+            Err(e) if is_exhaustion(&e) => return Some(Outcome::Exhausted(e)),
             Err(e) => {
                 node.figures.count_connect_failure();
                 probe::mark_unavailable(cluster, node, format_args!("connect to {target} failed: {e}"));
-                continue;
+                return None;
             }
         };
-        match probation(client, &stream, &header, &node.figures, &mut held, idle).await {
-            Ok(()) => {
-                return Outcome::Connected {
-                    node: i,
-                    stream,
-                    forwarded: held.buf.len() as u64,
-                };
-            }
+        match probation(client, &stream, &header, &node.figures, held, idle).await {
+            Ok(()) => Some(Outcome::Connected {
+                node: i,
+                stream,
+                forwarded: held.buf.len() as u64,
+            }),
             Err(Fault::Node(e)) => {
                 node.figures.count_connect_failure();
                 probe::mark_unavailable(
@@ -200,13 +248,13 @@ pub async fn connect_client(
                     node,
                     format_args!("{target} ended the connection before answering: {e}"),
                 );
+                None
             }
-            Err(Fault::Red) => {}
-            Err(Fault::Idle) => return Outcome::Idle,
-            Err(Fault::Client(e)) => return Outcome::ClientGone(e),
+            Err(Fault::Red) => None,
+            Err(Fault::Idle) => Some(Outcome::Idle),
+            Err(Fault::Client(e)) => Some(Outcome::ClientGone(e)),
         }
     }
-    Outcome::NoNode
 }
 
 /// Connects to a node within `timeout`, with TCP_NODELAY set and, when the
