@@ -283,7 +283,12 @@ async fn accept_loop<L: Accept + Sync>(listener: &L, app: Router, budget: Budget
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(budget.header_timeout);
+    // half_close: a client that shuts its write side after the request
+    // (`curl` with a body, scripts, the fuzz test) still gets its answer;
+    // without it, hyper may see the EOF first and close without one.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(budget.header_timeout)
+        .half_close(true);
     let mut warned = Warned::default();
     loop {
         let accepted = tokio::select! {
