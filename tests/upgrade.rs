@@ -50,6 +50,21 @@ fn serving_pid(admin: &str) -> u32 {
     blocking(status(admin, None))["pid"].as_u64().expect("status has pid") as u32
 }
 
+/// The pid the admin API answers from, or `None` when the request went
+/// unanswered (the switch between two processes).
+fn answering_pid(admin: &str) -> Option<u32> {
+    let reply = blocking(protobalance::admin::client::request(
+        admin,
+        None,
+        hyper::Method::GET,
+        "/api/v1/status",
+        None,
+    ))
+    .ok()?;
+    let status: serde_json::Value = serde_json::from_str(&reply.text()).ok()?;
+    status["pid"].as_u64().map(|p| p as u32)
+}
+
 /// Whether process `pid` has exited (gone, or a zombie nobody reaped yet).
 fn exited(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -229,8 +244,15 @@ fn three_upgrades_under_load_lose_nothing() {
         upgrade_by_signal(old);
         let mut new = old;
         wait_until_blocking(&format!("upgrade {round}: a new process serves"), || {
-            new = serving_pid(&admin);
-            new != old
+            // A request the old process accepted as it stopped its admin API
+            // may be closed unanswered (HTTP graceful shutdown); ask again.
+            match answering_pid(&admin) {
+                Some(pid) => {
+                    new = pid;
+                    new != old
+                }
+                None => false,
+            }
         });
         last_pid.store(u64::from(new), SeqCst);
         wait_until_blocking(&format!("upgrade {round}: the old process {old} exits"), || exited(old));
