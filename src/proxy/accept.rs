@@ -58,24 +58,8 @@ pub(super) async fn accept_loop(
                     shared.connections.spawn(busy_poll::Counted::new(task));
                     continue;
                 }
-                let admitted = match admission::admit(&shared, &service, peer.ip()) {
-                    Ok(a) => a,
-                    Err(refused) => {
-                        refused.record(&service, peer.ip());
-                        continue; // dropping `client` closes it
-                    }
-                };
-                #[cfg(not(target_os = "linux"))]
-                let _ = client.set_nodelay(true);
-                let accepted = Accepted {
-                    client,
-                    peer,
-                    to: None,
-                    local_port,
-                    service: service.clone(),
-                    admitted,
-                    shared: shared.clone(),
-                    cut: cut.clone(),
+                let Some(accepted) = admit(client, peer, None, local_port, &service, &shared, &cut) else {
+                    continue;
                 };
                 shared
                     .connections
@@ -125,19 +109,40 @@ async fn from_upstream(
             return;
         }
     };
-    let admitted = match admission::admit(&shared, &service, peer.ip()) {
+    if let Some(accepted) = admit(client, peer, to, local_port, &service, &shared, &cut) {
+        connection_task(accepted).await;
+    }
+}
+
+/// Admits `peer` (the client, as its socket or an upstream's header names
+/// it) to `service` and gathers what its connection task owns; a refused
+/// client is counted and logged, and closed as `client` drops.
+fn admit(
+    client: tokio::net::TcpStream,
+    peer: SocketAddr,
+    to: Option<Box<SocketAddr>>,
+    local_port: u16,
+    service: &Arc<str>,
+    shared: &Arc<Shared>,
+    cut: &CancellationToken,
+) -> Option<Accepted> {
+    let admitted = match admission::admit(shared, service, peer.ip()) {
         Ok(a) => a,
-        Err(refused) => return refused.record(&service, peer.ip()),
+        Err(refused) => {
+            refused.record(service, peer.ip());
+            return None;
+        }
     };
-    let accepted = Accepted {
+    #[cfg(not(target_os = "linux"))]
+    let _ = client.set_nodelay(true);
+    Some(Accepted {
         client,
         peer,
         to,
         local_port,
-        service,
+        service: service.clone(),
         admitted,
-        shared,
-        cut,
-    };
-    connection_task(accepted).await;
+        shared: shared.clone(),
+        cut: cut.clone(),
+    })
 }
