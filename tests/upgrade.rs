@@ -256,12 +256,17 @@ fn three_upgrades_under_load_lose_nothing() {
         });
         last_pid.store(u64::from(new), SeqCst);
         wait_until_blocking(&format!("upgrade {round}: the old process {old} exits"), || exited(old));
-        let status = blocking(status(&admin, None));
-        let open = node_status(&status, "c", "a")["active_connections"].as_u64().unwrap();
-        assert!(
-            open >= 50,
-            "upgrade {round}: the new process {new} holds {open} connections to a"
+        // The old process has sent every connection once it exits, but the
+        // new one adopts them from the channel's queue as it reads it, each
+        // on a worker of its own: wait until all 50 kept-alive ones are here.
+        wait_until_blocking(
+            &format!("upgrade {round}: the new process {new} holds the 50 kept-alive connections to a"),
+            || {
+                let status = blocking(status(&admin, None));
+                node_status(&status, "c", "a")["active_connections"].as_u64().unwrap() >= 50
+            },
         );
+        let status = blocking(status(&admin, None));
         assert_eq!(node_status(&status, "c", "b")["state"], "yellow", "upgrade {round}");
         assert!(
             failures.lock().unwrap().is_empty(),
