@@ -17,6 +17,8 @@ pub enum Action {
         cluster: String,
         node: String,
         state: String,
+        /// With yellow: turn red once this has passed.
+        deadline: Option<String>,
     },
     Redirect {
         service: String,
@@ -44,10 +46,18 @@ pub async fn run(admin: &str, token: Option<&str>, action: Action) -> ExitCode {
 async fn execute(admin: &str, token: Option<&str>, action: &Action) -> Result<String, String> {
     let (method, path, body) = match action {
         Action::Status => (Method::GET, "/api/v1/status".to_string(), None),
-        Action::State { cluster, node, state } => (
+        Action::State {
+            cluster,
+            node,
+            state,
+            deadline,
+        } => (
             Method::PUT,
             format!("/api/v1/clusters/{}/nodes/{}/state", segment(cluster), segment(node)),
-            Some(serde_json::json!({ "state": state }).to_string()),
+            Some(match deadline {
+                None => serde_json::json!({ "state": state }).to_string(),
+                Some(d) => serde_json::json!({ "state": state, "deadline": d }).to_string(),
+            }),
         ),
         Action::Redirect { service, cluster } => (
             Method::PUT,
@@ -69,7 +79,18 @@ async fn execute(admin: &str, token: Option<&str>, action: &Action) -> Result<St
                 serde_json::from_slice(&reply.body).map_err(|e| format!("unexpected status answer: {e}"))?;
             status_tables(&status)
         }
-        Action::State { cluster, node, state } => format!("{cluster}/{node} is now {state}\n"),
+        Action::State {
+            cluster,
+            node,
+            state,
+            deadline: None,
+        } => format!("{cluster}/{node} is now {state}\n"),
+        Action::State {
+            cluster,
+            node,
+            state,
+            deadline: Some(d),
+        } => format!("{cluster}/{node} is now {state}; red in {d}\n"),
         Action::Redirect { service, cluster } => {
             format!("service {service}: new connections now go to cluster {cluster}\n")
         }

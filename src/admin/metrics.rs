@@ -58,10 +58,12 @@ struct Families {
     connections: Family<NodeLabels, Counter>,
     bytes: Family<BytesLabels, Counter>,
     failures: Family<NodeLabels, Counter>,
+    check_failures: Family<NodeLabels, Counter>,
     transitions: Family<NodeLabels, Counter>,
     available: Family<NodeLabels, Gauge>,
     state: Family<StateLabels, Gauge>,
     accepted: Family<ServiceLabels, Counter>,
+    aged_out: Family<ServiceLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
     worker_accepted: Family<WorkerLabels, Counter>,
 }
@@ -100,6 +102,7 @@ impl Families {
         self.active.get_or_create(&labels).set(gauge(f.active_connections()));
         self.connections.get_or_create(&labels).inc_by(f.total_connections());
         self.failures.get_or_create(&labels).inc_by(f.connect_failures());
+        self.check_failures.get_or_create(&labels).inc_by(f.check_failures());
         self.transitions.get_or_create(&labels).inc_by(f.health_transitions());
         self.available.get_or_create(&labels).set(i64::from(f.is_available()));
         for (direction, n) in [("in", f.bytes_in()), ("out", f.bytes_out())] {
@@ -126,6 +129,11 @@ impl Families {
                 service: service.to_string(),
             })
             .inc_by(f.accepted());
+        self.aged_out
+            .get_or_create(&ServiceLabels {
+                service: service.to_string(),
+            })
+            .inc_by(f.aged_out());
         for reason in Refusal::ALL {
             let labels = RefusedLabels {
                 service: service.to_string(),
@@ -144,13 +152,20 @@ impl Families {
             connections,
             bytes,
             failures,
+            check_failures,
             transitions,
             available,
             state,
             accepted,
+            aged_out,
             refused,
             worker_accepted,
         } = self;
+        registry.register(
+            "protobalance_service_max_age_closed",
+            "Connections closed for reaching the service's max_connection_age",
+            aged_out,
+        );
         registry.register(
             "protobalance_node_active_connections",
             "Connections open to the node now",
@@ -170,6 +185,11 @@ impl Families {
             "protobalance_node_connect_failures",
             "Failed connection attempts to the node",
             failures,
+        );
+        registry.register(
+            "protobalance_node_check_failures",
+            "Active checks of the node that failed",
+            check_failures,
         );
         registry.register(
             "protobalance_node_health_transitions",

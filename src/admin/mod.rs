@@ -244,6 +244,8 @@ async fn metrics(State(control): State<Control>) -> Response {
 #[serde(deny_unknown_fields)]
 struct StateBody {
     state: String,
+    /// Yellow only: turn red once this has passed (`"10m"`).
+    deadline: Option<String>,
 }
 
 async fn set_node_state(
@@ -251,16 +253,33 @@ async fn set_node_state(
     Path((cluster, node)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let StateBody { state } = json_body(body)?;
+    let StateBody { state, deadline } = json_body(body)?;
     let state = NodeState::parse(&state).ok_or_else(|| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("bad state {state:?}: expected green, yellow or red"),
         )
     })?;
-    control.set_node_state(&cluster, &node, state)?;
+    let Some(deadline) = deadline else {
+        control.set_node_state(&cluster, &node, state)?;
+        return Ok(axum::Json(
+            json!({ "cluster": cluster, "node": node, "state": state.name() }),
+        ));
+    };
+    let bad = |why: String| ApiError::new(StatusCode::BAD_REQUEST, format!("bad deadline {deadline:?}: {why}"));
+    if state != NodeState::Yellow {
+        return Err(bad(format!(
+            "a deadline goes with state yellow (a drain), not {}",
+            state.name()
+        )));
+    }
+    let after = crate::config::parse_duration(&deadline).map_err(bad)?;
+    if after.is_zero() {
+        return Err(bad("must be above zero (set red for at once)".to_string()));
+    }
+    control.drain_until(&cluster, &node, after)?;
     Ok(axum::Json(
-        json!({ "cluster": cluster, "node": node, "state": state.name() }),
+        json!({ "cluster": cluster, "node": node, "state": state.name(), "deadline": deadline }),
     ))
 }
 

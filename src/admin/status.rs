@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::control::Control;
-use crate::model::{Node, Refusal, Snapshot};
+use crate::model::{CheckReport, FULL_PERMILLE, Node, Refusal, Snapshot};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
@@ -34,6 +34,9 @@ pub struct ServiceStatus {
     pub refused_connections: u64,
     /// Clients turned away, by reason (the `reason` labels of the metrics).
     pub refused: BTreeMap<String, u64>,
+    /// Connections closed for reaching `max_connection_age`.
+    #[serde(default)]
+    pub closed_max_age: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,6 +69,31 @@ pub struct NodeStatus {
     pub connection_rate: f64,
     /// Bytes per second, both ways.
     pub traffic_rate: f64,
+    /// The active check's verdict, in a cluster with `[cluster.check]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckStatus>,
+    /// Destination ports refused by a node without a port of its own
+    /// (each out of service alone; see docs/availability.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub down_ports: Vec<u16>,
+    /// While slow start ramps the node up: its share of new clients now,
+    /// as a fraction of its weight's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start_share: Option<f64>,
+    /// A drain's deadline (RFC 3339): the node turns red then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckStatus {
+    /// `passing` or `failing`: the latest check's verdict.
+    pub status: String,
+    /// Why the latest check failed (absent while passing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When the verdict became what it is (RFC 3339).
+    pub since: String,
 }
 
 impl Status {
@@ -94,18 +122,27 @@ impl Status {
                     .iter()
                     .map(|r| (r.name().to_string(), s.figures.refused(*r)))
                     .collect(),
+                closed_max_age: s.figures.aged_out(),
             })
             .collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
         Status {
             pid: std::process::id(),
             services,
-            clusters: clusters(&snapshot),
+            clusters: clusters(&snapshot, &control.drain_deadlines()),
         }
     }
 }
 
-fn clusters(snapshot: &Snapshot) -> Vec<ClusterStatus> {
+fn check_status(report: CheckReport) -> CheckStatus {
+    CheckStatus {
+        status: if report.passing { "passing" } else { "failing" }.to_string(),
+        last_error: report.last_error,
+        since: humantime::format_rfc3339_seconds(report.since).to_string(),
+    }
+}
+
+fn clusters(snapshot: &Snapshot, deadlines: &BTreeMap<(String, String), u64>) -> Vec<ClusterStatus> {
     let mut clusters: Vec<ClusterStatus> = snapshot
         .clusters
         .values()
@@ -116,7 +153,14 @@ fn clusters(snapshot: &Snapshot) -> Vec<ClusterStatus> {
             nodes: c
                 .nodes
                 .iter()
-                .map(|n| node(n, n.fallover.map(|i| c.nodes[i].name.clone())))
+                .map(|n| {
+                    let mut status = node(n, n.fallover.map(|i| c.nodes[i].name.clone()));
+                    status.deadline = deadlines.get(&(c.name.clone(), n.name.clone())).map(|&ms| {
+                        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+                        humantime::format_rfc3339_seconds(at).to_string()
+                    });
+                    status
+                })
                 .collect(),
         })
         .collect();
@@ -142,6 +186,13 @@ fn node(n: &Node, fallover: Option<String>) -> NodeStatus {
         health_transitions: f.health_transitions(),
         connection_rate,
         traffic_rate,
+        check: f.check_report().map(check_status),
+        down_ports: f.down_ports(),
+        slow_start_share: match f.ramp_permille() {
+            FULL_PERMILLE => None,
+            permille => Some(f64::from(permille) / f64::from(FULL_PERMILLE)),
+        },
+        deadline: None,
     }
 }
 

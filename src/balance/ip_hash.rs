@@ -86,10 +86,10 @@ fn mix(mut x: u64) -> u64 {
 }
 
 /// The weighted rendezvous score of a node of weight `weight` whose hash is `h`.
-fn score(h: u64, weight: u32) -> f64 {
+fn score(h: u64, weight: f64) -> f64 {
     // The top 53 bits as a float strictly inside (0, 1): ln(u) < 0.
     let u = ((h >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64);
-    -f64::from(weight) / libm::log(u)
+    -weight / libm::log(u)
 }
 
 impl Balancer for IpHash {
@@ -117,7 +117,7 @@ impl IpHash {
                 Some(&s) if nodes.len() == self.node_seeds.len() => s,
                 _ => node_seed(self.key, &node.name),
             };
-            let s = score(mix(digest ^ seed), node.weight);
+            let s = score(mix(digest ^ seed), node.share_weight());
             if best.is_none_or(|(_, b)| s > b) {
                 best = Some((i, s));
             }

@@ -37,7 +37,7 @@ struct WarmUp {
 /// The value of `var` for `node`.
 fn figure(node: &Node, var: Variable, warm: WarmUp) -> f64 {
     let f = &node.figures;
-    let w = f64::from(node.weight);
+    let w = node.share_weight();
     let rate = |r: Rate, mean: f64| rate_per_weight(node, r, mean) * w;
     match var {
         Variable::Connections => f.active_connections() as f64,

@@ -92,7 +92,7 @@ fn lowest(nodes: &[Node], start: usize, score: impl Fn(&Node) -> f64) -> Option<
 /// cluster's `mean` per unit of weight plus what it took since it joined (the
 /// warm-up rule of `crate::model::rates`).
 fn rate_per_weight(node: &Node, rate: Rate, mean: f64) -> f64 {
-    let own = node.figures.rate(rate) / f64::from(node.weight);
+    let own = node.figures.rate(rate) / node.share_weight();
     if node.figures.is_seeded() { own } else { mean + own }
 }
 
@@ -104,4 +104,68 @@ fn lowest_rate_per_weight(nodes: &[Node], ties: &TieBreak, rate: Rate) -> Option
         0.0
     };
     lowest(nodes, ties.next_start(nodes.len()), |n| rate_per_weight(n, rate, mean))
+}
+
+#[cfg(test)]
+mod slow_start {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::testing::{nodes, shares};
+
+    const WINDOW: Option<Duration> = Some(Duration::from_secs(10));
+
+    fn client(i: usize) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i as u32))
+    }
+
+    #[test]
+    fn a_ramping_node_takes_a_small_share_in_every_algorithm() {
+        let ns = nodes(&[1, 1]);
+        ns[1].figures.begin_ramp(WINDOW);
+        // Equal weights: at a twentieth of its weight, node 1 takes about 1 in 21.
+        let expected = 1.0 / 21.0;
+        let rr = RoundRobin::new(2);
+        let ip = IpHash::new(None, ns.iter().map(|n| n.name.as_str()));
+        for (name, got) in [
+            ("round-robin", shares(2, 21_000, |_| rr.pick(client(0), &ns))[1]),
+            ("random", shares(2, 100_000, |_| Random.pick(client(0), &ns))[1]),
+            ("ip-hash", shares(2, 100_000, |i| ip.pick(client(i), &ns))[1]),
+        ] {
+            assert!((got - expected).abs() < 0.01, "{name}: {got}");
+        }
+        // least-load on connections per weight: equal connections, the ramping node scores higher.
+        for n in &ns {
+            std::mem::forget(n.figures.open_connection());
+        }
+        let ll = LeastLoad::new(crate::config::LoadRating::compile("connections / weight").unwrap());
+        assert!((0..10).all(|_| ll.pick(client(0), &ns) == Some(0)));
+    }
+
+    #[test]
+    fn ip_hash_moves_to_a_ramping_node_only_clients_that_will_belong_to_it() {
+        let ns = nodes(&[1, 1, 1]);
+        let h = IpHash::new(Some("k"), ns.iter().map(|n| n.name.as_str()));
+        let full: Vec<usize> = (0..10_000).map(|i| h.pick(client(i), &ns).unwrap()).collect();
+        ns[2].figures.begin_ramp(WINDOW);
+        let mut previous = 0;
+        let start = std::time::Instant::now();
+        for step in 1..=10u32 {
+            ns[2].figures.advance_ramp(WINDOW, start + Duration::from_secs(u64::from(step)));
+            let now: Vec<usize> = (0..10_000).map(|i| h.pick(client(i), &ns).unwrap()).collect();
+            let on_ramping: Vec<usize> = (0..10_000).filter(|&i| now[i] == 2).collect();
+            assert!(
+                on_ramping.iter().all(|&i| full[i] == 2),
+                "step {step}: only clients of node 2 at full weight go there"
+            );
+            assert!(
+                (0..10_000).all(|i| now[i] == 2 || now[i] == full[i] || full[i] == 2),
+                "step {step}: the other clients stay where they are"
+            );
+            assert!(on_ramping.len() >= previous, "step {step}: it grows");
+            previous = on_ramping.len();
+        }
+        assert_eq!(previous, full.iter().filter(|&&n| n == 2).count(), "all of them at the end");
+    }
 }

@@ -13,13 +13,13 @@ pub struct Random;
 impl Balancer for Random {
     fn pick(&self, _client: IpAddr, nodes: &[Node]) -> Option<usize> {
         let eligible = || nodes.iter().enumerate().filter(|(_, n)| n.is_eligible());
-        let total: u64 = eligible().map(|(_, n)| u64::from(n.weight)).sum();
+        let total: u64 = eligible().map(|(_, n)| n.weight_permille()).sum();
         if total == 0 {
             return None;
         }
         let mut r = fastrand::u64(..total);
         for (i, n) in eligible() {
-            let w = u64::from(n.weight);
+            let w = n.weight_permille();
             if r < w {
                 return Some(i);
             }

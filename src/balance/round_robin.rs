@@ -34,7 +34,7 @@ impl Balancer for RoundRobin {
             if !node.is_eligible() {
                 continue;
             }
-            let w = i64::from(node.weight);
+            let w = node.weight_permille() as i64;
             scores[i] += w;
             total += w;
             if best.is_none_or(|b| scores[i] > scores[b]) {

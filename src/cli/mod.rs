@@ -115,6 +115,9 @@ pub enum CtlCommand {
         node: String,
         #[arg(value_parser = ["green", "yellow", "red"])]
         state: String,
+        /// With yellow: drain now and turn red once this has passed ("10m", "90s").
+        #[arg(long, value_name = "DURATION")]
+        deadline: Option<String>,
     },
     /// Sends a service's new connections to another cluster (the file's cluster reverts).
     Redirect { service: String, cluster: String },
@@ -129,7 +132,17 @@ impl From<CtlCommand> for crate::admin::ctl::Action {
         use crate::admin::ctl::Action;
         match c {
             CtlCommand::Status => Action::Status,
-            CtlCommand::State { cluster, node, state } => Action::State { cluster, node, state },
+            CtlCommand::State {
+                cluster,
+                node,
+                state,
+                deadline,
+            } => Action::State {
+                cluster,
+                node,
+                state,
+                deadline,
+            },
             CtlCommand::Redirect { service, cluster } => Action::Redirect { service, cluster },
             CtlCommand::Reload => Action::Reload,
             CtlCommand::Upgrade => Action::Upgrade,

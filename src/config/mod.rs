@@ -21,6 +21,7 @@ use std::time::Duration;
 mod account;
 mod admin;
 mod file;
+mod health;
 mod identity;
 mod listeners;
 pub mod load_rating;
@@ -34,6 +35,10 @@ pub use admin::{
     DEFAULT_ADMIN_REQUEST_TIMEOUT, DEFAULT_SOCKET_MODE, HostPort,
 };
 pub use file::{MAX_CONFIG_FILE, MAX_TOKEN_FILE, read_regular_file};
+pub use health::{
+    CheckConfig, CheckKind, DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_TIMEOUT, DEFAULT_FALL, DEFAULT_RISE, OnUnavailable,
+    Step,
+};
 pub use identity::{DEFAULT_ACCEPT_PROXY_TIMEOUT, ProxyHeader, Source};
 pub use listeners::{ListenerKey, listeners};
 pub use load_rating::{LoadRating, LoadRatingError, Variable};
@@ -101,6 +106,9 @@ pub struct ServiceLimits {
     pub max_connections_per_client: Option<u32>,
     /// A connection with no byte either way for this long is closed.
     pub idle_timeout: Option<Duration>,
+    /// `max_connection_age`: a connection open this long is closed, each at
+    /// its own moment within the last tenth of the age.
+    pub max_connection_age: Option<Duration>,
     /// When not empty, only clients inside one of these networks may connect.
     pub allow: Vec<ipnet::IpNet>,
     /// Clients inside one of these networks are refused (deny wins over allow).
@@ -151,6 +159,14 @@ pub struct ClusterConfig {
     pub last_resort: LastResort,
     /// `source`: the local address of each connection to a node.
     pub source: Source,
+    /// `[cluster.check]`: the active checks of every node (`None`: only
+    /// passive marking and the connect probe of unavailable nodes).
+    pub check: Option<CheckConfig>,
+    /// `slow_start`: a node that becomes eligible ramps up to its full share
+    /// over this (`None`: at once).
+    pub slow_start: Option<std::time::Duration>,
+    /// `on_unavailable`: what an active check failing does to open connections.
+    pub on_unavailable: OnUnavailable,
     pub nodes: Vec<NodeConfig>,
 }
 
@@ -407,6 +423,115 @@ mod tests {
         let e = cluster_with("round-robin", "last_resort = \"retry\"", "").unwrap_err();
         assert_eq!(e.line, Some(8));
         assert!(e.message.contains("last_resort = \"retry\": must be"), "{e}");
+    }
+
+    #[test]
+    fn checks_layer_from_defaults_and_say_which_key_is_wrong() {
+        let c = cluster_with("round-robin", "", "").unwrap();
+        assert_eq!(c.clusters[0].check, None);
+        let c = cluster_with(
+            "round-robin",
+            "[cluster.check]\ntype = \"http\"\npath = \"/healthz\"\nexpect_status = \"200\"\nrise = 1",
+            "",
+        )
+        .unwrap();
+        let check = c.clusters[0].check.clone().unwrap();
+        assert_eq!(
+            check.kind,
+            CheckKind::Http {
+                path: "/healthz".into(),
+                host: None,
+                expect_status: (200, 200)
+            }
+        );
+        assert_eq!((check.rise, check.fall), (1, DEFAULT_FALL));
+        assert_eq!(
+            (check.interval, check.timeout),
+            (DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_TIMEOUT)
+        );
+        let text = "[defaults]\ncheck = { type = \"smtp\", interval = \"5s\" }\n\
+                    [[service]]\nname = \"s\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"c\"\n\
+                    [[cluster]]\nname = \"c\"\n[[cluster.node]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n";
+        let c = Config::parse(text, "t").unwrap();
+        let check = c.clusters[0].check.clone().unwrap();
+        assert_eq!((check.kind, check.interval), (CheckKind::Smtp, Duration::from_secs(5)));
+
+        for (extra, line, says) in [
+            ("[cluster.check]\nrise = 0", 9, "check: rise = 0: must be 1 to 1000"),
+            (
+                "[cluster.check]\ntype = \"send-expect\"",
+                8,
+                "type = \"send-expect\" needs steps",
+            ),
+            (
+                "[cluster.check]\ntype = \"send-expect\"\nsteps = []",
+                10,
+                "steps: has no step",
+            ),
+            (
+                "[cluster.check]\ntype = \"send-expect\"\nsteps = [{send = \"x\", expect = \"y\"}]",
+                10,
+                "step 1: needs exactly one of send or expect",
+            ),
+            (
+                "[cluster.check]\ntype = \"http\"\nexpect_status = \"700\"",
+                10,
+                "expect_status = \"700\"",
+            ),
+            (
+                "[cluster.check]\ntype = \"http\"\nexpect_status = \"399-200\"",
+                10,
+                "reversed",
+            ),
+            (
+                "[cluster.check]\ntype = \"smtp\"\npath = \"/\"",
+                10,
+                "path: only for type = \"http\"",
+            ),
+            ("[cluster.check]\ntype = \"icmp\"", 9, "type = \"icmp\": must be one of"),
+            (
+                "[cluster.check]\ninterval = \"1s\"\ntimeout = \"2s\"",
+                10,
+                "timeout = \"2s\": must not be longer",
+            ),
+            ("[cluster.check]\nport = 70000", 9, "port = 70000"),
+            ("[cluster.check]\nrise = 2\nretries = 3", 10, "unknown field `retries`"),
+            ("slow_start = \"0s\"", 8, "slow_start = \"0s\": must be above zero"),
+            (
+                "on_unavailable = \"drop\"",
+                8,
+                "on_unavailable = \"drop\": must be \"keep\" or \"cut\"",
+            ),
+        ] {
+            let e = cluster_with("round-robin", extra, "").unwrap_err();
+            assert!(e.message.contains(says), "{extra:?}: {e}");
+            assert_eq!(e.line, Some(line), "{extra:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn slow_start_on_unavailable_and_max_connection_age() {
+        let c = cluster_with("round-robin", "slow_start = \"30s\"\non_unavailable = \"cut\"", "").unwrap();
+        assert_eq!(c.clusters[0].slow_start, Some(Duration::from_secs(30)));
+        assert_eq!(c.clusters[0].on_unavailable, OnUnavailable::Cut);
+        let c = cluster_with("round-robin", "", "").unwrap();
+        assert_eq!(
+            (c.clusters[0].slow_start, c.clusters[0].on_unavailable),
+            (None, OnUnavailable::Keep)
+        );
+        let text = "[[service]]\nname = \"s\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"c\"\nmax_connection_age = \"6h\"\n\
+                    [[cluster]]\nname = \"c\"\n[[cluster.node]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n";
+        let c = Config::parse(text, "t").unwrap();
+        assert_eq!(
+            c.services[0].limits.max_connection_age,
+            Some(Duration::from_secs(6 * 3600))
+        );
+        let e = Config::parse(&text.replace("\"6h\"", "\"0s\""), "t").unwrap_err();
+        assert!(
+            e.message.contains("max_connection_age = \"0s\": must be above zero"),
+            "{e}"
+        );
+        assert_eq!(e.line, Some(5));
     }
 
     #[test]

@@ -5,6 +5,8 @@
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::health::RawCheck;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
@@ -52,6 +54,9 @@ pub(super) struct RawDefaults {
     pub(super) socket_buffer: Option<Spanned<String>>,
     pub(super) send_proxy: Option<Spanned<String>>,
     pub(super) source: Option<Spanned<String>>,
+    pub(super) slow_start: Option<Spanned<String>>,
+    pub(super) on_unavailable: Option<Spanned<String>>,
+    pub(super) check: Option<Spanned<RawCheck>>,
 }
 
 #[derive(Deserialize)]
@@ -71,6 +76,7 @@ pub(super) struct RawService {
     #[serde(default)]
     pub(super) accept_proxy_from: Vec<Spanned<String>>,
     pub(super) accept_proxy_timeout: Option<Spanned<String>>,
+    pub(super) max_connection_age: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -88,6 +94,9 @@ pub(super) struct RawCluster {
     pub(super) last_resort: Option<Spanned<String>>,
     pub(super) send_proxy: Option<Spanned<String>>,
     pub(super) source: Option<Spanned<String>>,
+    pub(super) slow_start: Option<Spanned<String>>,
+    pub(super) on_unavailable: Option<Spanned<String>>,
+    pub(super) check: Option<Spanned<RawCheck>>,
     #[serde(default)]
     pub(super) node: Vec<RawNode>,
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::admin::validate_admin;
+use super::health;
 use super::identity::{self, ProxyHeader};
 use super::raw::{RawCluster, RawConfig, RawDefaults, RawNode, RawService};
 use super::values::{
@@ -257,6 +258,7 @@ fn validate_limits(ctx: &Ctx<'_>, what: &str, raw: &RawService) -> Result<Servic
             .transpose()?,
         max_connections_per_client: per_client,
         idle_timeout,
+        max_connection_age: ctx.optional_duration(what, "max_connection_age", raw.max_connection_age.as_ref())?,
         allow: networks("allow", &raw.allow)?,
         deny: networks("deny", &raw.deny)?,
         socket_buffer: ctx.socket_buffer(what, raw.socket_buffer.as_ref())?,
@@ -354,6 +356,9 @@ fn validate_cluster(ctx: &Ctx<'_>, raw: &RawCluster, defaults: &RawDefaults) -> 
         socket_buffer: ctx.socket_buffer(&what, layered(&raw.socket_buffer, &defaults.socket_buffer))?,
         last_resort: validate_last_resort(ctx, &what, raw)?,
         source: identity::source(ctx, &what, layered(&raw.source, &defaults.source))?,
+        check: health::check(ctx, &what, raw.check.as_ref(), defaults.check.as_ref())?,
+        slow_start: health::slow_start(ctx, &what, layered(&raw.slow_start, &defaults.slow_start))?,
+        on_unavailable: health::on_unavailable(ctx, &what, layered(&raw.on_unavailable, &defaults.on_unavailable))?,
         nodes: validate_nodes(ctx, raw, defaults)?,
     })
 }

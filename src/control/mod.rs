@@ -16,6 +16,7 @@ mod state;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tracing::{info, warn};
@@ -26,6 +27,9 @@ pub use state::{ControlState, Dropped, Origin, Override, Overrides, Process};
 use crate::config::{AdminConfig, AdminListen, Config, ConfigError, NodeState};
 use crate::model::{Live, Snapshot};
 use crate::proxy::{BindError, DataPlane, warn_capped_socket_buffers};
+
+/// How often drain deadlines are looked at: a node turns red at most this late.
+const DRAIN_TICK: Duration = Duration::from_millis(250);
 
 /// Why a run-time change was refused; nothing changed.
 #[derive(Debug, thiserror::Error)]
@@ -180,7 +184,7 @@ impl Control {
         for ((cluster, node), state) in overrides.node_states {
             if control
                 .file_state(&cluster, &node)
-                .is_some_and(|file| file != state.value)
+                .is_some_and(|file| file != state.value || state.red_at_ms.is_some())
             {
                 control.overrides.node_states.insert((cluster, node), state);
             }
@@ -234,6 +238,75 @@ impl Control {
         }
         self.apply_node_state(cluster, node, state);
         Ok(())
+    }
+
+    /// Drains a node now (yellow) and turns it red once `deadline` has
+    /// passed, unless its state is set again meanwhile. The deadline lasts
+    /// as the override does: across an upgrade, and across reloads that
+    /// leave the node as it was.
+    pub fn drain_until(&self, cluster: &str, node: &str, deadline: Duration) -> Result<(), ControlError> {
+        let mut control = self.lock();
+        if control.file_state(cluster, node).is_none() {
+            return Err(if control.file.cluster(cluster).is_none() {
+                ControlError::UnknownCluster(cluster.into())
+            } else {
+                ControlError::UnknownNode {
+                    cluster: cluster.into(),
+                    node: node.into(),
+                }
+            });
+        }
+        let now = self.inner.live.clock().now_ms();
+        let mut drain = Override::here(NodeState::Yellow, now);
+        drain.red_at_ms = Some(now.saturating_add(u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX)));
+        control
+            .overrides
+            .node_states
+            .insert((cluster.to_string(), node.to_string()), drain);
+        self.apply_node_state(cluster, node, NodeState::Yellow);
+        info!(cluster, node, "draining; the node turns red in {deadline:?}");
+        Ok(())
+    }
+
+    /// Turns red every drained node whose deadline has passed.
+    pub fn expire_drains(&self) {
+        let now = self.inner.live.clock().now_ms();
+        let due: Vec<(String, String)> = {
+            let control = self.lock();
+            control
+                .overrides
+                .node_states
+                .iter()
+                .filter(|(_, s)| s.red_at_ms.is_some_and(|at| at <= now))
+                .map(|(key, _)| key.clone())
+                .collect()
+        };
+        for (cluster, node) in due {
+            info!(cluster, node, "drain deadline passed");
+            // Known nodes only are in the overrides: this cannot fail but for a reload racing it.
+            let _ = self.set_node_state(&cluster, &node, NodeState::Red);
+        }
+    }
+
+    /// The drain deadlines in force: (cluster, node) → Unix milliseconds.
+    pub fn drain_deadlines(&self) -> BTreeMap<(String, String), u64> {
+        self.lock()
+            .overrides
+            .node_states
+            .iter()
+            .filter_map(|(key, s)| Some((key.clone(), s.red_at_ms?)))
+            .collect()
+    }
+
+    /// Turns drained nodes red at their deadlines until `stop` is cancelled.
+    pub async fn enforce_drain_deadlines(self, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            self.expire_drains();
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(DRAIN_TICK) => {}
+            }
+        }
     }
 
     /// Moves `service`'s new connections to `cluster` (a controller redirect);
@@ -343,11 +416,10 @@ impl Control {
     /// Red also moves the node's pins for good.
     fn apply_node_state(&self, cluster: &str, node: &str, state: NodeState) {
         let snapshot = self.inner.live.snapshot.load();
-        let Some(figures) = snapshot
+        let Some((slow_start, figures)) = snapshot
             .clusters
             .get(cluster)
-            .and_then(|c| c.node(node))
-            .map(|n| &n.figures)
+            .and_then(|c| Some((c.slow_start, &c.node(node)?.figures)))
         else {
             return;
         };
@@ -355,6 +427,9 @@ impl Control {
             return;
         }
         figures.set_state(state);
+        if state == NodeState::Green && figures.is_available() {
+            figures.begin_ramp(slow_start);
+        }
         if state == NodeState::Red {
             // Red moves pins for good: the clients of a red node are pinned anew.
             let moved = self.inner.live.pins.forget_node(cluster, node);

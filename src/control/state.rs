@@ -23,6 +23,10 @@ pub struct Origin {
 pub struct Override<T> {
     pub value: T,
     pub origin: Origin,
+    /// A node state's drain deadline (`ctl state … yellow --deadline`): in
+    /// Unix milliseconds, when the node turns red. Always `None` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub red_at_ms: Option<u64>,
 }
 
 impl<T> Override<T> {
@@ -31,6 +35,7 @@ impl<T> Override<T> {
         Override {
             value,
             origin: Origin { instance: None, at_ms },
+            red_at_ms: None,
         }
     }
 }

@@ -1,14 +1,23 @@
 //! The background connect probe: every cluster's `retry_interval`, each
-//! unavailable node of the cluster gets one TCP connect (within the cluster's
-//! `connect_timeout`); when it succeeds the node is available again and takes
-//! new connections. Clients' connections never serve as probes: a node that
-//! left selection gets no client until the probe has seen it answer.
+//! unavailable node of a cluster without active checks gets one TCP connect
+//! (within the cluster's `connect_timeout`); when it succeeds the node is
+//! available again and takes new connections. A cluster with active checks
+//! leaves that to `health::check`. Clients' connections never serve as
+//! probes: a node that left selection gets no client until the probe (or
+//! the check) has seen it answer.
 //!
-//! Every change of health goes through [`mark_unavailable`] or
-//! [`mark_available`], which log it and count it in the node's figures.
+//! A node without a port of its own keeps its health per destination port
+//! (see `model::Node::health_port`): a refused connect to another port than
+//! its health port marks only that port down, and the probe connects to
+//! each such port until it answers, whatever the cluster's checks.
+//!
+//! Every change of health goes through [`mark_unavailable`],
+//! [`mark_available`], [`mark_failed`] or [`mark_port_up`], which log it and
+//! count it in the node's figures.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,41 +26,87 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::NodeAddress;
-use crate::model::{Cluster, Live, Node, NodeFigures, Snapshot};
+use crate::model::{Cluster, Live, Node, NodeFigures};
 
 /// How long the prober sleeps when no cluster is configured.
 const IDLE_TICK: Duration = Duration::from_secs(1);
+/// The most destination ports one node keeps down: past it the oldest is
+/// forgotten (taken as up again), so a port scan costs a bounded list and
+/// a bounded number of probes.
+pub const MAX_DOWN_PORTS: usize = 64;
 
 /// Marks `node` unavailable (it leaves selection until a probe succeeds), and
 /// logs the change. Returns whether it was available until now.
 pub fn mark_unavailable(cluster: &Cluster, node: &Node, why: impl fmt::Display) -> bool {
     let changed = node.figures.mark_available(false);
     if changed {
-        warn!(
-            cluster = %cluster.name, node = %node.name,
-            "node unavailable: {why}; probing it every {:?}", cluster.retry_interval
-        );
+        match &cluster.check {
+            Some(check) => warn!(
+                cluster = %cluster.name, node = %node.name,
+                "node unavailable: {why}; it is back after {} passing check(s)", check.rise
+            ),
+            None => warn!(
+                cluster = %cluster.name, node = %node.name,
+                "node unavailable: {why}; probing it every {:?}", cluster.retry_interval
+            ),
+        }
     }
     changed
 }
 
-/// Marks `node` available again and logs the change.
+/// Marks `node` available again (a slow start ramps its share up) and logs the change.
 pub fn mark_available(cluster: &Cluster, node: &Node, why: impl fmt::Display) -> bool {
     let changed = node.figures.mark_available(true);
     if changed {
+        if node.figures.state() == crate::config::NodeState::Green {
+            node.figures.begin_ramp(cluster.slow_start);
+        }
         info!(cluster = %cluster.name, node = %node.name, "node available again: {why}");
     }
     changed
 }
 
-/// Probes unavailable nodes until `stop` is cancelled. Reads the snapshot
-/// afresh every round, so reloads add and remove nodes and clusters.
+/// A client's connect to `target` failed: a node without a port of its
+/// own loses only that port, unless it is its health port; any other node
+/// becomes unavailable.
+pub fn mark_failed(cluster: &Cluster, node: &Node, target: SocketAddr, why: impl fmt::Display) {
+    match node.health_port {
+        Some(health) if health != target.port() => {
+            if node.figures.down_ports().len() >= MAX_DOWN_PORTS
+                && let Some(&oldest) = node.figures.down_ports().first()
+            {
+                node.figures.mark_port(oldest, false);
+            }
+            if node.figures.mark_port(target.port(), true) {
+                warn!(
+                    cluster = %cluster.name, node = %node.name,
+                    "port {} of the node unavailable: {why}; its other ports stay in service, probing it every {:?}",
+                    target.port(), cluster.retry_interval
+                );
+            }
+        }
+        _ => {
+            mark_unavailable(cluster, node, why);
+        }
+    }
+}
+
+/// Destination `port` of `node` answers again.
+pub fn mark_port_up(cluster: &Cluster, node: &Node, port: u16, why: impl fmt::Display) {
+    // The first test spares every connection the list's lock while no port is down.
+    if node.figures.is_port_down(port) && node.figures.mark_port(port, false) {
+        info!(cluster = %cluster.name, node = %node.name, "port {port} of the node available again: {why}");
+    }
+}
+
+/// Probes unavailable nodes, and the down ports of port-following nodes,
+/// until `stop` is cancelled. Reads the snapshot afresh every round, so
+/// reloads add and remove nodes and clusters.
 pub async fn run(live: Arc<Live>, stop: CancellationToken) {
     let mut due: HashMap<String, Instant> = HashMap::new();
-    // Nodes whose probe is still in flight (by figures identity): one probe per node at a time.
-    let mut in_flight: HashSet<usize> = HashSet::new();
-    let mut probes: JoinSet<usize> = JoinSet::new();
+    // Probes in flight, by node (figures identity) and port: one at a time each.
+    let mut in_flight: HashSet<(usize, u16)> = HashSet::new();
+    let mut probes: JoinSet<(usize, u16)> = JoinSet::new();
     loop {
         let snapshot = live.snapshot.load_full();
         let now = Instant::now();
@@ -63,34 +118,25 @@ pub async fn run(live: Arc<Live>, stop: CancellationToken) {
             *next = now + cluster.retry_interval;
             for (i, node) in cluster.nodes.iter().enumerate() {
                 let id = figures_id(&node.figures);
-                if node.figures.is_available() || in_flight.contains(&id) {
-                    continue;
+                let mut targets: Vec<(SocketAddr, Probed)> = node
+                    .figures
+                    .down_ports()
+                    .into_iter()
+                    .map(|port| (node.address.target(port), Probed::Port))
+                    .collect();
+                if !node.figures.is_available() && cluster.check.is_none() {
+                    targets.extend(node.checked_target(None).map(|t| (t, Probed::Node)));
                 }
-                let Some(target) = probe_target(&snapshot, cluster, node) else {
-                    continue;
-                };
-                in_flight.insert(id);
-                let cluster = cluster.clone();
-                probes.spawn(async move {
-                    let node = &cluster.nodes[i];
-                    match tokio::time::timeout(cluster.connect_timeout, tokio::net::TcpStream::connect(target)).await {
-                        Ok(Ok(stream)) => {
-                            if node.send_proxy == crate::config::ProxyHeader::V2 {
-                                // A node that requires the header reads a bare
-                                // connect as a broken one: tell it this is ours.
-                                let _ = stream.try_write(&local_header());
-                            }
-                            mark_available(&cluster, node, format_args!("probe connected to {target}"));
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(cluster = %cluster.name, node = %node.name, "probe of {target}: {e}")
-                        }
-                        Err(_) => {
-                            tracing::debug!(cluster = %cluster.name, node = %node.name, "probe of {target}: no answer")
-                        }
+                for (target, probed) in targets {
+                    if !in_flight.insert((id, target.port())) {
+                        continue;
                     }
-                    figures_id(&node.figures)
-                });
+                    let cluster = cluster.clone();
+                    probes.spawn(async move {
+                        probe(&cluster, i, target, probed).await;
+                        (id, target.port())
+                    });
+                }
             }
         }
         due.retain(|name, _| snapshot.clusters.contains_key(name));
@@ -99,10 +145,46 @@ pub async fn run(live: Arc<Live>, stop: CancellationToken) {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep_until(wake) => {}
             Some(done) = probes.join_next() => {
-                if let Ok(id) = done {
-                    in_flight.remove(&id);
+                if let Ok(key) = done {
+                    in_flight.remove(&key);
                 }
             }
+        }
+    }
+}
+
+/// What a probe that succeeds brings back.
+#[derive(Clone, Copy)]
+enum Probed {
+    /// The node (it was unavailable).
+    Node,
+    /// One destination port of a port-following node.
+    Port,
+}
+
+/// One connect to `target` for node `i` of `cluster`, within its connect timeout.
+async fn probe(cluster: &Cluster, i: usize, target: SocketAddr, probed: Probed) {
+    let node = &cluster.nodes[i];
+    match tokio::time::timeout(cluster.connect_timeout, tokio::net::TcpStream::connect(target)).await {
+        Ok(Ok(stream)) => {
+            if node.send_proxy == crate::config::ProxyHeader::V2 {
+                // A node that requires the header reads a bare
+                // connect as a broken one: tell it this is ours.
+                let _ = stream.try_write(&local_header());
+            }
+            let why = format_args!("probe connected to {target}");
+            match probed {
+                Probed::Node => {
+                    mark_available(cluster, node, why);
+                }
+                Probed::Port => mark_port_up(cluster, node, target.port(), why),
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(cluster = %cluster.name, node = %node.name, "probe of {target}: {e}")
+        }
+        Err(_) => {
+            tracing::debug!(cluster = %cluster.name, node = %node.name, "probe of {target}: no answer")
         }
     }
 }
@@ -124,17 +206,4 @@ pub fn local_header() -> Vec<u8> {
 /// A node's identity for the in-flight set: its figures outlive reloads.
 fn figures_id(figures: &Arc<NodeFigures>) -> usize {
     Arc::as_ptr(figures) as usize
-}
-
-/// Where to probe `node`. A node without a port (it takes the client's port)
-/// is probed on the first port of a service its cluster serves.
-fn probe_target(snapshot: &Snapshot, cluster: &Cluster, node: &Node) -> Option<std::net::SocketAddr> {
-    match node.address {
-        NodeAddress::Socket(addr) => Some(addr),
-        NodeAddress::SamePort(_) => {
-            let service = snapshot.services.values().find(|s| s.cluster == cluster.name)?;
-            let port = service.listen.first()?.first_port;
-            (port != 0).then(|| node.address.target(port))
-        }
-    }
 }

@@ -9,9 +9,10 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::rates::LoadFigures;
 use crate::config::NodeState;
@@ -39,7 +40,39 @@ pub struct NodeFigures {
     /// mutex each time it is polled, that is on every wake-up; with one per
     /// node, every worker would lock the same mutex for every request.
     turned_red: Box<[Padded<tokio::sync::Notify>]>,
+    /// Times its open connections were cut without it turning red
+    /// (`on_unavailable = "cut"`): a connection opened before a cut ends.
+    cuts: AtomicU64,
+    /// The latest active check's verdict (`None`: no check has run).
+    check: Mutex<Option<CheckReport>>,
+    check_failures: AtomicU64,
+    /// Destination ports refused by a node without a port of its own
+    /// (it takes the client's port), each unavailable alone; the node's
+    /// own health is its checked port's. `any_port_down` spares every
+    /// pick the lock while the list is empty, which is nearly always.
+    down_ports: Mutex<Vec<u16>>,
+    any_port_down: AtomicBool,
+    /// Its share of new clients, in thousandths of its weight: below 1000
+    /// while slow start ramps it up (see `health::slow_start`).
+    ramp_permille: AtomicU32,
+    /// When it last became eligible, while its ramp is under way.
+    ramping_since: Mutex<Option<Instant>>,
 }
+
+/// The latest verdict of a node's active check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckReport {
+    pub passing: bool,
+    /// Why the latest failed check failed (`None` while passing).
+    pub last_error: Option<String>,
+    /// When it began passing, or failing.
+    pub since: SystemTime,
+}
+
+/// A ramp's first share, in thousandths of the node's weight.
+pub const RAMP_START_PERMILLE: u32 = 50;
+/// A node's share when no ramp is under way.
+pub const FULL_PERMILLE: u32 = 1000;
 
 /// A node's monotonic counters, as an upgrade hands them over.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -49,6 +82,8 @@ pub struct NodeCounters {
     pub bytes_out: u64,
     pub connect_failures: u64,
     pub health_transitions: u64,
+    #[serde(default)]
+    pub check_failures: u64,
 }
 
 /// A value alone on its cache lines (128 bytes: x86-64 fetches lines in
@@ -91,7 +126,120 @@ impl NodeFigures {
             load: LoadFigures::default(),
             health_transitions: AtomicU64::new(0),
             turned_red: (0..worker_slots()).map(|_| Default::default()).collect(),
+            cuts: AtomicU64::new(0),
+            check: Mutex::new(None),
+            check_failures: AtomicU64::new(0),
+            down_ports: Mutex::new(Vec::new()),
+            any_port_down: AtomicBool::new(false),
+            ramp_permille: AtomicU32::new(FULL_PERMILLE),
+            ramping_since: Mutex::new(None),
         }
+    }
+
+    /// Cuts every connection open to the node now, as red does, without
+    /// changing its state.
+    pub fn cut_connections(&self) {
+        self.cuts.fetch_add(1, Relaxed);
+        for connections in &self.turned_red {
+            connections.0.notify_waiters();
+        }
+    }
+
+    /// Records an active check's result: returns the report as it was
+    /// before, so the caller logs a transition once.
+    pub fn record_check(&self, result: Result<(), &str>) -> Option<CheckReport> {
+        let mut report = self.check.lock().unwrap_or_else(|p| p.into_inner());
+        let before = report.clone();
+        let passing = result.is_ok();
+        if result.is_err() {
+            self.check_failures.fetch_add(1, Relaxed);
+        }
+        let since = match &before {
+            Some(b) if b.passing == passing => b.since,
+            _ => SystemTime::now(),
+        };
+        *report = Some(CheckReport {
+            passing,
+            last_error: result.err().map(str::to_string),
+            since,
+        });
+        before
+    }
+    pub fn check_report(&self) -> Option<CheckReport> {
+        self.check.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    /// Forgets the check's verdict (the cluster no longer has a check).
+    pub fn clear_check(&self) {
+        *self.check.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+    pub fn check_failures(&self) -> u64 {
+        self.check_failures.load(Relaxed)
+    }
+
+    /// Whether destination `port` was refused (a node without a port of its own).
+    pub fn is_port_down(&self, port: u16) -> bool {
+        self.any_port_down.load(Relaxed)
+            && self
+                .down_ports
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&port)
+    }
+    /// Marks destination `port` down or up; returns whether it changed.
+    pub fn mark_port(&self, port: u16, down: bool) -> bool {
+        let mut ports = self.down_ports.lock().unwrap_or_else(|p| p.into_inner());
+        let at = ports.iter().position(|&p| p == port);
+        let changed = match (at, down) {
+            (None, true) => {
+                ports.push(port);
+                true
+            }
+            (Some(i), false) => {
+                ports.swap_remove(i);
+                true
+            }
+            _ => false,
+        };
+        self.any_port_down.store(!ports.is_empty(), Relaxed);
+        changed
+    }
+    /// The destination ports down now.
+    pub fn down_ports(&self) -> Vec<u16> {
+        if !self.any_port_down.load(Relaxed) {
+            return Vec::new();
+        }
+        self.down_ports.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The node just became eligible: with a slow start, its share starts
+    /// small and `health::slow_start` ramps it up.
+    pub fn begin_ramp(&self, slow_start: Option<Duration>) {
+        if slow_start.is_some() {
+            *self.ramping_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            self.ramp_permille.store(RAMP_START_PERMILLE, Relaxed);
+        }
+    }
+    /// Moves the ramp on to `now` over `window`; returns whether it is still under way.
+    pub fn advance_ramp(&self, window: Option<Duration>, now: Instant) -> bool {
+        let mut since = self.ramping_since.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(start) = *since else { return false };
+        let elapsed = now.saturating_duration_since(start);
+        let permille = match window {
+            Some(w) if elapsed < w => {
+                let share = (elapsed.as_secs_f64() / w.as_secs_f64() * f64::from(FULL_PERMILLE)) as u32;
+                share.clamp(RAMP_START_PERMILLE, FULL_PERMILLE)
+            }
+            _ => FULL_PERMILLE,
+        };
+        self.ramp_permille.store(permille, Relaxed);
+        if permille == FULL_PERMILLE {
+            *since = None;
+        }
+        permille < FULL_PERMILLE
+    }
+    /// Its share now, in thousandths of its weight.
+    pub fn ramp_permille(&self) -> u32 {
+        self.ramp_permille.load(Relaxed)
     }
 
     pub fn active_connections(&self) -> u64 {
@@ -152,11 +300,13 @@ impl NodeFigures {
     pub fn health_transitions(&self) -> u64 {
         self.health_transitions.load(Relaxed)
     }
-    /// Resolves once the node is red: at once if it is red now, else when it
-    /// turns red. Waits on this thread's worker slot.
+    /// Resolves once the node is red, or its connections are cut
+    /// ([`NodeFigures::cut_connections`]) after this was called: at once if
+    /// it is red now. Waits on this thread's worker slot.
     pub fn red(&self) -> TurnedRed<'_> {
         TurnedRed {
             figures: self,
+            cuts_seen: self.cuts.load(Relaxed),
             turned: self.turned_red_here().notified(),
             armed: false,
         }
@@ -174,6 +324,7 @@ impl NodeFigures {
             bytes_out: self.bytes_out(),
             connect_failures: self.connect_failures(),
             health_transitions: self.health_transitions(),
+            check_failures: self.check_failures(),
         }
     }
 
@@ -185,6 +336,7 @@ impl NodeFigures {
         self.bytes_out.fetch_add(counters.bytes_out, Relaxed);
         self.connect_failures.fetch_add(counters.connect_failures, Relaxed);
         self.health_transitions.fetch_add(counters.health_transitions, Relaxed);
+        self.check_failures.fetch_add(counters.check_failures, Relaxed);
     }
 
     /// Counts a connection adopted from another process (which counted it in
@@ -208,6 +360,8 @@ pin_project_lite::pin_project! {
     /// and this is the smaller of the two.
     pub struct TurnedRed<'a> {
         figures: &'a NodeFigures,
+        // The node's cuts when the connection began waiting: one more cuts it.
+        cuts_seen: u64,
         #[pin]
         turned: tokio::sync::futures::Notified<'a>,
         // Whether `turned` is registered and the state was checked after that.
@@ -225,7 +379,7 @@ impl Future for TurnedRed<'_> {
                 // Registered before the check, so a change between the two is not missed.
                 this.turned.as_mut().enable();
                 *this.armed = true;
-                if this.figures.state() == NodeState::Red {
+                if this.figures.state() == NodeState::Red || this.figures.cuts.load(Relaxed) != *this.cuts_seen {
                     return Poll::Ready(());
                 }
             }
@@ -301,9 +455,19 @@ pub struct ServiceFigures {
     pub(crate) per_client: std::sync::Mutex<HashMap<IpAddr, u32>>,
     /// When a refusal was last logged (ms on the process clock), to log at most one a second.
     pub(crate) last_refusal_log_ms: AtomicU64,
+    /// Connections closed for reaching `max_connection_age`.
+    aged_out: AtomicU64,
 }
 
 impl ServiceFigures {
+    /// Connections closed for reaching `max_connection_age`.
+    pub fn aged_out(&self) -> u64 {
+        self.aged_out.load(Relaxed)
+    }
+    pub fn count_aged_out(&self) {
+        self.aged_out.fetch_add(1, Relaxed);
+    }
+
     /// Clients accepted (admitted past limits and access lists).
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Relaxed)

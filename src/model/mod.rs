@@ -25,8 +25,8 @@ use arc_swap::ArcSwap;
 pub use crate::config::NodeState;
 pub use connection::ConnectionState;
 pub use figures::{
-    ActiveGuard, NodeCounters, NodeFigures, Padded, Refusal, ServiceFigures, ServiceGuard, TurnedRed, bind_worker_slot,
-    worker_slots,
+    ActiveGuard, CheckReport, FULL_PERMILLE, NodeCounters, NodeFigures, Padded, Refusal, ServiceFigures, ServiceGuard,
+    TurnedRed, bind_worker_slot, worker_slots,
 };
 pub use pins::{Change, MAX_PINS_PER_CLUSTER, Pin, Pins, WallClock, expired};
 pub use rates::Rate;
@@ -93,6 +93,7 @@ pub(crate) mod testing {
                     figures: Arc::new(NodeFigures::new(NodeState::Green)),
                     agent: None,
                     send_proxy: crate::config::ProxyHeader::None,
+                    health_port: None,
                 }
             })
             .collect()

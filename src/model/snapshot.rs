@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use super::figures::{NodeFigures, ServiceFigures};
 use crate::config::{
-    AlgorithmKind, ClusterConfig, Config, ForwardMode, LastResort, ListenSpec, NodeAddress, ProxyHeader, ServiceLimits,
-    SocketBuffer, Source,
+    AlgorithmKind, CheckConfig, ClusterConfig, Config, ForwardMode, LastResort, ListenSpec, NodeAddress, OnUnavailable,
+    ProxyHeader, ServiceLimits, SocketBuffer, Source,
 };
 
 /// A balancing algorithm, compiled for one cluster (see `crate::balance`).
@@ -54,11 +54,45 @@ pub struct Node {
     pub agent: Option<SocketAddr>,
     /// The PROXY header this node gets first on each connection.
     pub send_proxy: ProxyHeader,
+    /// For a node without a port of its own: the port whose health is the
+    /// node's (the check's `port`, else the first port of a service its
+    /// cluster serves). A refused connect to any other port marks only that
+    /// port down. `None` for a node with a port.
+    pub health_port: Option<u16>,
 }
 
 impl Node {
     pub fn is_eligible(&self) -> bool {
         self.figures.is_eligible()
+    }
+
+    /// Whether the node may take a client who came to `port`: eligible, and
+    /// that port not refused (see [`Node::health_port`]).
+    pub fn is_eligible_on(&self, port: u16) -> bool {
+        self.is_eligible() && !self.figures.is_port_down(port)
+    }
+
+    /// Its weight as its share of new clients now, in thousandths: its
+    /// `weight` times its slow-start ramp.
+    pub fn weight_permille(&self) -> u64 {
+        u64::from(self.weight) * u64::from(self.figures.ramp_permille())
+    }
+
+    /// Its weight as its share of new clients now: `weight` while no slow
+    /// start ramps it up, a fraction of it meanwhile.
+    pub fn share_weight(&self) -> f64 {
+        self.weight_permille() as f64 / f64::from(super::figures::FULL_PERMILLE)
+    }
+
+    /// Where a check or probe of the node goes: `port` when given, else its
+    /// own port or its [`Node::health_port`].
+    pub fn checked_target(&self, port: Option<u16>) -> Option<SocketAddr> {
+        match (self.address, port.or(self.health_port)) {
+            (NodeAddress::Socket(addr), None) => Some(addr),
+            (NodeAddress::Socket(addr), Some(port)) => Some(SocketAddr::new(addr.ip(), port)),
+            (NodeAddress::SamePort(ip), Some(port)) => Some(SocketAddr::new(ip, port)),
+            (NodeAddress::SamePort(_), None) => None,
+        }
     }
 }
 
@@ -76,6 +110,11 @@ pub struct Cluster {
     pub last_resort: LastResort,
     /// The local address of each connection to a node.
     pub source: Source,
+    /// The active checks of every node (`None`: the connect probe of unavailable ones).
+    pub check: Option<CheckConfig>,
+    /// Over how long a node that becomes eligible ramps up to its full share.
+    pub slow_start: Option<Duration>,
+    pub on_unavailable: OnUnavailable,
     pub nodes: Vec<Node>,
 }
 
@@ -105,6 +144,9 @@ impl Cluster {
             // A detached cluster picks nothing, so it has no one to try.
             last_resort: LastResort::Refuse,
             source: Source::Kernel,
+            check: None,
+            slow_start: None,
+            on_unavailable: OnUnavailable::Keep,
             nodes: vec![node],
         }
     }
@@ -144,7 +186,13 @@ impl Snapshot {
         let clusters = config
             .clusters
             .iter()
-            .map(|c| (c.name.clone(), Arc::new(build_cluster(c, previous, algorithms))))
+            .map(|c| {
+                let health_port = health_port(config, c);
+                (
+                    c.name.clone(),
+                    Arc::new(build_cluster(c, previous, algorithms, health_port)),
+                )
+            })
             .collect();
         let services = config
             .services
@@ -185,7 +233,22 @@ impl Snapshot {
     }
 }
 
-fn build_cluster(c: &ClusterConfig, previous: Option<&Snapshot>, algorithms: Algorithms) -> Cluster {
+/// The port whose health is a port-following node's: the check's `port`,
+/// else the first port of the first service its cluster serves.
+fn health_port(config: &Config, c: &ClusterConfig) -> Option<u16> {
+    c.check.as_ref().and_then(|check| check.port).or_else(|| {
+        let service = config.services.iter().find(|s| s.cluster == c.name)?;
+        let port = service.listen.first()?.first_port;
+        (port != 0).then_some(port)
+    })
+}
+
+fn build_cluster(
+    c: &ClusterConfig,
+    previous: Option<&Snapshot>,
+    algorithms: Algorithms,
+    health_port: Option<u16>,
+) -> Cluster {
     let nodes = c
         .nodes
         .iter()
@@ -195,9 +258,17 @@ fn build_cluster(c: &ClusterConfig, previous: Option<&Snapshot>, algorithms: Alg
                 name: n.name.clone(),
                 address: n.address,
             };
-            let figures = previous
-                .and_then(|p| p.node_figures(&key))
-                .unwrap_or_else(|| Arc::new(NodeFigures::new(n.state)));
+            let figures = previous.and_then(|p| p.node_figures(&key)).unwrap_or_else(|| {
+                let figures = Arc::new(NodeFigures::new(n.state));
+                // A node a reload adds ramps up; the first start's nodes start together.
+                if previous.is_some() && n.state == crate::config::NodeState::Green {
+                    figures.begin_ramp(c.slow_start);
+                }
+                figures
+            });
+            if c.check.is_none() {
+                figures.clear_check();
+            }
             Node {
                 name: n.name.clone(),
                 address: n.address,
@@ -207,6 +278,10 @@ fn build_cluster(c: &ClusterConfig, previous: Option<&Snapshot>, algorithms: Alg
                 figures,
                 agent: n.agent,
                 send_proxy: n.send_proxy,
+                health_port: match n.address {
+                    NodeAddress::Socket(_) => None,
+                    NodeAddress::SamePort(_) => health_port,
+                },
             }
         })
         .collect();
@@ -221,6 +296,9 @@ fn build_cluster(c: &ClusterConfig, previous: Option<&Snapshot>, algorithms: Alg
         socket_buffer: c.socket_buffer,
         last_resort: c.last_resort,
         source: c.source,
+        check: c.check.clone(),
+        slow_start: c.slow_start,
+        on_unavailable: c.on_unavailable,
         nodes,
     }
 }

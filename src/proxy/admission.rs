@@ -24,6 +24,7 @@ pub struct Admitted {
     pub cluster: Arc<Cluster>,
     pub forwarding: ForwardMode,
     pub idle_timeout: Option<Duration>,
+    pub max_connection_age: Option<Duration>,
     /// The service's `socket_buffer`, for the client's socket.
     pub client_buffer: Option<SocketBuffer>,
     _global: GlobalGuard,
@@ -67,6 +68,7 @@ pub fn admit(shared: &Arc<Shared>, service_name: &str, client: IpAddr) -> Result
         cluster: cluster.clone(),
         forwarding: snapshot.forwarding,
         idle_timeout: limits.idle_timeout,
+        max_connection_age: limits.max_connection_age,
         client_buffer: limits.socket_buffer,
         _global: global,
         _client: per_client,
@@ -116,6 +118,7 @@ pub fn adopt(shared: &Arc<Shared>, state: &ConnectionState) -> (Admitted, usize)
         cluster,
         forwarding: snapshot.forwarding,
         idle_timeout: limits.idle_timeout,
+        max_connection_age: limits.max_connection_age,
         client_buffer: None,
         _global: GlobalGuard::count(shared),
         _client: per_client,
@@ -136,6 +139,7 @@ fn detached(state: &ConnectionState) -> Cluster {
         figures: Arc::new(crate::model::NodeFigures::new(crate::config::NodeState::Green)),
         agent: None,
         send_proxy: crate::config::ProxyHeader::None,
+        health_port: None,
     };
     Cluster::detached(&state.cluster, node)
 }

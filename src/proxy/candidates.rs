@@ -1,11 +1,13 @@
 //! The order in which a connection tries nodes. Fall-over is "take the next
 //! candidate":
 //!
-//! 1. the algorithm's pick (only eligible nodes are picked);
+//! 1. the client's home (its pin, or its ip-hash node) or else the
+//!    algorithm's pick (only eligible nodes are picked);
 //! 2. the pick's fall-over chain, in chain order;
 //! 3. every other node of the cluster, in config order, starting after the pick.
 //!
-//! Nodes that are not eligible (not green, or unavailable) when their turn
+//! Nodes that are not eligible (not green, or unavailable, or refusing the
+//! client's destination port: see `Node::health_port`) when their turn
 //! comes are skipped, but a skipped node's fall-over node still follows it in
 //! the chain. Each node is offered at most once. The iterator allocates nothing.
 //!
@@ -18,8 +20,13 @@ use crate::model::{Node, NodeState};
 pub struct Candidates<'a> {
     nodes: &'a [Node],
     first: Option<usize>,
+    /// The port the client came to (a node without a port takes it).
+    port: u16,
     /// The last resort: green nodes are offered even when unavailable.
     last_resort: bool,
+    /// `first` is the client's home (its pin or ip-hash node): offered
+    /// first even on a port it refused lately.
+    home: bool,
     /// Where we are: the first pick, walking its chain, or sweeping the rest.
     next: Step,
 }
@@ -34,23 +41,34 @@ enum Step {
 }
 
 impl<'a> Candidates<'a> {
-    /// Candidates starting from `first`, the algorithm's pick (`None`: no node is eligible).
-    pub fn new(nodes: &'a [Node], first: Option<usize>) -> Self {
+    /// Candidates for a client who came to `port`, starting from `first`,
+    /// the algorithm's pick (`None`: no node is eligible).
+    pub fn new(nodes: &'a [Node], first: Option<usize>, port: u16) -> Self {
         Candidates {
             nodes,
             first,
+            port,
             last_resort: false,
+            home: false,
             next: if first.is_some() { Step::First } else { Step::Done },
+        }
+    }
+
+    /// Candidates starting from the client's `home` node (see [`Candidates::new`]).
+    pub fn from_home(nodes: &'a [Node], home: usize, port: u16) -> Self {
+        Candidates {
+            home: true,
+            ..Candidates::new(nodes, Some(home), port)
         }
     }
 
     /// The last resort's candidates: the green nodes, available or not, in the
     /// order of [`Candidates::new`] from `first` (`None`: config order).
-    pub fn last_resort(nodes: &'a [Node], first: Option<usize>) -> Self {
+    pub fn last_resort(nodes: &'a [Node], first: Option<usize>, port: u16) -> Self {
         let first = first.or(if nodes.is_empty() { None } else { Some(0) });
         Candidates {
             last_resort: true,
-            ..Candidates::new(nodes, first)
+            ..Candidates::new(nodes, first, port)
         }
     }
 
@@ -58,8 +76,10 @@ impl<'a> Candidates<'a> {
         let node = &self.nodes[index];
         if self.last_resort {
             node.figures.state() == NodeState::Green
-        } else {
+        } else if self.home && Some(index) == self.first {
             node.is_eligible()
+        } else {
+            node.is_eligible_on(self.port)
         }
     }
 
@@ -133,7 +153,7 @@ mod tests {
         let mut ns = nodes(&[1, 1, 1, 1, 1]);
         ns[1].fallover = Some(3);
         ns[3].fallover = Some(0);
-        let order: Vec<usize> = Candidates::new(&ns, Some(1)).collect();
+        let order: Vec<usize> = Candidates::new(&ns, Some(1), 80).collect();
         assert_eq!(order, vec![1, 3, 0, 2, 4]);
     }
 
@@ -144,14 +164,14 @@ mod tests {
         ns[1].fallover = Some(2);
         ns[1].figures.set_state(NodeState::Yellow);
         ns[3].figures.set_available(false);
-        let order: Vec<usize> = Candidates::new(&ns, Some(0)).collect();
+        let order: Vec<usize> = Candidates::new(&ns, Some(0), 80).collect();
         assert_eq!(order, vec![0, 2]);
     }
 
     #[test]
     fn nothing_without_a_pick() {
         let ns = nodes(&[1, 1]);
-        assert_eq!(Candidates::new(&ns, None).count(), 0);
+        assert_eq!(Candidates::new(&ns, None, 80).count(), 0);
     }
 
     #[test]
@@ -162,10 +182,27 @@ mod tests {
         ns[1].figures.set_available(false);
         ns[2].figures.set_state(NodeState::Red);
         ns[3].figures.set_available(false);
-        assert_eq!(Candidates::new(&ns, None).count(), 0);
-        let order: Vec<usize> = Candidates::last_resort(&ns, None).collect();
+        assert_eq!(Candidates::new(&ns, None, 80).count(), 0);
+        let order: Vec<usize> = Candidates::last_resort(&ns, None, 80).collect();
         assert_eq!(order, vec![0, 3]);
-        let order: Vec<usize> = Candidates::last_resort(&ns, Some(3)).collect();
+        let order: Vec<usize> = Candidates::last_resort(&ns, Some(3), 80).collect();
         assert_eq!(order, vec![3, 0]);
+    }
+
+    #[test]
+    fn a_refused_port_skips_the_node_for_that_port_only() {
+        let ns = nodes(&[1, 1]);
+        ns[0].figures.mark_port(2121, true);
+        let order: Vec<usize> = Candidates::new(&ns, Some(0), 2121).collect();
+        assert_eq!(order, vec![1]);
+        let order: Vec<usize> = Candidates::new(&ns, Some(0), 21).collect();
+        assert_eq!(order, vec![0, 1]);
+        ns[1].figures.mark_port(2121, true);
+        assert_eq!(Candidates::new(&ns, Some(0), 2121).count(), 0);
+        let order: Vec<usize> = Candidates::last_resort(&ns, Some(0), 2121).collect();
+        assert_eq!(order, vec![0, 1], "the last resort tries them anyway");
+        ns[1].figures.mark_port(2121, false);
+        let order: Vec<usize> = Candidates::from_home(&ns, 0, 2121).collect();
+        assert_eq!(order, vec![0, 1], "a client's home is tried first even so");
     }
 }

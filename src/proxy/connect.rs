@@ -150,6 +150,26 @@ enum ClientEvent {
     Eof,
 }
 
+/// Where a client's candidates start.
+#[derive(Debug, Clone, Copy)]
+pub enum First {
+    /// The client's own node: its pin, or its ip-hash home. Its session may
+    /// be there (a passive FTP data connection), so it is tried first even
+    /// on a port it refused lately.
+    Home(usize),
+    /// The algorithm's pick (`None`: no node is eligible).
+    Pick(Option<usize>),
+}
+
+impl First {
+    fn node(self) -> Option<usize> {
+        match self {
+            First::Home(i) => Some(i),
+            First::Pick(pick) => pick,
+        }
+    }
+}
+
 /// Connects `client` (who reached us on `local_port`) to the first candidate,
 /// starting with `first`, that takes it. Failed nodes are marked unavailable.
 /// `idle`: the service's idle timeout, which applies on probation too. When
@@ -159,10 +179,15 @@ pub async fn connect_client(
     client: &TcpStream,
     ends: Ends,
     cluster: &Cluster,
-    first: Option<usize>,
+    first: First,
     local_port: u16,
     idle: Option<Duration>,
 ) -> Outcome {
+    let candidates = match first {
+        First::Home(home) => Candidates::from_home(&cluster.nodes, home, local_port),
+        First::Pick(pick) => Candidates::new(&cluster.nodes, pick, local_port),
+    };
+    let first = first.node();
     let mut held = FirstBytes::default();
     let mut offered = false;
     let attempt = Attempt {
@@ -172,7 +197,7 @@ pub async fn connect_client(
         local_port,
         idle,
     };
-    for i in Candidates::new(&cluster.nodes, first) {
+    for i in candidates {
         offered = true;
         if let Some(outcome) = attempt.try_node(i, &mut held).await {
             return outcome;
@@ -180,11 +205,13 @@ pub async fn connect_client(
     }
     // Only when nothing was offered: nodes that just failed this client are not tried twice.
     if !offered && cluster.last_resort == LastResort::TryUnavailable {
-        for i in Candidates::last_resort(&cluster.nodes, first) {
+        for i in Candidates::last_resort(&cluster.nodes, first, local_port) {
             if let Some(outcome) = attempt.try_node(i, &mut held).await {
                 if let Outcome::Connected { node, .. } = &outcome {
                     let node = &cluster.nodes[*node];
-                    probe::mark_available(cluster, node, "it took a client tried as a last resort");
+                    let why = "it took a client tried as a last resort";
+                    probe::mark_port_up(cluster, node, local_port, why);
+                    probe::mark_available(cluster, node, why);
                 }
                 return outcome;
             }
@@ -231,21 +258,25 @@ impl Attempt<'_> {
             Err(e) if is_exhaustion(&e) => return Some(Outcome::Exhausted(e)),
             Err(e) => {
                 node.figures.count_connect_failure();
-                probe::mark_unavailable(cluster, node, format_args!("connect to {target} failed: {e}"));
+                probe::mark_failed(cluster, node, target, format_args!("connect to {target} failed: {e}"));
                 return None;
             }
         };
         match probation(client, &stream, &header, &node.figures, held, idle).await {
-            Ok(()) => Some(Outcome::Connected {
-                node: i,
-                stream,
-                forwarded: held.buf.len() as u64,
-            }),
+            Ok(()) => {
+                probe::mark_port_up(cluster, node, target.port(), "it took a client");
+                Some(Outcome::Connected {
+                    node: i,
+                    stream,
+                    forwarded: held.buf.len() as u64,
+                })
+            }
             Err(Fault::Node(e)) => {
                 node.figures.count_connect_failure();
-                probe::mark_unavailable(
+                probe::mark_failed(
                     cluster,
                     node,
+                    target,
                     format_args!("{target} ended the connection before answering: {e}"),
                 );
                 None

@@ -149,9 +149,11 @@ async fn connect_phase(accepted: &Accepted) -> Option<(usize, TcpStream, u64)> {
     let pinned = pinned_node(&shared.live.pins, cluster, peer);
     // A client's home node (ip-hash), even when it cannot take the client, so
     // that its fall-over chain comes first; else the algorithm's pick.
-    let first = pinned
-        .or_else(|| cluster.balancer.home(peer.ip(), &cluster.nodes))
-        .or_else(|| cluster.pick(peer.ip()));
+    let home = pinned.or_else(|| cluster.balancer.home(peer.ip(), &cluster.nodes));
+    let first = match home {
+        Some(home) => connect::First::Home(home),
+        None => connect::First::Pick(cluster.pick(peer.ip())),
+    };
     let outcome = tokio::select! {
         outcome = connect::connect_client(client, connect::Ends { client: peer, to: to.as_deref().copied() }, cluster, first, *local_port, admitted.idle_timeout) => outcome,
         _ = shared.must_cut(cut) => return None,
@@ -290,6 +292,15 @@ async fn forward(accepted: &Accepted, i: usize, upstream: TcpStream, progress: P
         Some(watch) => watch.as_mut().poll(cx),
         None => Poll::Pending,
     });
+    // Boxed for the same reason, and only with a `max_connection_age`.
+    let mut age_watch = accepted
+        .admitted
+        .max_connection_age
+        .map(|max| Box::pin(tokio::time::sleep_until((progress.started + closing_age(max)).into())));
+    let aged = std::future::poll_fn(|cx| match &mut age_watch {
+        Some(watch) => watch.as_mut().poll(cx),
+        None => Poll::Pending,
+    });
     if !progress.adopted {
         // The client's first bytes, forwarded while connecting.
         pump::Counter::bytes_in(&bytes, progress.bytes_in);
@@ -310,8 +321,13 @@ async fn forward(accepted: &Accepted, i: usize, upstream: TcpStream, progress: P
             Left::Cut => Err(PumpError { side: Side::Balancer, error: io::Error::other("cut at shutdown") }),
         },
         _ = node.figures.red() => Err(abort_both(&accepted.client, &upstream, "cut: the node turned red")),
+        _ = aged => {
+            accepted.admitted.service.count_aged_out();
+            close_aged(pump.as_mut(), &accepted.client, &upstream).await
+        }
     };
     drop(idle_watch);
+    drop(age_watch);
     let Accepted {
         peer,
         service,
@@ -461,6 +477,43 @@ fn pinned_node(pins: &Pins, cluster: &Cluster, peer: SocketAddr) -> Option<usize
         .nodes
         .iter()
         .position(|n| *n.name == *node && n.figures.state() != NodeState::Red)
+}
+
+/// When a connection under `max_connection_age = max` closes: at a moment
+/// of its own within the last tenth of `max`, so connections opened together
+/// do not all close together.
+fn closing_age(max: Duration) -> Duration {
+    max - max.mul_f64(fastrand::f64() / 10.0)
+}
+
+/// How long an aged connection may take to write out what it holds.
+const AGED_FLUSH: Duration = Duration::from_secs(5);
+
+/// Closes a connection that reached its maximum age: it stops reading,
+/// writes out what it holds (within [`AGED_FLUSH`]), then sends a FIN each
+/// way, so both ends see an orderly close rather than a reset.
+async fn close_aged(
+    mut pump: std::pin::Pin<&mut pump::Pump<'_>>,
+    client: &TcpStream,
+    node: &TcpStream,
+) -> Result<(), PumpError> {
+    pump.drain();
+    let quiet = std::future::poll_fn(|cx| match pump.as_mut().poll(cx) {
+        Poll::Ready(r) => Poll::Ready(Some(r)),
+        Poll::Pending if pump.is_quiescent() => Poll::Ready(None),
+        Poll::Pending => Poll::Pending,
+    });
+    if let Ok(Some(ended)) = tokio::time::timeout(AGED_FLUSH, quiet).await {
+        // It ended by itself meanwhile.
+        return ended;
+    }
+    for stream in [client, node] {
+        let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+    }
+    Err(PumpError {
+        side: Side::Balancer,
+        error: io::Error::other("max age"),
+    })
 }
 
 /// Makes dropping `client` and `node` reset both connections (SO_LINGER 0),

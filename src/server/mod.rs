@@ -128,9 +128,12 @@ impl Server {
         let (tasks, stop) = (&server.shared.tasks, &server.shared.stop);
         tasks.spawn(crate::model::rates::sample_forever(live.clone(), stop.clone()));
         tasks.spawn(crate::health::agent::poll_forever(live.clone(), stop.clone()));
+        tasks.spawn(crate::health::check::run(live.clone(), stop.clone()));
+        tasks.spawn(crate::health::slow_start::run(live.clone(), stop.clone()));
         tasks.spawn(crate::health::probe::run(live, stop.clone()));
         tasks.spawn(affinity::run_flusher(affinity, stop.clone()));
         tasks.spawn(memory::trim_after_load(server.shared.data.clone(), stop.clone()));
+        tasks.spawn(server.shared.control.clone().enforce_drain_deadlines(stop.clone()));
         server.shared.data.open(bound);
         Ok(server)
     }
@@ -296,6 +299,11 @@ impl Server {
     /// Sets a node's state (see `Control::set_node_state`).
     pub fn set_node_state(&self, cluster: &str, node: &str, state: NodeState) -> Result<(), ControlError> {
         self.shared.control.set_node_state(cluster, node, state)
+    }
+
+    /// Drains a node, red after `deadline` (see `Control::drain_until`).
+    pub fn drain_until(&self, cluster: &str, node: &str, deadline: std::time::Duration) -> Result<(), ControlError> {
+        self.shared.control.drain_until(cluster, node, deadline)
     }
 
     /// The client pins of every cluster, and their file.

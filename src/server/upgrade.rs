@@ -530,6 +530,7 @@ fn counted_since(before: &[NodeRecord], now: &[NodeRecord]) -> Vec<NodeRecord> {
                 bytes_out: c.bytes_out.saturating_sub(b.bytes_out),
                 connect_failures: c.connect_failures.saturating_sub(b.connect_failures),
                 health_transitions: c.health_transitions.saturating_sub(b.health_transitions),
+                check_failures: c.check_failures.saturating_sub(b.check_failures),
             };
             (counters != zero).then(|| NodeRecord { counters, ..n.clone() })
         })

@@ -13,11 +13,18 @@ use crate::common::{
 use crate::{Daemon, chown_to, curl, require_root, run_client, work_dir};
 
 /// How many passive ports the balancer and each vsftpd share.
-const PASSIVE_PORTS: u16 = 10;
+pub(crate) const PASSIVE_PORTS: u16 = 10;
 
 /// vsftpd in the foreground on `ip:control`, anonymous, uploads allowed in
 /// `/pub`, passive only, announcing the balancer's address and `passive` ports.
-fn vsftpd(name: &str, dir: &Path, ip: IpAddr, control: u16, passive: (u16, u16), announce: IpAddr) -> Daemon {
+pub(crate) fn vsftpd(
+    name: &str,
+    dir: &Path,
+    ip: IpAddr,
+    control: u16,
+    passive: (u16, u16),
+    announce: IpAddr,
+) -> Daemon {
     let root = dir.join("root");
     std::fs::create_dir_all(root.join("pub")).unwrap();
     std::fs::create_dir_all(dir.join("empty")).unwrap();
@@ -40,7 +47,7 @@ fn vsftpd(name: &str, dir: &Path, ip: IpAddr, control: u16, passive: (u16, u16),
 
 /// Starts the balancer on a control port and a passive range below the
 /// kernel's ephemeral ports, trying other ports while some are taken.
-async fn start_balancer(cluster: &str) -> (Server, u16, (u16, u16)) {
+pub(crate) async fn start_balancer(cluster: &str) -> (Server, u16, (u16, u16)) {
     for _ in 0..20 {
         let control = fastrand::u16(20_000..32_000);
         let low = control + 1;

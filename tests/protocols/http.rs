@@ -16,7 +16,7 @@ fn nginx(name: &str, dir: &Path, port: u16) -> Daemon {
 
 /// nginx as [`nginx`], with words after its `listen` address (`proxy_protocol`)
 /// and lines in its `server` block.
-fn nginx_with(name: &str, dir: &Path, port: u16, listen_words: &str, server_lines: &str) -> Daemon {
+pub(crate) fn nginx_with(name: &str, dir: &Path, port: u16, listen_words: &str, server_lines: &str) -> Daemon {
     for sub in ["www", "tmp", "logs"] {
         std::fs::create_dir_all(dir.join(sub)).unwrap();
     }

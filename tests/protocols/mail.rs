@@ -16,7 +16,7 @@ use std::process::Command;
 /// exim in the foreground (`-bdf`), accepting any recipient on `port` and
 /// appending every message to `dir/inbox` (mbox). Started by root with `-C`,
 /// exim drops to its own user, which owns `dir`.
-fn exim(name: &str, dir: &Path, port: u16) -> Daemon {
+pub(crate) fn exim(name: &str, dir: &Path, port: u16) -> Daemon {
     std::fs::create_dir_all(dir.join("spool")).unwrap();
     let d = dir.display();
     let conf = format!(
@@ -34,6 +34,8 @@ fn exim(name: &str, dir: &Path, port: u16) -> Daemon {
     // exim wants its config owned by root and writable by nobody else.
     std::fs::write(dir.join("exim.conf"), conf).unwrap();
     std::fs::set_permissions(dir.join("exim.conf"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    // Started again in the same directory, the file was given away above.
+    std::os::unix::fs::chown(dir.join("exim.conf"), Some(0), Some(0)).unwrap();
     let mut command = Command::new(tool("exim4"));
     command
         .args(["-bdf", "-odi", "-C"])
@@ -112,7 +114,7 @@ async fn smtp_through_exim_delivers_to_a_backend() {
 
 /// dovecot in the foreground serving IMAP and POP3 for user `tester`
 /// (password `secret`), whose Maildir holds one message naming `name`.
-fn dovecot(name: &str, dir: &Path, imap: u16, pop3: u16) -> Daemon {
+pub(crate) fn dovecot(name: &str, dir: &Path, imap: u16, pop3: u16) -> Daemon {
     dovecot_with(name, dir, imap, pop3, false)
 }
 

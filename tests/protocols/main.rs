@@ -13,6 +13,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod checks;
 mod ftp;
 mod http;
 mod iiop;
