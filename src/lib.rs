@@ -39,3 +39,4 @@ pub mod logging;
 pub mod model;
 pub mod proxy;
 pub mod server;
+pub mod shared;

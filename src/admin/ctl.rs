@@ -206,7 +206,16 @@ pub fn status_tables(status: &Status) -> String {
             ]);
         }
     }
-    format!("{}\n{}", table(&services), table(&nodes))
+    let store = match &status.store {
+        Some(s) => format!(
+            "\nstore {} (instance {}): {}\n",
+            s.url,
+            s.instance,
+            if s.up { "up" } else { "DOWN" }
+        ),
+        None => String::new(),
+    };
+    format!("{}\n{}{store}", table(&services), table(&nodes))
 }
 
 /// Left-aligned columns, two spaces apart.

@@ -12,7 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::model::{NodeFigures, NodeState, Refusal, ServiceFigures, Snapshot};
+use crate::model::{NodeFigures, NodeState, Refusal, ServiceFigures, Snapshot, StoreFigures};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NodeLabels {
@@ -70,7 +70,12 @@ struct Families {
 
 /// Renders every metric of `snapshot`, and the clients each worker thread
 /// has accepted (`accepted_by_worker`, indexed by worker).
-pub fn render(snapshot: &Snapshot, accepted_by_worker: &[u64]) -> Result<String, std::fmt::Error> {
+/// With `[shared]`, `store` adds the store's figures.
+pub fn render(
+    snapshot: &Snapshot,
+    accepted_by_worker: &[u64],
+    store: Option<&StoreFigures>,
+) -> Result<String, std::fmt::Error> {
     let families = Families::default();
     for cluster in snapshot.clusters.values() {
         for node in &cluster.nodes {
@@ -89,8 +94,39 @@ pub fn render(snapshot: &Snapshot, accepted_by_worker: &[u64]) -> Result<String,
             .inc_by(n);
     }
     let mut text = String::new();
-    encode(&mut text, &families.registry())?;
+    let mut registry = families.registry();
+    if let Some(store) = store {
+        register_store(&mut registry, store);
+    }
+    encode(&mut text, &registry)?;
     Ok(text)
+}
+
+/// The store's figures: `protobalance_store_up` and what its requests cost.
+fn register_store(registry: &mut Registry, store: &StoreFigures) {
+    let up: Gauge = Gauge::default();
+    up.set(i64::from(store.is_up()));
+    registry.register("protobalance_store_up", "1 when the shared state store answers", up);
+    let requests: Counter = Counter::default();
+    requests.inc_by(store.requests());
+    registry.register("protobalance_store_requests", "Requests sent to the store", requests);
+    let seconds: Counter<f64, std::sync::atomic::AtomicU64> = Counter::default();
+    seconds.inc_by(store.request_seconds());
+    registry.register(
+        "protobalance_store_request_seconds",
+        "Time the store's requests took, all together (divided by the requests: the mean latency)",
+        seconds,
+    );
+    let errors: Counter = Counter::default();
+    errors.inc_by(store.errors());
+    registry.register("protobalance_store_errors", "Store requests that failed", errors);
+    let timeouts: Counter = Counter::default();
+    timeouts.inc_by(store.lookup_timeouts());
+    registry.register(
+        "protobalance_store_lookup_timeouts",
+        "Pin lookups of new clients that ran past the lookup budget",
+        timeouts,
+    );
 }
 
 impl Families {

@@ -227,7 +227,17 @@ async fn status(State(control): State<Control>) -> impl IntoResponse {
 }
 
 async fn metrics(State(control): State<Control>) -> Response {
-    match metrics::render(&control.snapshot(), &control.data().accepted_by_worker()) {
+    let store = control
+        .state()
+        .file
+        .shared
+        .is_some()
+        .then(|| control.live().store_figures.clone());
+    match metrics::render(
+        &control.snapshot(),
+        &control.data().accepted_by_worker(),
+        store.as_deref(),
+    ) {
         Ok(text) => (
             [(
                 header::CONTENT_TYPE,

@@ -15,6 +15,27 @@ pub struct Status {
     pub pid: u32,
     pub services: Vec<ServiceStatus>,
     pub clusters: Vec<ClusterStatus>,
+    /// With `[shared]`: the store and whether it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreStatus {
+    /// The store's URL, without its password.
+    pub url: String,
+    /// This instance's name in what it writes there.
+    pub instance: String,
+    pub up: bool,
+}
+
+/// Who made a run-time change, and when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetBy {
+    /// The instance's name (this one's own for its changes).
+    pub instance: String,
+    /// RFC 3339.
+    pub at: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -28,6 +49,9 @@ pub struct ServiceStatus {
     pub cluster: String,
     /// The file's cluster, when a run-time redirect overrides it.
     pub redirected_from: Option<String>,
+    /// Who set the redirect in force, and when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_set_by: Option<SetBy>,
     pub active_connections: u64,
     pub total_connections: u64,
     /// Clients turned away, all reasons together.
@@ -83,6 +107,9 @@ pub struct NodeStatus {
     /// A drain's deadline (RFC 3339): the node turns red then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<String>,
+    /// Who set the run-time state in force (absent: the file's state), and when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_set_by: Option<SetBy>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,6 +128,16 @@ impl Status {
     pub fn of(control: &Control) -> Status {
         let snapshot = control.snapshot();
         let redirects = control.redirects();
+        let state = control.state();
+        let instance = state
+            .file
+            .shared
+            .as_ref()
+            .map_or_else(|| "this instance".to_string(), |s| s.instance.clone());
+        let set_by = |origin: &crate::control::Origin| SetBy {
+            instance: origin.instance.clone().unwrap_or_else(|| instance.clone()),
+            at: rfc3339_ms(origin.at_ms),
+        };
         let bound = control.data().listen_addrs();
         let mut services: Vec<ServiceStatus> = snapshot
             .services
@@ -115,6 +152,7 @@ impl Status {
                     .collect(),
                 cluster: s.cluster.clone(),
                 redirected_from: redirects.get(&s.name).cloned(),
+                redirect_set_by: state.overrides.redirects.get(&s.name).map(|o| set_by(&o.origin)),
                 active_connections: s.figures.active_connections(),
                 total_connections: s.figures.accepted(),
                 refused_connections: Refusal::ALL.iter().map(|r| s.figures.refused(*r)).sum(),
@@ -126,12 +164,33 @@ impl Status {
             })
             .collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut clusters = clusters(&snapshot, &control.drain_deadlines());
+        for c in &mut clusters {
+            for n in &mut c.nodes {
+                n.state_set_by = state
+                    .overrides
+                    .node_states
+                    .get(&(c.name.clone(), n.name.clone()))
+                    .map(|o| set_by(&o.origin));
+            }
+        }
         Status {
             pid: std::process::id(),
             services,
-            clusters: clusters(&snapshot, &control.drain_deadlines()),
+            clusters,
+            store: state.file.shared.as_ref().map(|s| StoreStatus {
+                url: s.display_url(),
+                instance: s.instance.clone(),
+                up: control.live().store_figures.is_up(),
+            }),
         }
     }
+}
+
+/// Unix milliseconds as RFC 3339, to the second.
+fn rfc3339_ms(ms: u64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 fn check_status(report: CheckReport) -> CheckStatus {
@@ -155,10 +214,9 @@ fn clusters(snapshot: &Snapshot, deadlines: &BTreeMap<(String, String), u64>) ->
                 .iter()
                 .map(|n| {
                     let mut status = node(n, n.fallover.map(|i| c.nodes[i].name.clone()));
-                    status.deadline = deadlines.get(&(c.name.clone(), n.name.clone())).map(|&ms| {
-                        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
-                        humantime::format_rfc3339_seconds(at).to_string()
-                    });
+                    status.deadline = deadlines
+                        .get(&(c.name.clone(), n.name.clone()))
+                        .map(|&ms| rfc3339_ms(ms));
                     status
                 })
                 .collect(),
@@ -193,6 +251,7 @@ fn node(n: &Node, fallover: Option<String>) -> NodeStatus {
             permille => Some(f64::from(permille) / f64::from(FULL_PERMILLE)),
         },
         deadline: None,
+        state_set_by: None,
     }
 }
 

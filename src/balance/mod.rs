@@ -152,7 +152,9 @@ mod slow_start {
         let mut previous = 0;
         let start = std::time::Instant::now();
         for step in 1..=10u32 {
-            ns[2].figures.advance_ramp(WINDOW, start + Duration::from_secs(u64::from(step)));
+            ns[2]
+                .figures
+                .advance_ramp(WINDOW, start + Duration::from_secs(u64::from(step)));
             let now: Vec<usize> = (0..10_000).map(|i| h.pick(client(i), &ns).unwrap()).collect();
             let on_ramping: Vec<usize> = (0..10_000).filter(|&i| now[i] == 2).collect();
             assert!(
@@ -166,6 +168,10 @@ mod slow_start {
             assert!(on_ramping.len() >= previous, "step {step}: it grows");
             previous = on_ramping.len();
         }
-        assert_eq!(previous, full.iter().filter(|&&n| n == 2).count(), "all of them at the end");
+        assert_eq!(
+            previous,
+            full.iter().filter(|&&n| n == 2).count(),
+            "all of them at the end"
+        );
     }
 }

@@ -26,6 +26,7 @@ mod identity;
 mod listeners;
 pub mod load_rating;
 mod raw;
+mod shared;
 mod validate;
 mod values;
 
@@ -42,6 +43,7 @@ pub use health::{
 pub use identity::{DEFAULT_ACCEPT_PROXY_TIMEOUT, ProxyHeader, Source};
 pub use listeners::{ListenerKey, listeners};
 pub use load_rating::{LoadRating, LoadRatingError, Variable};
+pub use shared::{DEFAULT_KEY_PREFIX, DEFAULT_LOOKUP_BUDGET, SharedConfig};
 pub use values::{
     AlgorithmKind, ForwardMode, ListenSpec, LogFormat, NodeAddress, NodeState, Resolver, SocketBuffer, canonical,
     offline_resolver, parse_duration, parse_listen, parse_node_address, parse_socket_buffer, system_resolver,
@@ -83,6 +85,8 @@ pub struct Config {
     /// `user` / `group`: who the process becomes once its sockets are open.
     pub run_as: Option<RunAs>,
     pub admin: AdminConfig,
+    /// `[shared]`: the store twins keep pins and run-time overrides in.
+    pub shared: Option<SharedConfig>,
     pub services: Vec<ServiceConfig>,
     pub clusters: Vec<ClusterConfig>,
 }

@@ -6,6 +6,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::health::RawCheck;
+use super::shared::RawShared;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,6 +23,7 @@ pub(super) struct RawConfig {
     pub(super) group: Option<Spanned<String>>,
     pub(super) admin: Option<RawAdmin>,
     pub(super) defaults: Option<RawDefaults>,
+    pub(super) shared: Option<RawShared>,
     #[serde(default)]
     pub(super) service: Vec<RawService>,
     #[serde(default)]

@@ -127,6 +127,7 @@ impl RawConfig {
             .map(|m| positive(ctx, top, "max_connections", m))
             .transpose()?;
         let admin = validate_admin(ctx, self.admin)?;
+        let shared = super::shared::shared(ctx, self.shared.as_ref())?;
         let run_as = validate_run_as(ctx, self.user.as_ref(), self.group.as_ref())?;
         let defaults = self.defaults.unwrap_or_default();
 
@@ -144,6 +145,7 @@ impl RawConfig {
             log_format,
             run_as,
             admin,
+            shared,
             services,
             clusters,
         })

@@ -11,6 +11,7 @@
 pub mod handover;
 mod plan;
 pub mod privileges;
+pub mod shared;
 mod state;
 
 use std::collections::BTreeMap;
@@ -27,6 +28,13 @@ pub use state::{ControlState, Dropped, Origin, Override, Overrides, Process};
 use crate::config::{AdminConfig, AdminListen, Config, ConfigError, NodeState};
 use crate::model::{Live, Snapshot};
 use crate::proxy::{BindError, DataPlane, warn_capped_socket_buffers};
+
+fn node_key(cluster: &str, node: &str) -> shared::OverrideKey {
+    shared::OverrideKey::NodeState {
+        cluster: cluster.to_string(),
+        node: node.to_string(),
+    }
+}
 
 /// How often drain deadlines are looked at: a node turns red at most this late.
 const DRAIN_TICK: Duration = Duration::from_millis(250);
@@ -88,6 +96,8 @@ struct Inner {
     config_path: OnceLock<PathBuf>,
     /// The `[admin]` settings now in force (token, allowed hosts), read per admin request.
     admin: ArcSwap<AdminConfig>,
+    /// Run-time changes shared with twins (`[shared]`).
+    sharing: Mutex<shared::Sharing>,
 }
 
 impl Control {
@@ -103,6 +113,7 @@ impl Control {
                 live,
                 data,
                 config_path: OnceLock::new(),
+                sharing: Mutex::default(),
             }),
         }
     }
@@ -230,13 +241,16 @@ impl Control {
             }
         })?;
         let key = (cluster.to_string(), node.to_string());
+        let now = self.inner.live.clock().now_ms();
         if file_state == state {
             control.overrides.node_states.remove(&key);
         } else {
-            let now = self.inner.live.clock().now_ms();
             control.overrides.node_states.insert(key, Override::here(state, now));
         }
         self.apply_node_state(cluster, node, state);
+        drop(control);
+        let shared_value = (file_state != state).then(|| state.name().to_string());
+        self.shared_change(node_key(cluster, node), shared_value, now, None);
         Ok(())
     }
 
@@ -258,12 +272,16 @@ impl Control {
         }
         let now = self.inner.live.clock().now_ms();
         let mut drain = Override::here(NodeState::Yellow, now);
-        drain.red_at_ms = Some(now.saturating_add(u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX)));
+        let red_at_ms = now.saturating_add(u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX));
+        drain.red_at_ms = Some(red_at_ms);
         control
             .overrides
             .node_states
             .insert((cluster.to_string(), node.to_string()), drain);
         self.apply_node_state(cluster, node, NodeState::Yellow);
+        drop(control);
+        let yellow = Some(NodeState::Yellow.name().to_string());
+        self.shared_change(node_key(cluster, node), yellow, now, Some(red_at_ms));
         info!(cluster, node, "draining; the node turns red in {deadline:?}");
         Ok(())
     }
@@ -320,16 +338,21 @@ impl Control {
         if control.file.cluster(cluster).is_none() {
             return Err(ControlError::UnknownCluster(cluster.into()));
         }
+        let now = self.inner.live.clock().now_ms();
         if file_cluster == cluster {
             control.overrides.redirects.remove(service);
         } else {
-            let now = self.inner.live.clock().now_ms();
             control
                 .overrides
                 .redirects
                 .insert(service.into(), Override::here(cluster.into(), now));
         }
         self.publish(&control);
+        drop(control);
+        let key = shared::OverrideKey::Redirect {
+            service: service.to_string(),
+        };
+        self.shared_change(key, (file_cluster != cluster).then(|| cluster.to_string()), now, None);
         info!(service, "new connections now go to cluster \"{cluster}\"");
         Ok(())
     }

@@ -97,6 +97,8 @@ pub enum RestartOnly {
     /// `user` / `group`: `None` when the file no longer drops privileges.
     RunAs(Option<String>),
     LogFormat(LogFormat),
+    /// `[shared]`: the store (named without its password), or none.
+    Shared(Option<String>),
 }
 
 impl std::fmt::Display for RestartOnly {
@@ -112,6 +114,8 @@ impl std::fmt::Display for RestartOnly {
             RestartOnly::RunAs(None) => write!(f, "no user"),
             RestartOnly::LogFormat(LogFormat::Text) => write!(f, "log_format = \"text\""),
             RestartOnly::LogFormat(LogFormat::Json) => write!(f, "log_format = \"json\""),
+            RestartOnly::Shared(Some(store)) => write!(f, "[shared] store = {store}"),
+            RestartOnly::Shared(None) => write!(f, "no [shared]"),
         }
     }
 }
@@ -232,6 +236,9 @@ fn restart_only(old: &Config, new: &Config) -> Vec<RestartOnly> {
     }
     if b.request_timeout != a.request_timeout {
         changed.push(RestartOnly::Admin(format!("request_timeout = {:?}", b.request_timeout)));
+    }
+    if new.shared != old.shared {
+        changed.push(RestartOnly::Shared(new.shared.as_ref().map(|s| s.display_url())));
     }
     if new.run_as != old.run_as {
         changed.push(RestartOnly::RunAs(

@@ -7,7 +7,8 @@
 //! - rates: the EWMA rates in each node's figures and the sampler that keeps them;
 //! - [`Pins`]: the client pins of every cluster, in memory;
 //! - [`Live`]: the snapshot and the pins together, shared by the data plane
-//!   and every background task.
+//!   and every background task;
+//! - [`PinStore`]: the face of the store twins share pins through.
 //!
 //! No I/O here, and nothing of the layers above: a background task (probes,
 //! agents, the pin flusher) reads the model, never the proxy.
@@ -17,8 +18,9 @@ mod figures;
 mod pins;
 pub mod rates;
 mod snapshot;
+mod store;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 
@@ -31,6 +33,7 @@ pub use figures::{
 pub use pins::{Change, MAX_PINS_PER_CLUSTER, Pin, Pins, WallClock, expired};
 pub use rates::Rate;
 pub use snapshot::{Algorithms, Balancer, Cluster, Node, NodeKey, Service, Snapshot};
+pub use store::{Lookup, PinStore, StoreFigures, Written};
 
 /// What the data plane and the background tasks share: the snapshot in force
 /// (swapped whole on reload, loaded without a lock) and the client pins.
@@ -38,6 +41,10 @@ pub struct Live {
     pub snapshot: ArcSwap<Snapshot>,
     /// Client pins of every cluster; they outlive snapshots.
     pub pins: Arc<Pins>,
+    /// The store twins share pins through (`[shared]`), once it is set up.
+    pub store: OnceLock<Arc<dyn PinStore>>,
+    /// The store's figures (all zero, and down, without `[shared]`).
+    pub store_figures: Arc<StoreFigures>,
 }
 
 impl Live {
@@ -45,6 +52,8 @@ impl Live {
         Live {
             snapshot: ArcSwap::from_pointee(snapshot),
             pins,
+            store: OnceLock::new(),
+            store_figures: Arc::default(),
         }
     }
 

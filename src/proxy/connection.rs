@@ -18,7 +18,7 @@ use super::admission::{self, Admitted};
 use super::connect::{self, set_socket_buffer};
 use super::pump::{self, PumpError, Side};
 use super::shared::{Departing, Shared};
-use crate::model::{Cluster, ConnectionState, NodeFigures, NodeState, Pins, Refusal};
+use crate::model::{Cluster, ConnectionState, NodeFigures, NodeState, PinStore, Pins, Refusal};
 
 /// How a connection ended, for the access log.
 struct Ending<'a>(&'a Result<(), PumpError>);
@@ -146,7 +146,14 @@ async fn connect_phase(accepted: &Accepted) -> Option<(usize, TcpStream, u64)> {
         debug!(service, "client {peer}: cannot set its socket_buffer: {e}");
     }
 
-    let pinned = pinned_node(&shared.live.pins, cluster, peer);
+    let mut pinned = pinned_node(&shared.live.pins, cluster, peer);
+    if pinned.is_none()
+        && cluster.affinity
+        && let Some(store) = shared.live.store.get()
+    {
+        // A client this instance has not seen: a twin may have pinned it.
+        pinned = shared_pin(&**store, &shared.live.pins, cluster, peer).await;
+    }
     // A client's home node (ip-hash), even when it cannot take the client, so
     // that its fall-over chain comes first; else the algorithm's pick.
     let home = pinned.or_else(|| cluster.balancer.home(peer.ip(), &cluster.nodes));
@@ -168,6 +175,17 @@ async fn connect_phase(accepted: &Accepted) -> Option<(usize, TcpStream, u64)> {
                 // A pin stays on its node while the client is served by the node's fall-over chain.
                 let pin_to = &cluster.nodes[pinned.unwrap_or(node)].name;
                 shared.live.pins.pin(&cluster.name, peer.ip(), pin_to);
+                if let Some(store) = shared.live.store.get() {
+                    let now = shared.live.clock().now_ms();
+                    if pinned.is_none() {
+                        // A new client: its pin is in the store before it hears from the node.
+                        store
+                            .write_new(&cluster.name, peer.ip(), pin_to, now, cluster.affinity_ttl)
+                            .await;
+                    } else {
+                        store.write(&cluster.name, peer.ip(), pin_to, now, cluster.affinity_ttl);
+                    }
+                }
             }
             Some((node, stream, forwarded))
         }
@@ -462,6 +480,20 @@ pub(super) fn adopted_task(
         };
         forward(&accepted, node, upstream, progress).await;
     }
+}
+
+/// The node the store says `peer` is pinned to (by a twin, or by this
+/// instance before a restart), within the store's lookup budget; learnt here
+/// when this cluster has that node and it is not red. A pin to a node this
+/// file does not have is ignored, and left in the store for the twin that has it.
+async fn shared_pin(store: &dyn PinStore, pins: &Pins, cluster: &Cluster, peer: SocketAddr) -> Option<usize> {
+    let pin = store.lookup(&cluster.name, peer.ip()).await?;
+    let i = cluster
+        .nodes
+        .iter()
+        .position(|n| *n.name == *pin.node && n.figures.state() != NodeState::Red)?;
+    pins.learn(&cluster.name, peer.ip(), Some(pin));
+    Some(i)
 }
 
 /// The node `peer` is pinned to, if the cluster keeps affinity and the pin

@@ -1,0 +1,84 @@
+//! What the data plane asks of the store twins share their pins through
+//! (`[shared]`): a face, [`PinStore`], that `crate::shared` implements, so
+//! the proxy reaches the store without knowing it; and the store's figures
+//! ([`StoreFigures`]) for status and metrics. No I/O here.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin as PinBox;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use super::pins::Pin;
+
+/// A lookup's answer, boxed: a store is chosen at run time.
+pub type Lookup<'a> = PinBox<Box<dyn Future<Output = Option<Pin>> + Send + 'a>>;
+/// A write that is done (or given up on, and queued) once it resolves.
+pub type Written<'a> = PinBox<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// The store's side of affinity, as a connection sees it.
+pub trait PinStore: Send + Sync {
+    /// The pin the store holds for `client` in `cluster`, within the
+    /// lookup budget; `None` when it holds none, is down, or did not answer
+    /// in time (the caller then decides from what this instance knows).
+    fn lookup<'a>(&'a self, cluster: &'a str, client: IpAddr) -> Lookup<'a>;
+    /// A pin made or refreshed here, to be written to the store. Never
+    /// waits: the store's own task writes it, or keeps it until it can.
+    fn write(&self, cluster: &str, client: IpAddr, node: &str, last_seen_ms: u64, ttl: Duration);
+    /// A new client's first pin, written before its connection goes on
+    /// (within the lookup budget; past it, queued as [`PinStore::write`]
+    /// does), so that its next connection finds it through any twin.
+    fn write_new<'a>(
+        &'a self,
+        cluster: &'a str,
+        client: IpAddr,
+        node: &'a str,
+        last_seen_ms: u64,
+        ttl: Duration,
+    ) -> Written<'a>;
+}
+
+/// The store's figures: whether it answers, and what it cost.
+#[derive(Debug, Default)]
+pub struct StoreFigures {
+    up: AtomicBool,
+    requests: AtomicU64,
+    request_micros: AtomicU64,
+    errors: AtomicU64,
+    lookup_timeouts: AtomicU64,
+}
+
+impl StoreFigures {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Relaxed)
+    }
+    /// Sets whether the store answers; returns whether that changed.
+    pub fn set_up(&self, up: bool) -> bool {
+        self.up.swap(up, Relaxed) != up
+    }
+    /// One request answered (or failed) after `took`.
+    pub fn count_request(&self, took: Duration) {
+        self.requests.fetch_add(1, Relaxed);
+        self.request_micros
+            .fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Relaxed);
+    }
+    pub fn count_error(&self) {
+        self.errors.fetch_add(1, Relaxed);
+    }
+    pub fn count_lookup_timeout(&self) {
+        self.lookup_timeouts.fetch_add(1, Relaxed);
+    }
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Relaxed)
+    }
+    /// Seconds spent on requests, all together.
+    pub fn request_seconds(&self) -> f64 {
+        self.request_micros.load(Relaxed) as f64 / 1e6
+    }
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Relaxed)
+    }
+    pub fn lookup_timeouts(&self) -> u64 {
+        self.lookup_timeouts.load(Relaxed)
+    }
+}

@@ -1,0 +1,564 @@
+//! State shared by twins through a Redis store (`[shared]`): client pins and
+//! run-time overrides (node states, drain deadlines, redirects).
+//!
+//! - **Pins**: one key per cluster and client IP, `PREFIX:pin:CLUSTER:IP` =
+//!   `NODE|LAST_SEEN_MS`, expiring with the cluster's `affinity_ttl`. A new
+//!   client's connection looks its pin up within `lookup_budget` (the data
+//!   plane's side is `model::PinStore`); every pin made here is written by
+//!   this module's task, the newer last-seen winning (a script in the store),
+//!   and kept while the store is down, to be written when it is back.
+//! - **Overrides**: one hash, `PREFIX:overrides`, a field per override
+//!   (`control::shared`), JSON with who set it and when; written last-writer-
+//!   wins and announced on the channel `PREFIX:overrides`. Every instance
+//!   reads the whole hash when it (re)connects and each announced field as it
+//!   comes, and applies what is newer than what it knows.
+//! - **Faults**: the store down, slow, or never answering costs a new client
+//!   at most the budget; the outage and its end are logged once each; the
+//!   figures say whether it is up and what it costs (`model::StoreFigures`).
+//!
+//! Owns the conversation with the store; never decides which node a client
+//! gets, never changes an override itself (it hands records to `Control`).
+//! The password never reaches a log line: the store is named by
+//! `SharedConfig::display_url`.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::SharedConfig;
+use crate::control::Control;
+use crate::control::shared::SharedOverride;
+use crate::model::{Lookup, Pin, PinStore, StoreFigures, Written};
+
+/// How long a request of the store's own task may take (writes, reads of
+/// the overrides): a store slower than this is down.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long to wait between attempts to reach a store that is down.
+const RETRY: Duration = Duration::from_secs(1);
+/// The most pins kept for a store that is down; past it the oldest changes
+/// are dropped (they are in the local pin file all the same).
+const MAX_PENDING_PINS: usize = 100_000;
+/// The most pins written in one round trip.
+const WRITE_BATCH: usize = 512;
+
+/// Sets the key to the new value unless the store holds a pin seen later.
+/// KEYS[1] the pin's key; ARGV: value, last seen (ms), time to live (ms).
+const NEWER_PIN_WINS: &str = r"
+local held = redis.call('GET', KEYS[1])
+if held then
+  local seen = tonumber(string.match(held, '|(%d+)$'))
+  if seen and seen > tonumber(ARGV[2]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+";
+
+/// Sets a field of the overrides unless the store holds a later change of it,
+/// and announces it. KEYS[1] the hash; ARGV: field, record (JSON), its time
+/// (ms), the channel.
+const LATER_OVERRIDE_WINS: &str = r"
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+if held then
+  local ok, record = pcall(cjson.decode, held)
+  if ok and type(record) == 'table' and tonumber(record.at_ms) and tonumber(record.at_ms) > tonumber(ARGV[3]) then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', ARGV[4], ARGV[1])
+return 1
+";
+
+/// A pin to write.
+struct PinWrite {
+    cluster: String,
+    client: IpAddr,
+    node: String,
+    last_seen_ms: u64,
+    ttl_ms: u64,
+}
+
+/// The store as the data plane reaches it: lookups on the connection's own
+/// runtime, writes queued for the store's task.
+pub struct Store {
+    prefix: String,
+    budget: Duration,
+    connection: ArcSwapOption<ConnectionManager>,
+    writes: mpsc::UnboundedSender<PinWrite>,
+    figures: Arc<StoreFigures>,
+}
+
+impl Store {
+    fn pin_key(&self, cluster: &str, client: IpAddr) -> String {
+        pin_key(&self.prefix, cluster, client)
+    }
+}
+
+fn pin_key(prefix: &str, cluster: &str, client: IpAddr) -> String {
+    format!("{prefix}:pin:{cluster}:{}", crate::config::canonical(client))
+}
+
+impl PinStore for Store {
+    fn lookup<'a>(&'a self, cluster: &'a str, client: IpAddr) -> Lookup<'a> {
+        Box::pin(async move {
+            if !self.figures.is_up() {
+                return None;
+            }
+            let mut connection = (*self.connection.load_full()?).clone();
+            let key = self.pin_key(cluster, client);
+            let started = Instant::now();
+            let answer = tokio::time::timeout(self.budget, async {
+                redis::cmd("GET")
+                    .arg(&key)
+                    .query_async::<Option<String>>(&mut connection)
+                    .await
+            })
+            .await;
+            match answer {
+                Ok(Ok(value)) => {
+                    self.figures.count_request(started.elapsed());
+                    parse_pin(value.as_deref()?)
+                }
+                Ok(Err(_)) => {
+                    self.figures.count_request(started.elapsed());
+                    self.figures.count_error();
+                    None
+                }
+                Err(_) => {
+                    self.figures.count_lookup_timeout();
+                    None
+                }
+            }
+        })
+    }
+
+    fn write_new<'a>(
+        &'a self,
+        cluster: &'a str,
+        client: IpAddr,
+        node: &'a str,
+        last_seen_ms: u64,
+        ttl: Duration,
+    ) -> Written<'a> {
+        Box::pin(async move {
+            let written = async {
+                if !self.figures.is_up() {
+                    return false;
+                }
+                let Some(connection) = self.connection.load_full() else {
+                    return false;
+                };
+                let mut connection = (*connection).clone();
+                let started = Instant::now();
+                let command = pin_command(&self.prefix, cluster, client, node, last_seen_ms, ttl_ms(ttl));
+                let answer = tokio::time::timeout(self.budget, command.query_async::<i64>(&mut connection)).await;
+                match answer {
+                    Ok(result) => {
+                        self.figures.count_request(started.elapsed());
+                        if result.is_err() {
+                            self.figures.count_error();
+                        }
+                        result.is_ok()
+                    }
+                    Err(_) => {
+                        self.figures.count_lookup_timeout();
+                        false
+                    }
+                }
+            };
+            if !written.await {
+                self.write(cluster, client, node, last_seen_ms, ttl);
+            }
+        })
+    }
+
+    fn write(&self, cluster: &str, client: IpAddr, node: &str, last_seen_ms: u64, ttl: Duration) {
+        let _ = self.writes.send(PinWrite {
+            cluster: cluster.to_string(),
+            client,
+            node: node.to_string(),
+            last_seen_ms,
+            ttl_ms: ttl_ms(ttl),
+        });
+    }
+}
+
+fn ttl_ms(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// The newer-wins write of one pin.
+fn pin_command(prefix: &str, cluster: &str, client: IpAddr, node: &str, last_seen_ms: u64, ttl_ms: u64) -> redis::Cmd {
+    let mut command = redis::cmd("EVAL");
+    command
+        .arg(NEWER_PIN_WINS)
+        .arg(1)
+        .arg(pin_key(prefix, cluster, client))
+        .arg(format!("{node}|{last_seen_ms}"))
+        .arg(last_seen_ms)
+        .arg(ttl_ms);
+    command
+}
+
+/// `NODE|LAST_SEEN_MS` as a pin; `None` for anything else (a store that lies).
+fn parse_pin(value: &str) -> Option<Pin> {
+    let (node, seen) = value.rsplit_once('|')?;
+    if node.is_empty() || node.len() > 64 {
+        return None;
+    }
+    Some(Pin {
+        node: node.into(),
+        last_seen_ms: seen.parse().ok()?,
+    })
+}
+
+/// Connects to the store of `config` for `control`'s balancer: sets the data
+/// plane's store, and runs the store's task until `stop` is cancelled.
+/// Nothing here waits for the store: a store that is down at start is
+/// reached when it comes up.
+pub fn start(
+    config: &SharedConfig,
+    control: Control,
+    stop: CancellationToken,
+) -> Option<impl Future<Output = ()> + Send + use<>> {
+    // rediss://: TLS through rustls, whose crypto the process chooses once.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = match client(config) {
+        Ok(client) => client,
+        Err(e) => {
+            warn!(store = %config.display_url(), "shared state disabled: {e}");
+            return None;
+        }
+    };
+    let manager_config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(REQUEST_TIMEOUT))
+        .set_connection_timeout(Some(REQUEST_TIMEOUT))
+        .set_number_of_retries(1)
+        .set_max_delay(RETRY);
+    let connection = match client.get_connection_manager_lazy(manager_config) {
+        Ok(c) => Some(Arc::new(c)),
+        Err(e) => {
+            warn!(store = %config.display_url(), "shared state disabled: {e}");
+            return None;
+        }
+    };
+    let live = control.live().clone();
+    let (writes, queued) = mpsc::unbounded_channel();
+    let store = Arc::new(Store {
+        prefix: config.key_prefix.clone(),
+        budget: config.lookup_budget,
+        connection: ArcSwapOption::new(connection),
+        writes,
+        figures: live.store_figures.clone(),
+    });
+    let _ = live.store.set(store.clone());
+    let (changes, changed) = mpsc::unbounded_channel();
+    control.share_changes(&config.instance, changes);
+    let task = Task {
+        store,
+        client,
+        control,
+        display: config.display_url(),
+        overrides_key: format!("{}:overrides", config.key_prefix),
+        pending_pins: HashMap::new(),
+        pending_overrides: HashMap::new(),
+    };
+    Some(task.run(queued, changed, stop))
+}
+
+/// The store's client, with `password_file`'s password when there is one.
+fn client(config: &SharedConfig) -> redis::RedisResult<redis::Client> {
+    let mut info = redis::IntoConnectionInfo::into_connection_info(config.store.as_str())?;
+    if let Some(password) = &config.password {
+        let settings = info.redis_settings().clone().set_password(password);
+        info = info.set_redis_settings(settings);
+    }
+    redis::Client::open(info)
+}
+
+/// The store's own task, on the control-plane runtime.
+struct Task {
+    store: Arc<Store>,
+    client: redis::Client,
+    control: Control,
+    display: String,
+    overrides_key: String,
+    /// Pins not yet in the store (it was down), the latest per client.
+    pending_pins: HashMap<(String, IpAddr), PinWrite>,
+    /// Changes of overrides made here not yet in the store.
+    pending_overrides: HashMap<String, SharedOverride>,
+}
+
+impl Task {
+    async fn run(
+        mut self,
+        mut queued: mpsc::UnboundedReceiver<PinWrite>,
+        mut changed: mpsc::UnboundedReceiver<SharedOverride>,
+        stop: CancellationToken,
+    ) {
+        let mut announcements = self.subscribe().await;
+        let mut retry = tokio::time::interval(RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                Some(first) = queued.recv() => {
+                    let mut batch = vec![first];
+                    while batch.len() < WRITE_BATCH {
+                        match queued.try_recv() {
+                            Ok(w) => batch.push(w),
+                            Err(_) => break,
+                        }
+                    }
+                    for w in batch {
+                        self.pending_pins.insert((w.cluster.clone(), w.client), w);
+                    }
+                    if self.pending_pins.len() > MAX_PENDING_PINS {
+                        self.drop_oldest_pins();
+                    }
+                    self.flush().await;
+                }
+                Some(record) = changed.recv() => {
+                    self.pending_overrides.insert(record.key.field(), record);
+                    self.flush().await;
+                }
+                field = next_announcement(&mut announcements) => match field {
+                    Some(field) => self.read_override(&field).await,
+                    // The subscription broke: the store went away.
+                    None => {
+                        announcements = None;
+                        self.went_down("the subscription to its announcements ended");
+                    }
+                },
+                _ = retry.tick() => {
+                    // Down (a request failed) or unsubscribed: a subscription
+                    // that saw no end of its connection may be dead as well.
+                    if announcements.is_none() || !self.store.figures.is_up() {
+                        announcements = self.subscribe().await;
+                    }
+                    if self.store.figures.is_up() {
+                        self.flush().await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Subscribes to the overrides' announcements and reads them all: at
+    /// start and after every outage.
+    async fn subscribe(&mut self) -> Option<redis::aio::PubSubStream> {
+        let subscribed = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(&self.overrides_key).await?;
+            Ok::<_, redis::RedisError>(pubsub.into_on_message())
+        })
+        .await;
+        match subscribed {
+            Ok(Ok(stream)) => {
+                self.came_up();
+                self.read_all_overrides().await;
+                self.flush().await;
+                Some(stream)
+            }
+            Ok(Err(e)) => {
+                self.went_down(format_args!("{}", describe(&e)));
+                None
+            }
+            Err(_) => {
+                self.went_down(format_args!("no answer within {REQUEST_TIMEOUT:?}"));
+                None
+            }
+        }
+    }
+
+    fn came_up(&self) {
+        if self.store.figures.set_up(true) {
+            info!(store = %self.display, "shared state store reachable");
+        }
+    }
+
+    fn went_down(&self, why: impl std::fmt::Display) {
+        if self.store.figures.set_up(false) {
+            warn!(
+                store = %self.display,
+                "shared state store unreachable: {why}; serving with what this instance knows, writing it back when the store returns"
+            );
+        }
+    }
+
+    /// A request of this task, timed and counted.
+    async fn request<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Option<T> {
+        let mut connection = (*self.store.connection.load_full()?).clone();
+        let started = Instant::now();
+        let answer = tokio::time::timeout(REQUEST_TIMEOUT, command.query_async::<T>(&mut connection)).await;
+        self.store.figures.count_request(started.elapsed());
+        match answer {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(e)) => {
+                self.store.figures.count_error();
+                self.went_down(describe(&e));
+                None
+            }
+            Err(_) => {
+                self.store.figures.count_error();
+                self.went_down(format_args!("no answer within {REQUEST_TIMEOUT:?}"));
+                None
+            }
+        }
+    }
+
+    /// Writes what is pending, while the store answers.
+    async fn flush(&mut self) {
+        if !self.store.figures.is_up() {
+            return;
+        }
+        let fields: Vec<String> = self.pending_overrides.keys().cloned().collect();
+        for field in fields {
+            let record = &self.pending_overrides[&field];
+            let Ok(json) = serde_json::to_string(record) else {
+                continue;
+            };
+            let mut command = redis::cmd("EVAL");
+            command
+                .arg(LATER_OVERRIDE_WINS)
+                .arg(1)
+                .arg(&self.overrides_key)
+                .arg(&field)
+                .arg(json)
+                .arg(record.at_ms)
+                .arg(&self.overrides_key);
+            if self.request::<i64>(&command).await.is_none() {
+                return;
+            }
+            self.pending_overrides.remove(&field);
+        }
+        while !self.pending_pins.is_empty() {
+            let keys: Vec<(String, IpAddr)> = self.pending_pins.keys().take(WRITE_BATCH).cloned().collect();
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                let w = &self.pending_pins[key];
+                pipe.add_command(pin_command(
+                    &self.store.prefix,
+                    &w.cluster,
+                    w.client,
+                    &w.node,
+                    w.last_seen_ms,
+                    w.ttl_ms,
+                ))
+                .ignore();
+            }
+            let Some(mut connection) = self.store.connection.load_full().map(|c| (*c).clone()) else {
+                return;
+            };
+            let started = Instant::now();
+            let answer = tokio::time::timeout(REQUEST_TIMEOUT, pipe.query_async::<()>(&mut connection)).await;
+            self.store.figures.count_request(started.elapsed());
+            match answer {
+                Ok(Ok(())) => {
+                    for key in keys {
+                        self.pending_pins.remove(&key);
+                    }
+                }
+                Ok(Err(e)) => {
+                    self.store.figures.count_error();
+                    self.went_down(describe(&e));
+                    return;
+                }
+                Err(_) => {
+                    self.store.figures.count_error();
+                    self.went_down(format_args!("no answer within {REQUEST_TIMEOUT:?}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn drop_oldest_pins(&mut self) {
+        let mut seen: Vec<((String, IpAddr), u64)> = self
+            .pending_pins
+            .iter()
+            .map(|(k, w)| (k.clone(), w.last_seen_ms))
+            .collect();
+        seen.sort_by_key(|(_, t)| *t);
+        let excess = self.pending_pins.len() - MAX_PENDING_PINS;
+        for (key, _) in seen.into_iter().take(excess) {
+            self.pending_pins.remove(&key);
+        }
+    }
+
+    async fn read_all_overrides(&self) {
+        let mut command = redis::cmd("HGETALL");
+        command.arg(&self.overrides_key);
+        let Some(all) = self.request::<HashMap<String, String>>(&command).await else {
+            return;
+        };
+        for json in all.values() {
+            self.apply(json);
+        }
+    }
+
+    async fn read_override(&self, field: &str) {
+        let mut command = redis::cmd("HGET");
+        command.arg(&self.overrides_key).arg(field);
+        if let Some(Some(json)) = self.request::<Option<String>>(&command).await {
+            self.apply(&json);
+        }
+    }
+
+    /// Applies a record the store holds; one that does not parse (a store
+    /// that lies, another version) is ignored.
+    fn apply(&self, json: &str) {
+        match serde_json::from_str::<SharedOverride>(json) {
+            Ok(record) => {
+                self.control.apply_shared(&record);
+            }
+            Err(e) => tracing::debug!(store = %self.display, "ignoring an override record that does not parse: {e}"),
+        }
+    }
+}
+
+/// The next field announced, `None` when the subscription ended; never
+/// resolves without a subscription.
+async fn next_announcement(stream: &mut Option<redis::aio::PubSubStream>) -> Option<String> {
+    match stream {
+        Some(s) => s.next().await.map(|m| m.get_payload::<String>().unwrap_or_default()),
+        None => std::future::pending().await,
+    }
+}
+
+/// A store error as a log line says it: its kind and the server's words,
+/// never the URL (which may hold the password).
+fn describe(e: &redis::RedisError) -> String {
+    if e.is_connection_refusal() {
+        "connection refused".to_string()
+    } else if e.is_timeout() {
+        "timed out".to_string()
+    } else if e.is_connection_dropped() {
+        "the connection dropped".to_string()
+    } else {
+        format!("{:?}", e.kind())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_pin;
+
+    #[test]
+    fn a_stored_pin_parses_and_a_lying_one_is_nothing() {
+        let pin = parse_pin("n1|1700000000000").unwrap();
+        assert_eq!((&*pin.node, pin.last_seen_ms), ("n1", 1_700_000_000_000));
+        assert!(parse_pin("n1").is_none());
+        assert!(parse_pin("|5").is_none());
+        assert!(parse_pin("n1|soon").is_none());
+        assert!(parse_pin(&format!("{}|1", "x".repeat(100))).is_none());
+    }
+}

@@ -1,0 +1,287 @@
+//! Twins sharing their state through a real Redis (`[shared]`): pins that
+//! follow a client from one instance to the other, run-time states and
+//! redirects that every instance applies, and the store's faults — killed,
+//! restarted empty, or accepting and never answering — that cost no client.
+//!
+//! Each test starts its own `redis-server` (Debian's, from
+//! scripts/test-deps.txt) on a free loopback port, with persistence off, and
+//! its balancers from the library, each with a name of its own.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A `redis-server` of the test's own, killed when dropped.
+struct Redis {
+    port: u16,
+    child: Child,
+}
+
+impl Redis {
+    fn start(port: u16) -> Redis {
+        let child = Command::new(tool("redis-server"))
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let redis = Redis { port, child };
+        wait_until_blocking("redis-server to answer", || redis.query(&["PING"]).is_some());
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// One command, answered as text (`None`: no answer).
+    fn query(&self, args: &[&str]) -> Option<String> {
+        let client = redis::Client::open(self.url()).ok()?;
+        let mut connection = client.get_connection_with_timeout(Duration::from_secs(1)).ok()?;
+        let mut command = redis::cmd(args[0]);
+        for a in &args[1..] {
+            command.arg(*a);
+        }
+        command
+            .query::<redis::Value>(&mut connection)
+            .ok()
+            .map(|v| format!("{v:?}"))
+    }
+
+    fn kill(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A twin named `instance` on `store`, round robin over `nodes` with affinity.
+fn twin(instance: &str, store: &str, nodes: &[(&str, SocketAddr)]) -> ConfigText {
+    ConfigText::one_service(Cluster::of("c", nodes).key("affinity = true"))
+        .top(&format!("shared = {{ store = {store:?}, instance = {instance:?} }}"))
+        .admin_listen("127.0.0.1:0")
+}
+
+async fn three_nodes() -> Vec<(&'static str, SocketAddr)> {
+    vec![
+        ("n1", name_backend("n1").await),
+        ("n2", name_backend("n2").await),
+        ("n3", name_backend("n3").await),
+    ]
+}
+
+async fn until_store_up(server: &Server) {
+    let figures = server.control().live().store_figures.clone();
+    wait_until("the store up", || async { figures.is_up() }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_keeps_its_node_whichever_twin_it_reaches() {
+    if !require_tools(&["redis-server"]) {
+        return;
+    }
+    let redis = Redis::start(free_port());
+    let nodes = three_nodes().await;
+    let (east, east_addr) = twin("east", &redis.url(), &nodes).start().await;
+    let (west, west_addr) = twin("west", &redis.url(), &nodes).start().await;
+    until_store_up(&east).await;
+    until_store_up(&west).await;
+    for client in 1..=50u8 {
+        let from = ip(0, 3, client);
+        let mut seen = Vec::new();
+        for round in 0..6 {
+            let to = if round % 2 == 0 { east_addr } else { west_addr };
+            seen.push(read_from(from, to).await);
+        }
+        let timeouts = |s: &Server| s.control().live().store_figures.lookup_timeouts();
+        assert!(
+            seen.iter().all(|n| *n == seen[0]),
+            "client {from}: {seen:?}; lookups past the budget: east {}, west {}",
+            timeouts(&east),
+            timeouts(&west)
+        );
+    }
+    // And the pins are in the store, under the prefix, with their node.
+    let held = redis.query(&["GET", "protobalance:pin:c:127.0.3.7"]).unwrap();
+    assert!(
+        held.contains("n1|") || held.contains("n2|") || held.contains("n3|"),
+        "{held}"
+    );
+    east.shutdown(PATIENCE).await;
+    west.shutdown(PATIENCE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_set_on_one_twin_and_a_redirect_on_the_other_reach_every_twin() {
+    if !require_tools(&["redis-server"]) {
+        return;
+    }
+    let redis = Redis::start(free_port());
+    let nodes = three_nodes().await;
+    let other = name_backend("g1").await;
+    let with_green = |name: &str| twin(name, &redis.url(), &nodes).cluster(Cluster::of("green", &[("g1", other)]));
+    let (east, east_addr) = with_green("east").start().await;
+    let (west, west_addr) = with_green("west").start().await;
+    until_store_up(&east).await;
+    until_store_up(&west).await;
+
+    let started = Instant::now();
+    east.set_node_state("c", "n2", NodeState::Yellow).unwrap();
+    let n2 = west.snapshot().clusters["c"].node("n2").unwrap().figures.clone();
+    wait_until("west to drain n2", || async { n2.state() == NodeState::Yellow }).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "west followed after {took:?}");
+    for i in 0..9u8 {
+        assert_ne!(
+            read_from(ip(0, 4, i), west_addr).await,
+            "n2",
+            "west sends no new client to n2"
+        );
+    }
+    let origin = west.control().state().overrides.node_states[&("c".to_string(), "n2".to_string())]
+        .origin
+        .clone();
+    assert_eq!(origin.instance.as_deref(), Some("east"), "west says who set it");
+
+    west.control().set_service_cluster("svc", "green").unwrap();
+    wait_until("east to follow the redirect", || async {
+        east.snapshot().services["svc"].cluster == "green"
+    })
+    .await;
+    assert_eq!(read_all(east_addr).await, "g1");
+
+    // A third instance started later takes the current overrides at start.
+    let (north, _) = with_green("north").start().await;
+    until_store_up(&north).await;
+    wait_until("north to apply what is in force", || async {
+        let s = north.snapshot();
+        s.services["svc"].cluster == "green" && s.clusters["c"].node("n2").unwrap().figures.state() == NodeState::Yellow
+    })
+    .await;
+    for s in [east, west, north] {
+        s.shutdown(PATIENCE).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_empty_costs_no_client_and_gets_its_pins_back() {
+    if !require_tools(&["redis-server"]) {
+        return;
+    }
+    let redis = Redis::start(free_port());
+    let nodes = three_nodes().await;
+    let (east, east_addr) = twin("east", &redis.url(), &nodes).start().await;
+    let (west, west_addr) = twin("west", &redis.url(), &nodes).start().await;
+    until_store_up(&east).await;
+    until_store_up(&west).await;
+
+    // A steady stream of new clients through both twins, each its own source address.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let stream = {
+        let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(SeqCst) && n < 20_000 {
+                let from = ip(1, (n / 250) as u8, (n % 250) as u8 + 1);
+                let to = if n.is_multiple_of(2) { east_addr } else { west_addr };
+                if read_from(from, to).await.starts_with('n') {
+                    served.fetch_add(1, SeqCst);
+                } else {
+                    failed.fetch_add(1, SeqCst);
+                }
+                n += 1;
+            }
+        })
+    };
+    wait_until("some clients served", || async { served.load(SeqCst) > 50 }).await;
+    let port = redis.kill();
+    let figures = east.control().live().store_figures.clone();
+    wait_until("east to see the store down", || async { !figures.is_up() }).await;
+    let before = served.load(SeqCst);
+    wait_until("clients served while the store is down", || async {
+        served.load(SeqCst) > before + 100
+    })
+    .await;
+    // A client pinned during the outage, through east.
+    let outage_client = ip(2, 0, 1);
+    let node = read_from(outage_client, east_addr).await;
+    let redis = Redis::start(port);
+    wait_until("east to see the store back", || async { figures.is_up() }).await;
+    let key = "protobalance:pin:c:127.2.0.1";
+    wait_until_blocking("the outage's pin written back", || {
+        redis
+            .query(&["GET", key])
+            .is_some_and(|v| v.contains(&format!("{node}|")))
+    });
+    stop.store(true, SeqCst);
+    stream.await.unwrap();
+    assert_eq!(
+        failed.load(SeqCst),
+        0,
+        "no client failed ({} served)",
+        served.load(SeqCst)
+    );
+    east.shutdown(PATIENCE).await;
+    west.shutdown(PATIENCE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_accepts_and_never_answers_costs_no_client() {
+    // A bare listener: connections are accepted by the kernel, never answered.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}/0", silent.local_addr().unwrap());
+    let nodes = three_nodes().await;
+    let (east, east_addr) = twin("east", &url, &nodes).start().await;
+    for client in 0..30u8 {
+        let node = within("a client", read_from(ip(0, 6, client), east_addr)).await;
+        assert!(node.starts_with('n'), "client {client} served: {node:?}");
+    }
+    assert!(!east.control().live().store_figures.is_up());
+    east.shutdown(PATIENCE).await;
+    drop(silent);
+}
+
+#[test]
+fn check_refuses_a_bad_store_url_without_quoting_its_password() {
+    let text = |store: &str| {
+        format!(
+            "shared = {{ store = {store:?} }}\n[[service]]\nname = \"s\"\nlisten = [\"127.0.0.1:0\"]\ncluster = \"c\"\n\
+             [[cluster]]\nname = \"c\"\n[[cluster.node]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n"
+        )
+    };
+    let e = parse_offline(&text("http://:hunter2@10.0.0.5:6379"), "t.toml").unwrap_err();
+    assert!(
+        e.to_string().contains("must be a redis://, rediss:// or unix:// URL"),
+        "{e}"
+    );
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    assert_eq!(e.line, Some(1));
+    let ok = parse_offline(&text("redis://:hunter2@10.0.0.5:6379/0"), "t.toml").unwrap();
+    let shared = ok.shared.unwrap();
+    assert_eq!(shared.display_url(), "redis://10.0.0.5:6379/0");
+    assert!(!format!("{shared:?}").contains("hunter2"));
+    assert_eq!(shared.lookup_budget, Duration::from_millis(5));
+}
