@@ -285,3 +285,105 @@ fn check_refuses_a_bad_store_url_without_quoting_its_password() {
     assert!(!format!("{shared:?}").contains("hunter2"));
     assert_eq!(shared.lookup_budget, Duration::from_millis(5));
 }
+
+/// A TLS-only `redis-server` with a password and a self-signed certificate
+/// for 127.0.0.1 (made here with `openssl`); returns it, its port and the
+/// certificate's path.
+fn redis_over_tls(dir: &std::path::Path, password: &str) -> (Child, u16, std::path::PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new(tool("openssl"))
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(made.success(), "openssl made the certificate");
+    let port = free_port();
+    let child = Command::new(tool("redis-server"))
+        .args(["--bind", "127.0.0.1", "--port", "0", "--tls-port", &port.to_string()])
+        .arg("--tls-cert-file")
+        .arg(&cert)
+        .arg("--tls-key-file")
+        .arg(&key)
+        .args(["--tls-auth-clients", "no", "--requirepass", password])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until_blocking("redis-server to listen for TLS", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    (child, port, cert)
+}
+
+#[test]
+fn a_store_over_tls_with_a_password_from_a_file_is_reached_and_the_password_never_logged() {
+    if !require_tools(&["redis-server", "openssl"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let password = "pw-that-must-not-leak-7f3a";
+    let (mut redis, port, cert) = redis_over_tls(dir.path(), password);
+    let password_file = dir.path().join("redis.password");
+    std::fs::write(&password_file, format!("{password}\n")).unwrap();
+    let node = blocking(name_backend("n1"));
+    let config = |url: &str| {
+        ConfigText::one_service(Cluster::of("c", &[("n1", node)]).key("affinity = true"))
+            .admin_listen("127.0.0.1:0")
+            .top(&format!(
+                "shared = {{ store = {url:?}, instance = \"east\", password_file = {:?} }}",
+                password_file.display().to_string()
+            ))
+    };
+    let url = format!("rediss://127.0.0.1:{port}/0");
+    // The certificate is trusted (SSL_CERT_FILE names it as the roots).
+    let trusted = Running::run_with(&config(&url), &[], |c| {
+        c.env("SSL_CERT_FILE", &cert);
+    });
+    let admin = trusted.admin_addr();
+    wait_until_blocking("the store up over TLS", || {
+        blocking(api(&admin, None, hyper::Method::GET, "/metrics", None))
+            .text()
+            .contains("protobalance_store_up 1")
+    });
+    assert_eq!(read_all_blocking(trusted.listen_addr()), "n1");
+    // Not trusted: the store is unreachable, said once, and clients are served all the same.
+    let untrusted = Running::run_with(&config(&url), &[], |c| {
+        c.env("SSL_CERT_FILE", "/nonexistent");
+    });
+    untrusted.wait_for("shared state store unreachable");
+    assert_eq!(read_all_blocking(untrusted.listen_addr()), "n1");
+    for mut process in [trusted, untrusted] {
+        // Stopped first: its whole output is there once it has exited.
+        process.signal(libc::SIGTERM);
+        process.wait_exit();
+        let output = process.all_output().join("\n");
+        assert!(!output.contains(password), "the password reached the log:\n{output}");
+    }
+    let _ = redis.kill();
+    let _ = redis.wait();
+}
+
+fn read_all_blocking(addr: SocketAddr) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}

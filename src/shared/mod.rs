@@ -46,8 +46,15 @@ const RETRY: Duration = Duration::from_secs(1);
 /// The most pins kept for a store that is down; past it the oldest changes
 /// are dropped (they are in the local pin file all the same).
 const MAX_PENDING_PINS: usize = 100_000;
+/// How often the pins that connections made are written out.
+const WRITE_TICK: Duration = Duration::from_millis(200);
 /// The most pins written in one round trip.
 const WRITE_BATCH: usize = 512;
+/// How often the store's copy of a pin that keeps its node is refreshed, at
+/// most: every connection of a pinned client refreshes the local pin, but
+/// the store's needs only to outlive its time to live (a tenth of it, and at
+/// most this), so a busy client costs the store nothing on most connections.
+const MAX_REFRESH: Duration = Duration::from_secs(60);
 
 /// Sets the key to the new value unless the store holds a pin seen later.
 /// KEYS[1] the pin's key; ARGV: value, last seen (ms), time to live (ms).
@@ -92,7 +99,10 @@ pub struct Store {
     prefix: String,
     budget: Duration,
     connection: ArcSwapOption<ConnectionManager>,
-    writes: mpsc::UnboundedSender<PinWrite>,
+    /// Pins to write, taken by the store's task every [`WRITE_TICK`]: a
+    /// connection pushes under an uncontended lock and wakes nobody (a
+    /// wake-up per connection cost pinned clients more than the store did).
+    writes: std::sync::Mutex<Vec<PinWrite>>,
     figures: Arc<StoreFigures>,
 }
 
@@ -181,7 +191,13 @@ impl PinStore for Store {
     }
 
     fn write(&self, cluster: &str, client: IpAddr, node: &str, last_seen_ms: u64, ttl: Duration) {
-        let _ = self.writes.send(PinWrite {
+        let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        if writes.len() >= MAX_PENDING_PINS {
+            // The task is far behind (it stalls on a store that never
+            // answers): this refresh is in the local pin file all the same.
+            return;
+        }
+        writes.push(PinWrite {
             cluster: cluster.to_string(),
             client,
             node: node.to_string(),
@@ -251,12 +267,11 @@ pub fn start(
         }
     };
     let live = control.live().clone();
-    let (writes, queued) = mpsc::unbounded_channel();
     let store = Arc::new(Store {
         prefix: config.key_prefix.clone(),
         budget: config.lookup_budget,
         connection: ArcSwapOption::new(connection),
-        writes,
+        writes: std::sync::Mutex::default(),
         figures: live.store_figures.clone(),
     });
     let _ = live.store.set(store.clone());
@@ -270,8 +285,10 @@ pub fn start(
         overrides_key: format!("{}:overrides", config.key_prefix),
         pending_pins: HashMap::new(),
         pending_overrides: HashMap::new(),
+        written: HashMap::new(),
+        said: std::sync::atomic::AtomicU8::new(UNSAID),
     };
-    Some(task.run(queued, changed, stop))
+    Some(task.run(changed, stop))
 }
 
 /// The store's client, with `password_file`'s password when there is one.
@@ -295,30 +312,36 @@ struct Task {
     pending_pins: HashMap<(String, IpAddr), PinWrite>,
     /// Changes of overrides made here not yet in the store.
     pending_overrides: HashMap<String, SharedOverride>,
+    /// What this task last wrote of each pin: its node and last-seen time.
+    written: HashMap<(String, IpAddr), (String, u64)>,
+    /// What the log said of the store last: [`UNSAID`], [`SAID_UP`] or
+    /// [`SAID_DOWN`] (a store down at start is said so once, too).
+    said: std::sync::atomic::AtomicU8,
 }
 
+const UNSAID: u8 = 0;
+const SAID_UP: u8 = 1;
+const SAID_DOWN: u8 = 2;
+
 impl Task {
-    async fn run(
-        mut self,
-        mut queued: mpsc::UnboundedReceiver<PinWrite>,
-        mut changed: mpsc::UnboundedReceiver<SharedOverride>,
-        stop: CancellationToken,
-    ) {
+    async fn run(mut self, mut changed: mpsc::UnboundedReceiver<SharedOverride>, stop: CancellationToken) {
         let mut announcements = self.subscribe().await;
         let mut retry = tokio::time::interval(RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut write_tick = tokio::time::interval(WRITE_TICK);
+        write_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                Some(first) = queued.recv() => {
-                    let mut batch = vec![first];
-                    while batch.len() < WRITE_BATCH {
-                        match queued.try_recv() {
-                            Ok(w) => batch.push(w),
-                            Err(_) => break,
-                        }
+                _ = write_tick.tick() => {
+                    let batch = std::mem::take(&mut *self.store.writes.lock().unwrap_or_else(|p| p.into_inner()));
+                    if batch.is_empty() && self.pending_pins.is_empty() {
+                        continue;
                     }
                     for w in batch {
+                        if self.is_fresh(&w) {
+                            continue;
+                        }
                         self.pending_pins.insert((w.cluster.clone(), w.client), w);
                     }
                     if self.pending_pins.len() > MAX_PENDING_PINS {
@@ -379,14 +402,42 @@ impl Task {
         }
     }
 
+    /// Whether the store holds this pin already, recently enough.
+    fn is_fresh(&self, w: &PinWrite) -> bool {
+        let refresh = Duration::from_millis(w.ttl_ms / 10).min(MAX_REFRESH);
+        let refresh_ms = u64::try_from(refresh.as_millis()).unwrap_or(u64::MAX);
+        self.written
+            .get(&(w.cluster.clone(), w.client))
+            .is_some_and(|(node, at)| *node == w.node && w.last_seen_ms.saturating_sub(*at) < refresh_ms)
+    }
+
+    /// Remembers pins written, forgetting those too old to spare a write.
+    fn note_written(&mut self, keys: &[(String, IpAddr)]) {
+        for key in keys {
+            if let Some(w) = self.pending_pins.remove(key) {
+                self.written.insert(key.clone(), (w.node, w.last_seen_ms));
+            }
+        }
+        if self.written.len() > MAX_PENDING_PINS {
+            let newest = self.written.values().map(|(_, t)| *t).max().unwrap_or(0);
+            let horizon = newest.saturating_sub(u64::try_from(MAX_REFRESH.as_millis()).unwrap_or(u64::MAX));
+            self.written.retain(|_, (_, t)| *t >= horizon);
+            if self.written.len() > MAX_PENDING_PINS {
+                self.written.clear();
+            }
+        }
+    }
+
     fn came_up(&self) {
-        if self.store.figures.set_up(true) {
+        self.store.figures.set_up(true);
+        if self.said.swap(SAID_UP, std::sync::atomic::Ordering::Relaxed) != SAID_UP {
             info!(store = %self.display, "shared state store reachable");
         }
     }
 
     fn went_down(&self, why: impl std::fmt::Display) {
-        if self.store.figures.set_up(false) {
+        self.store.figures.set_up(false);
+        if self.said.swap(SAID_DOWN, std::sync::atomic::Ordering::Relaxed) != SAID_DOWN {
             warn!(
                 store = %self.display,
                 "shared state store unreachable: {why}; serving with what this instance knows, writing it back when the store returns"
@@ -462,11 +513,7 @@ impl Task {
             let answer = tokio::time::timeout(REQUEST_TIMEOUT, pipe.query_async::<()>(&mut connection)).await;
             self.store.figures.count_request(started.elapsed());
             match answer {
-                Ok(Ok(())) => {
-                    for key in keys {
-                        self.pending_pins.remove(&key);
-                    }
-                }
+                Ok(Ok(())) => self.note_written(&keys),
                 Ok(Err(e)) => {
                     self.store.figures.count_error();
                     self.went_down(describe(&e));
