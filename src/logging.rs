@@ -123,6 +123,8 @@ pub struct Access<'a> {
     pub duration_ms: u128,
     /// How it ended (`closed`, `idle timeout`, `client error: ...`).
     pub end: &'a dyn fmt::Display,
+    /// The server name of its ClientHello, in a service with routes.
+    pub sni: Option<&'a str>,
 }
 
 impl fmt::Display for Access<'_> {
@@ -139,7 +141,11 @@ impl fmt::Display for Access<'_> {
             self.bytes_out,
             self.duration_ms,
             self.end
-        )
+        )?;
+        match self.sni {
+            Some(name) => write!(f, " sni={name}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -251,6 +257,10 @@ fn format_access_json(out: &mut Vec<u8>, line: &Access<'_>) {
     out.extend_from_slice(b",\"end\":");
     // The end may carry an OS error's text: escaped as any JSON string.
     let _ = serde_json::to_writer(&mut *out, &line.end.to_string());
+    if let Some(name) = line.sni {
+        out.extend_from_slice(b",\"sni\":");
+        let _ = serde_json::to_writer(&mut *out, name);
+    }
     out.extend_from_slice(b"}\n");
 }
 

@@ -15,6 +15,14 @@ use prometheus_client::registry::Registry;
 use crate::model::{NodeFigures, NodeState, Refusal, ServiceFigures, Snapshot, StoreFigures};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    service: String,
+    /// The route's first name, as the file writes it.
+    route: String,
+    cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NodeLabels {
     cluster: String,
     node: String,
@@ -64,6 +72,7 @@ struct Families {
     state: Family<StateLabels, Gauge>,
     accepted: Family<ServiceLabels, Counter>,
     aged_out: Family<ServiceLabels, Counter>,
+    routed: Family<RouteLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
     worker_accepted: Family<WorkerLabels, Counter>,
 }
@@ -84,6 +93,17 @@ pub fn render(
     }
     for service in snapshot.services.values() {
         families.add_service(&service.name, &service.figures);
+        for (route, n) in service.routes.iter().zip(&service.route_connections) {
+            let labels = RouteLabels {
+                service: service.name.clone(),
+                route: route.names.first().map(|n| n.text()).unwrap_or_default(),
+                cluster: route.cluster.clone(),
+            };
+            families
+                .routed
+                .get_or_create(&labels)
+                .inc_by(n.load(std::sync::atomic::Ordering::Relaxed));
+        }
     }
     for (worker, &n) in accepted_by_worker.iter().enumerate() {
         families
@@ -194,9 +214,15 @@ impl Families {
             state,
             accepted,
             aged_out,
+            routed,
             refused,
             worker_accepted,
         } = self;
+        registry.register(
+            "protobalance_route_connections",
+            "Connections a service's route sent to its cluster, by the ClientHello's server name",
+            routed,
+        );
         registry.register(
             "protobalance_service_max_age_closed",
             "Connections closed for reaching the service's max_connection_age",

@@ -61,6 +61,17 @@ pub struct ServiceStatus {
     /// Connections closed for reaching `max_connection_age`.
     #[serde(default)]
     pub closed_max_age: u64,
+    /// `[[service.route]]`: the names each routes, its cluster, and the
+    /// connections it sent there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouteStatus {
+    pub sni: Vec<String>,
+    pub cluster: String,
+    pub connections: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,6 +172,16 @@ impl Status {
                     .map(|r| (r.name().to_string(), s.figures.refused(*r)))
                     .collect(),
                 closed_max_age: s.figures.aged_out(),
+                routes: s
+                    .routes
+                    .iter()
+                    .zip(&s.route_connections)
+                    .map(|(r, n)| RouteStatus {
+                        sni: r.names.iter().map(|n| n.text()).collect(),
+                        cluster: r.cluster.clone(),
+                        connections: n.load(std::sync::atomic::Ordering::Relaxed),
+                    })
+                    .collect(),
             })
             .collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));

@@ -26,6 +26,7 @@ mod identity;
 mod listeners;
 pub mod load_rating;
 mod raw;
+mod routes;
 mod shared;
 mod validate;
 mod values;
@@ -43,6 +44,7 @@ pub use health::{
 pub use identity::{DEFAULT_ACCEPT_PROXY_TIMEOUT, ProxyHeader, Source};
 pub use listeners::{ListenerKey, listeners};
 pub use load_rating::{LoadRating, LoadRatingError, Variable};
+pub use routes::{MAX_SERVER_NAME, Route, SniName, route_of};
 pub use shared::{DEFAULT_KEY_PREFIX, DEFAULT_LOOKUP_BUDGET, SharedConfig};
 pub use values::{
     AlgorithmKind, ForwardMode, ListenSpec, LogFormat, NodeAddress, NodeState, Resolver, SocketBuffer, canonical,
@@ -97,6 +99,8 @@ pub struct ServiceConfig {
     pub listen: Vec<ListenSpec>,
     pub cluster: String,
     pub limits: ServiceLimits,
+    /// `[[service.route]]`: clusters chosen by the ClientHello's server name.
+    pub routes: Vec<Route>,
 }
 
 /// What a service lets in and what each client may hold: connection limits,

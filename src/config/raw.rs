@@ -6,6 +6,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::health::RawCheck;
+use super::routes::RawRoute;
 use super::shared::RawShared;
 
 #[derive(Deserialize)]
@@ -79,6 +80,8 @@ pub(super) struct RawService {
     pub(super) accept_proxy_from: Vec<Spanned<String>>,
     pub(super) accept_proxy_timeout: Option<Spanned<String>>,
     pub(super) max_connection_age: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) route: Vec<RawRoute>,
 }
 
 #[derive(Deserialize)]

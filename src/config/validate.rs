@@ -178,6 +178,7 @@ fn validate_services(
     let mut services = Vec::with_capacity(raw.len());
     let mut service_names = HashSet::new();
     let mut all_listen: Vec<(ListenSpec, &str)> = Vec::new();
+    let cluster_names: Vec<&str> = clusters.iter().map(|c| c.name.as_str()).collect();
     for raw in raw {
         let name = raw.name.get_ref();
         let what = format!("service \"{name}\": ");
@@ -210,6 +211,7 @@ fn validate_services(
             listen,
             cluster: raw.cluster.get_ref().clone(),
             limits: validate_limits(ctx, &what, raw)?,
+            routes: super::routes::routes(ctx, &what, &raw.route, &cluster_names)?,
         });
     }
     Ok(services)

@@ -6,12 +6,13 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use super::figures::{NodeFigures, ServiceFigures};
 use crate::config::{
     AlgorithmKind, CheckConfig, ClusterConfig, Config, ForwardMode, LastResort, ListenSpec, NodeAddress, OnUnavailable,
-    ProxyHeader, ServiceLimits, SocketBuffer, Source,
+    ProxyHeader, Route, ServiceLimits, SocketBuffer, Source,
 };
 
 /// A balancing algorithm, compiled for one cluster (see `crate::balance`).
@@ -167,6 +168,20 @@ pub struct Service {
     pub cluster: String,
     pub limits: ServiceLimits,
     pub figures: Arc<ServiceFigures>,
+    /// `[[service.route]]`.
+    pub routes: Vec<Route>,
+    /// The connections each route sent to its cluster (kept across reloads
+    /// while the route stays the same).
+    pub route_connections: Vec<Arc<AtomicU64>>,
+}
+
+impl Service {
+    /// The route `server_name` takes, with its count; `None`: no route
+    /// matches (the service's own cluster serves).
+    pub fn route(&self, server_name: &str) -> Option<(&Route, &AtomicU64)> {
+        let (i, route) = crate::config::route_of(&self.routes, server_name)?;
+        Some((route, &self.route_connections[i]))
+    }
 }
 
 /// Everything the data plane needs, immutable once built; replaced whole on reload.
@@ -202,12 +217,24 @@ impl Snapshot {
                     .and_then(|p| p.services.get(&s.name))
                     .map(|old| old.figures.clone())
                     .unwrap_or_default();
+                let old = previous.and_then(|p| p.services.get(&s.name));
+                let route_connections = s
+                    .routes
+                    .iter()
+                    .map(|r| {
+                        old.and_then(|o| o.routes.iter().position(|held| held == r))
+                            .and_then(|i| old.map(|o| o.route_connections[i].clone()))
+                            .unwrap_or_default()
+                    })
+                    .collect();
                 let service = Service {
                     name: s.name.clone(),
                     listen: s.listen.clone(),
                     cluster: s.cluster.clone(),
                     limits: s.limits.clone(),
                     figures,
+                    routes: s.routes.clone(),
+                    route_connections,
                 };
                 (s.name.clone(), service)
             })

@@ -144,5 +144,6 @@ fn admit(
         admitted,
         shared: shared.clone(),
         cut: cut.clone(),
+        sni: None,
     })
 }

@@ -113,6 +113,8 @@ pub(super) struct Accepted {
     pub(super) shared: Arc<Shared>,
     /// Cancelled to cut the connection at the end of the shutdown grace period.
     pub(super) cut: CancellationToken,
+    /// The server name its ClientHello carried, in a service with routes.
+    pub(super) sni: Option<Box<str>>,
 }
 
 /// The task of one connection: it owns the connection's state for its whole life.
@@ -120,8 +122,41 @@ pub(super) struct Accepted {
     clippy::manual_async_fn,
     reason = "an async fn would keep `accepted` twice in the task (see `Accepted`)"
 )]
-pub(super) fn connection_task(accepted: Accepted) -> impl Future<Output = ()> + Send {
-    async move { serve_client(&accepted).await }
+pub(super) fn connection_task(mut accepted: Accepted) -> impl Future<Output = ()> + Send {
+    async move {
+        route_by_server_name(&mut accepted).await;
+        serve_client(&accepted).await
+    }
+}
+
+/// In a service with `[[service.route]]`: reads the server name of the
+/// client's ClientHello (peeked, not taken) and, when a route matches it,
+/// serves the client from the route's cluster instead of the service's.
+async fn route_by_server_name(accepted: &mut Accepted) {
+    let has_routes = {
+        let snapshot = accepted.shared.live.snapshot.load();
+        snapshot
+            .services
+            .get(&*accepted.service)
+            .is_some_and(|s| !s.routes.is_empty())
+    };
+    if !has_routes {
+        return;
+    }
+    let Some(name) = super::sni::server_name(&accepted.client).await else {
+        return;
+    };
+    let snapshot = accepted.shared.live.snapshot.load();
+    accepted.sni = Some(name.as_str().into());
+    let Some(service) = snapshot.services.get(&*accepted.service) else {
+        return;
+    };
+    if let Some((route, count)) = service.route(name.as_str())
+        && let Some(cluster) = snapshot.clusters.get(&route.cluster)
+    {
+        count.fetch_add(1, Relaxed);
+        accepted.admitted.cluster = cluster.clone();
+    }
 }
 
 /// Picks the client's node and connects to it, falling over along the
@@ -137,6 +172,7 @@ async fn connect_phase(accepted: &Accepted) -> Option<(usize, TcpStream, u64)> {
         admitted,
         shared,
         cut,
+        ..
     } = accepted;
     let (peer, service) = (*peer, &**service);
     let cluster = &admitted.cluster;
@@ -351,8 +387,10 @@ async fn forward(accepted: &Accepted, i: usize, upstream: TcpStream, progress: P
         service,
         admitted,
         shared,
+        sni,
         ..
     } = accepted;
+    let accepted_sni = sni.as_deref();
     let cluster = &admitted.cluster;
     if cluster.affinity {
         shared.live.pins.touch(&cluster.name, peer.ip());
@@ -366,6 +404,7 @@ async fn forward(accepted: &Accepted, i: usize, upstream: TcpStream, progress: P
         bytes_out: bytes.bytes_out.into_inner(),
         duration_ms: bytes.started.elapsed().as_millis(),
         end: &Ending(&result),
+        sni: accepted_sni,
     });
 }
 
@@ -601,6 +640,7 @@ mod future_sizes {
                 admitted,
                 shared: shared.clone(),
                 cut: shared.cut_all.child_token(),
+                sni: None,
             };
             let serve = super::serve_client(&accepted);
             println!("serve_client future: {} bytes", std::mem::size_of_val(&serve));

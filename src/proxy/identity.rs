@@ -148,7 +148,7 @@ async fn read_header(client: &TcpStream) -> Result<Carried, HeaderError> {
 }
 
 /// A peek of the socket's queued bytes, without taking them.
-fn peek(client: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+pub(super) fn peek(client: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     let socket = socket2::SockRef::from(client);
     // SAFETY: `[u8]` and `[MaybeUninit<u8>]` have the same layout, and recv
     // only writes initialised bytes into the buffer.

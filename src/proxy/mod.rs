@@ -10,6 +10,7 @@
 //! - `accept`: one accept loop per socket; `admission`: limits and access lists;
 //! - `connection`: one connection's life, from the choice of node to its log line;
 //! - `candidates`: the order nodes are tried in; `connect`: trying them;
+//! - `sni`: the server name of a TLS client's ClientHello, for routes;
 //! - `pump`: bytes both ways; `channel`: the buffers and pipes they pass through;
 //! - `busy_poll`: the opt-in spinning of idle workers.
 
@@ -24,6 +25,7 @@ pub mod identity;
 mod plane;
 mod pump;
 mod shared;
+pub mod sni;
 mod workers;
 
 pub use candidates::Candidates;

@@ -398,6 +398,7 @@ impl DataPlane {
                 admitted,
                 cut: shared.cut_all.child_token(),
                 shared,
+                sni: None,
             };
             adopted_task(accepted, node_index, node, state).await;
         };

@@ -18,6 +18,7 @@ mod ftp;
 mod http;
 mod iiop;
 mod mail;
+mod tls;
 
 use common::{PATIENCE, skip_or_fail, tool, wait_until_blocking};
 use std::fs::File;
