@@ -34,6 +34,7 @@ pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod dns;
 pub mod health;
 pub mod logging;
 pub mod model;

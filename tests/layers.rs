@@ -13,7 +13,7 @@ const LAYERS: &[&[&str]] = &[
     &["balance", "health", "affinity"],
     &["proxy"],
     &["control"],
-    &["admin", "shared"],
+    &["admin", "shared", "dns"],
     &["server"],
     &["cli"],
 ];

@@ -48,11 +48,14 @@ pub use routes::{MAX_SERVER_NAME, Route, SniName, route_of};
 pub use shared::{DEFAULT_KEY_PREFIX, DEFAULT_LOOKUP_BUDGET, SharedConfig};
 pub use values::{
     AlgorithmKind, ForwardMode, ListenSpec, LogFormat, NodeAddress, NodeState, Resolver, SocketBuffer, canonical,
-    offline_resolver, parse_duration, parse_listen, parse_node_address, parse_socket_buffer, system_resolver,
+    host_name_of, lookup_at, offline_resolver, parse_duration, parse_listen, parse_node_address, parse_socket_buffer,
+    system_resolver,
 };
 
 /// Default for `connect_timeout` when neither the cluster nor `[defaults]` sets it.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default for `resolve_interval`.
+pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 /// Default for `retry_interval`.
 pub const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_secs(10);
 /// Default for `affinity_ttl`: long, because the product promises that a client
@@ -89,6 +92,9 @@ pub struct Config {
     pub admin: AdminConfig,
     /// `[shared]`: the store twins keep pins and run-time overrides in.
     pub shared: Option<SharedConfig>,
+    /// `resolver`: the DNS server node host names are resolved with
+    /// (`None`: the system's resolver).
+    pub resolver: Option<SocketAddr>,
     pub services: Vec<ServiceConfig>,
     pub clusters: Vec<ClusterConfig>,
 }
@@ -175,6 +181,8 @@ pub struct ClusterConfig {
     pub slow_start: Option<std::time::Duration>,
     /// `on_unavailable`: what an active check failing does to open connections.
     pub on_unavailable: OnUnavailable,
+    /// `resolve_interval`: how often node host names are resolved again.
+    pub resolve_interval: Duration,
     pub nodes: Vec<NodeConfig>,
 }
 
@@ -218,17 +226,29 @@ pub struct ConfigError {
 impl Config {
     /// Parses and validates `text`; `source_name` labels messages (usually the
     /// path). Node host names are resolved with the system resolver.
+    /// With `resolver = "IP:PORT"`, host names are resolved at that server.
     pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
-        Config::parse_with(text, source_name, system_resolver)
+        Config::parse_inner(text, source_name, &system_resolver, true)
     }
 
     /// As [`Config::parse`], with `resolve` turning host names into addresses
-    /// (tests and fuzzing use one that asks no DNS server).
+    /// (tests and fuzzing use one that asks no DNS server), whatever
+    /// `resolver` says.
     pub fn parse_with(text: &str, source_name: &str, resolve: Resolver) -> Result<Config, ConfigError> {
+        Config::parse_inner(text, source_name, &resolve, false)
+    }
+
+    fn parse_inner(
+        text: &str,
+        source_name: &str,
+        resolve: &dyn Fn(&str, u16) -> Option<SocketAddr>,
+        custom_dns: bool,
+    ) -> Result<Config, ConfigError> {
         let ctx = validate::Ctx {
             text,
             source_name,
             resolve,
+            custom_dns,
         };
         let raw: raw::RawConfig =
             toml::from_str(text).map_err(|e| ctx.error(e.span(), e.message().trim_end().to_string()))?;
@@ -370,22 +390,22 @@ mod tests {
     #[test]
     fn node_addresses() {
         assert_eq!(
-            parse_node_address("10.0.0.1:80", offline_resolver),
+            parse_node_address("10.0.0.1:80", &offline_resolver),
             Ok(NodeAddress::Socket("10.0.0.1:80".parse().unwrap()))
         );
         assert_eq!(
-            parse_node_address("10.0.0.1", offline_resolver),
+            parse_node_address("10.0.0.1", &offline_resolver),
             Ok(NodeAddress::SamePort("10.0.0.1".parse().unwrap()))
         );
         assert_eq!(
-            parse_node_address("[::1]", offline_resolver),
+            parse_node_address("[::1]", &offline_resolver),
             Ok(NodeAddress::SamePort("::1".parse().unwrap()))
         );
         assert!(
-            matches!(parse_node_address("localhost:80", offline_resolver), Ok(NodeAddress::Socket(a)) if a.port() == 80)
+            matches!(parse_node_address("localhost:80", &offline_resolver), Ok(NodeAddress::Socket(a)) if a.port() == 80)
         );
-        assert!(parse_node_address("bad host:80", offline_resolver).is_err());
-        assert!(parse_node_address("10.0.0.1:99999", offline_resolver).is_err());
+        assert!(parse_node_address("bad host:80", &offline_resolver).is_err());
+        assert!(parse_node_address("10.0.0.1:99999", &offline_resolver).is_err());
     }
 
     fn cluster_with(algorithm: &str, extra: &str, node_extra: &str) -> Result<Config, ConfigError> {

@@ -25,6 +25,7 @@ pub(super) struct RawConfig {
     pub(super) admin: Option<RawAdmin>,
     pub(super) defaults: Option<RawDefaults>,
     pub(super) shared: Option<RawShared>,
+    pub(super) resolver: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) service: Vec<RawService>,
     #[serde(default)]
@@ -60,6 +61,7 @@ pub(super) struct RawDefaults {
     pub(super) slow_start: Option<Spanned<String>>,
     pub(super) on_unavailable: Option<Spanned<String>>,
     pub(super) check: Option<Spanned<RawCheck>>,
+    pub(super) resolve_interval: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -102,6 +104,7 @@ pub(super) struct RawCluster {
     pub(super) slow_start: Option<Spanned<String>>,
     pub(super) on_unavailable: Option<Spanned<String>>,
     pub(super) check: Option<Spanned<RawCheck>>,
+    pub(super) resolve_interval: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) node: Vec<RawNode>,
 }

@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,19 +17,23 @@ use super::health;
 use super::identity::{self, ProxyHeader};
 use super::raw::{RawCluster, RawConfig, RawDefaults, RawNode, RawService};
 use super::values::{
-    AlgorithmKind, ForwardMode, ListenSpec, LogFormat, NodeAddress, NodeState, Resolver, SocketBuffer, parse_duration,
-    parse_listen, parse_node_address, parse_socket_buffer,
+    AlgorithmKind, ForwardMode, ListenSpec, LogFormat, NodeAddress, NodeState, SocketBuffer, lookup_at_blocking,
+    parse_duration, parse_listen, parse_node_address, parse_socket_buffer,
 };
 use super::{
-    ClusterConfig, Config, ConfigError, DEFAULT_AFFINITY_TTL, DEFAULT_CONNECT_TIMEOUT, DEFAULT_RETRY_INTERVAL,
-    DEFAULT_SHUTDOWN_GRACE, LastResort, LoadRating, MAX_WEIGHT, NodeConfig, RunAs, ServiceConfig, ServiceLimits,
+    ClusterConfig, Config, ConfigError, DEFAULT_AFFINITY_TTL, DEFAULT_CONNECT_TIMEOUT, DEFAULT_RESOLVE_INTERVAL,
+    DEFAULT_RETRY_INTERVAL, DEFAULT_SHUTDOWN_GRACE, LastResort, LoadRating, MAX_WEIGHT, NodeConfig, RunAs,
+    ServiceConfig, ServiceLimits,
 };
 
 /// The text being validated, for turning spans into line numbers.
 pub(super) struct Ctx<'a> {
     pub(super) text: &'a str,
     pub(super) source_name: &'a str,
-    pub(super) resolve: Resolver,
+    pub(super) resolve: &'a dyn Fn(&str, u16) -> Option<SocketAddr>,
+    /// Whether `resolver = "IP:PORT"` may send queries (not for a parse
+    /// with a resolver of the caller's own, such as tests' offline one).
+    pub(super) custom_dns: bool,
 }
 
 impl Ctx<'_> {
@@ -131,6 +135,33 @@ impl RawConfig {
         let run_as = validate_run_as(ctx, self.user.as_ref(), self.group.as_ref())?;
         let defaults = self.defaults.unwrap_or_default();
 
+        let resolver = match &self.resolver {
+            None => None,
+            Some(r) => Some(r.get_ref().parse::<SocketAddr>().map_err(|_| {
+                ctx.bad(
+                    top,
+                    "resolver",
+                    r,
+                    "expected IP:PORT of a DNS server (\"127.0.0.53:53\")",
+                )
+            })?),
+        };
+        // With a DNS server of its own, the file's host names are resolved there.
+        let at_server;
+        let dns_ctx;
+        let ctx = match resolver {
+            Some(server) if ctx.custom_dns => {
+                at_server = move |host: &str, port: u16| lookup_at_blocking(server, host, port);
+                dns_ctx = Ctx {
+                    text: ctx.text,
+                    source_name: ctx.source_name,
+                    resolve: &at_server,
+                    custom_dns: true,
+                };
+                &dns_ctx
+            }
+            _ => ctx,
+        };
         let clusters = validate_clusters(ctx, &self.cluster, &defaults)?;
         let services = validate_services(ctx, &self.service, &clusters)?;
 
@@ -146,6 +177,7 @@ impl RawConfig {
             run_as,
             admin,
             shared,
+            resolver,
             services,
             clusters,
         })
@@ -363,6 +395,13 @@ fn validate_cluster(ctx: &Ctx<'_>, raw: &RawCluster, defaults: &RawDefaults) -> 
         check: health::check(ctx, &what, raw.check.as_ref(), defaults.check.as_ref())?,
         slow_start: health::slow_start(ctx, &what, layered(&raw.slow_start, &defaults.slow_start))?,
         on_unavailable: health::on_unavailable(ctx, &what, layered(&raw.on_unavailable, &defaults.on_unavailable))?,
+        resolve_interval: duration(
+            "resolve_interval",
+            &raw.resolve_interval,
+            &defaults.resolve_interval,
+            DEFAULT_RESOLVE_INTERVAL,
+            true,
+        )?,
         nodes: validate_nodes(ctx, raw, defaults)?,
     })
 }

@@ -318,6 +318,59 @@ pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
 /// Turns a host name and port into an address, or `None` when the name does not resolve.
 pub type Resolver = fn(&str, u16) -> Option<SocketAddr>;
 
+/// The addresses `host` has at the DNS server `server` (`resolver =
+/// "IP:PORT"`), in the server's order; empty when it has none or does not
+/// answer within `timeout`. The one DNS client of the crate: hickory's.
+pub async fn lookup_at(server: SocketAddr, host: &str, timeout: std::time::Duration) -> Result<Vec<IpAddr>, String> {
+    use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+    let mut name_server = NameServerConfig::udp_and_tcp(server.ip());
+    for connection in &mut name_server.connections {
+        connection.port = server.port();
+    }
+    let mut builder = hickory_resolver::Resolver::builder_with_config(
+        ResolverConfig::from_name_servers(vec![name_server]),
+        hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
+    );
+    builder.options_mut().timeout = timeout;
+    builder.options_mut().attempts = 1;
+    // Every lookup asks the server: a moved name is seen at the next interval.
+    builder.options_mut().cache_size = 0;
+    let resolver = builder.build().map_err(|e| e.to_string())?;
+    // A fully qualified name: no search domain is tried.
+    let fqdn = if host.ends_with('.') {
+        host.to_string()
+    } else {
+        format!("{host}.")
+    };
+    match tokio::time::timeout(timeout, resolver.lookup_ip(fqdn.as_str())).await {
+        Ok(Ok(found)) => Ok(found.iter().collect()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+/// [`lookup_at`] for a caller without a runtime (the file's load): on a
+/// thread of its own, so that it works inside a runtime too (a reload).
+pub fn lookup_at_blocking(server: SocketAddr, host: &str, port: u16) -> Option<SocketAddr> {
+    let host = host.to_string();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok()?;
+                let found = runtime
+                    .block_on(lookup_at(server, &host, std::time::Duration::from_secs(3)))
+                    .ok()?;
+                found.first().map(|ip| SocketAddr::new(*ip, port))
+            })
+            .join()
+            .ok()
+            .flatten()
+    })
+}
+
 /// The system's resolver (`/etc/hosts`, then DNS): the first address.
 pub fn system_resolver(host: &str, port: u16) -> Option<SocketAddr> {
     (host, port).to_socket_addrs().ok().and_then(|mut it| it.next())
@@ -328,9 +381,25 @@ pub fn offline_resolver(host: &str, port: u16) -> Option<SocketAddr> {
     (host == "localhost").then(|| SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
+/// The host name of a node address as the file writes it, and its port
+/// (`None`: the node takes the client's port); `None` for an IP address.
+pub fn host_name_of(text: &str) -> Option<(&str, Option<u16>)> {
+    if text.parse::<SocketAddr>().is_ok() {
+        return None;
+    }
+    let bare = text.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(text);
+    if bare.parse::<IpAddr>().is_ok() {
+        return None;
+    }
+    match text.rsplit_once(':') {
+        Some((host, port)) => Some((host, Some(port.parse().ok()?))),
+        None => Some((text, None)),
+    }
+}
+
 /// Parses a node address: `IP:PORT`, `[IPv6]:PORT`, `HOST:PORT`, or the same
 /// without a port. Host names are resolved now, to their first address.
-pub fn parse_node_address(s: &str, resolver: Resolver) -> Result<NodeAddress, String> {
+pub fn parse_node_address(s: &str, resolver: &dyn Fn(&str, u16) -> Option<SocketAddr>) -> Result<NodeAddress, String> {
     if let Ok(addr) = s.parse::<SocketAddr>() {
         return Ok(NodeAddress::Socket(addr));
     }

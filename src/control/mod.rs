@@ -286,6 +286,17 @@ impl Control {
         Ok(())
     }
 
+    /// A node's host name resolves to `address` now: new connections go
+    /// there; open ones stay where they are. Lasts while the file writes
+    /// the node's address as `text`.
+    pub fn set_resolved(&self, cluster: &str, node: &str, text: &str, address: crate::config::NodeAddress) {
+        let mut control = self.lock();
+        control
+            .resolved
+            .insert((cluster.to_string(), node.to_string()), (text.to_string(), address));
+        self.publish(&control);
+    }
+
     /// Turns red every drained node whose deadline has passed.
     pub fn expire_drains(&self) {
         let now = self.inner.live.clock().now_ms();

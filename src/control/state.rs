@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use super::privileges::{DEFAULT_UNPRIVILEGED_PORT_START, Privileges};
-use crate::config::{AdminListen, Config, NodeState};
+use crate::config::{AdminListen, Config, NodeAddress, NodeState};
 
 /// Where and when a run-time change was made.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -86,6 +86,9 @@ pub struct ControlState {
     pub file: Config,
     pub overrides: Overrides,
     pub process: Process,
+    /// (cluster, node) → where its host name resolves now, with the address
+    /// as the file writes it: applied while the file still writes it so.
+    pub resolved: BTreeMap<(String, String), (String, NodeAddress)>,
 }
 
 impl ControlState {
@@ -95,6 +98,7 @@ impl ControlState {
             file,
             overrides: Overrides::default(),
             process: Process::default(),
+            resolved: BTreeMap::new(),
         }
     }
 
@@ -108,6 +112,11 @@ impl ControlState {
         }
         for cluster in &mut effective.clusters {
             for node in &mut cluster.nodes {
+                if let Some((text, address)) = self.resolved.get(&(cluster.name.clone(), node.name.clone()))
+                    && *text == node.address_text
+                {
+                    node.address = *address;
+                }
                 if let Some(state) = self
                     .overrides
                     .node_states

@@ -32,13 +32,14 @@ pub trait Balancer: Send + Sync {
 /// Compiles a cluster's algorithm: `balance::build`.
 pub type Algorithms = fn(&ClusterConfig) -> Box<dyn Balancer>;
 
-/// A node's identity across reloads: same cluster, name and address means the
-/// same node, whose figures carry over.
+/// A node's identity across reloads: same cluster, name and address as the
+/// file writes it means the same node, whose figures carry over (also when
+/// its host name now resolves to another address).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct NodeKey {
     pub cluster: String,
     pub name: String,
-    pub address: NodeAddress,
+    pub address_text: String,
 }
 
 /// One node as the data plane sees it.
@@ -256,7 +257,7 @@ impl Snapshot {
     fn node_figures(&self, key: &NodeKey) -> Option<Arc<NodeFigures>> {
         let cluster = self.clusters.get(&key.cluster)?;
         let node = cluster.node(&key.name)?;
-        (node.address == key.address).then(|| node.figures.clone())
+        (node.address_text == key.address_text).then(|| node.figures.clone())
     }
 }
 
@@ -283,7 +284,7 @@ fn build_cluster(
             let key = NodeKey {
                 cluster: c.name.clone(),
                 name: n.name.clone(),
-                address: n.address,
+                address_text: n.address_text.clone(),
             };
             let figures = previous.and_then(|p| p.node_figures(&key)).unwrap_or_else(|| {
                 let figures = Arc::new(NodeFigures::new(n.state));

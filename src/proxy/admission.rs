@@ -128,7 +128,7 @@ pub fn adopt(shared: &Arc<Shared>, state: &ConnectionState) -> (Admitted, usize)
 
 /// The one-node cluster of an adopted connection whose node the file no longer has.
 fn detached(state: &ConnectionState) -> Cluster {
-    let address = crate::config::parse_node_address(&state.node_address, crate::config::offline_resolver)
+    let address = crate::config::parse_node_address(&state.node_address, &crate::config::offline_resolver)
         .unwrap_or(crate::config::NodeAddress::Socket(state.client));
     let node = crate::model::Node {
         name: state.node.clone(),
