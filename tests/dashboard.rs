@@ -51,10 +51,17 @@ async fn dashboard_shows_live_numbers_and_sets_a_state() {
     }
 
     let (a, b, g) = (echo_backend().await, echo_backend().await, echo_backend().await);
+    // A node whose active check fails: the page says why.
+    let checked = || {
+        Cluster::new("checked")
+            .key("check = { type = \"tcp\", interval = \"200ms\", timeout = \"100ms\", fall = 1 }")
+            .node(Node::new("down", dead_addr()))
+    };
     let config = ConfigText::new()
         .service(Service::new("web", "blue"))
         .cluster(Cluster::of("blue", &[("a", a), ("b", b)]))
-        .cluster(Cluster::of("green", &[("g", g)]));
+        .cluster(Cluster::of("green", &[("g", g)]))
+        .cluster(checked());
     let (server, admin, file) = config.start_with_admin().await;
     let web = server.addr_of("web").unwrap();
     // A reload, however the attacking page got one, would show: the file now says b is red.
@@ -65,7 +72,8 @@ async fn dashboard_shows_live_numbers_and_sets_a_state() {
                 .node(Node::new("a", a))
                 .node(Node::new("b", b).key("state = \"red\"")),
         )
-        .cluster(Cluster::of("green", &[("g", g)]));
+        .cluster(Cluster::of("green", &[("g", g)]))
+        .cluster(checked());
     std::fs::write(file.path(), b_red.text()).unwrap();
     let attack = attack_page(&format!("http://{admin}"), "blue", "b").await;
 
@@ -126,6 +134,13 @@ async fn dashboard_shows_live_numbers_and_sets_a_state() {
         "numbers move: {result}"
     );
     assert_eq!(result["state_shown"], "yellow");
+    let notes = result["notes"].as_array().cloned().unwrap_or_default();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n[0] == "checked/down" && n[1] == "check failing: connection refused"),
+        "the failing check and why, beside the node's health: {notes:?}"
+    );
     assert!(
         result["dialogs"][0].as_str().is_some_and(|d| d.contains("yellow")),
         "a confirmation was asked: {result}"

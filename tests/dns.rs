@@ -31,7 +31,8 @@ fn dnsmasq(port: u16, hosts: &std::path::Path) -> Child {
         ])
         .arg(format!("--addn-hosts={}", hosts.display()))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        // Its complaints (a port taken, a file unread) show in the test's output.
+        .stderr(Stdio::inherit())
         .spawn()
         .expect("dnsmasq starts")
 }
@@ -47,13 +48,41 @@ async fn greeting(addr: SocketAddr) -> String {
     line.trim_end().to_string()
 }
 
-/// A UDP port nobody uses now on 127.0.0.1.
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A port nobody uses now on 127.0.0.1, for UDP and TCP both (dnsmasq binds both).
+fn free_dns_port() -> u16 {
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// dnsmasq on a free port, answering from `hosts`; another port when the
+/// one chosen was taken meanwhile (dnsmasq then exits at once).
+async fn dnsmasq_answering(hosts: &std::path::Path) -> (Child, SocketAddr) {
+    for _ in 0..10 {
+        let port = free_dns_port();
+        let mut dns = dnsmasq(port, hosts);
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let answered = within("dnsmasq to answer or exit", async {
+            loop {
+                if dns.try_wait().unwrap().is_some() {
+                    return false;
+                }
+                let found = protobalance::config::lookup_at(addr, "node.test", Duration::from_millis(200)).await;
+                if found.is_ok_and(|ips| !ips.is_empty()) {
+                    return true;
+                }
+            }
+        })
+        .await;
+        if answered {
+            return (dns, addr);
+        }
+    }
+    panic!("dnsmasq did not start on a free port in 10 tries");
 }
 
 /// A TCP port free on both 127.0.0.2 and 127.0.0.3.
@@ -77,15 +106,7 @@ async fn a_node_follows_its_name_to_a_new_address_and_keeps_the_last_when_dns_st
     let dir = tempfile::tempdir().unwrap();
     let hosts = dir.path().join("hosts");
     std::fs::write(&hosts, "127.0.0.2 node.test\n").unwrap();
-    let dns_port = free_udp_port();
-    let mut dns = dnsmasq(dns_port, &hosts);
-    let dns_addr: SocketAddr = format!("127.0.0.1:{dns_port}").parse().unwrap();
-    wait_until("dnsmasq to answer", || async {
-        protobalance::config::lookup_at(dns_addr, "node.test", Duration::from_millis(200))
-            .await
-            .is_ok_and(|ips| !ips.is_empty())
-    })
-    .await;
+    let (mut dns, dns_addr) = dnsmasq_answering(&hosts).await;
 
     let port = port_free_on_both();
     let _two = Backend::start_on("two", Behaviour::Greet, SocketAddr::from(([127, 0, 0, 2], port))).await;

@@ -222,3 +222,30 @@ fn check_refuses_duplicate_names_bad_wildcards_and_unknown_clusters_with_the_lin
         assert_eq!(e.line, Some(line), "{routes}: {e}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routed_client_falls_over_with_its_client_hello_replayed() {
+    let hello = client_hello(Some("a.test"), 3);
+    // a1 reads the ClientHello and hangs up without a word.
+    let a1 = Backend::start("a1", Behaviour::ReadAndClose).await;
+    let a2 = checking_backend("a2", hello.clone()).await;
+    let d = checking_backend("default", hello.clone()).await;
+    let config = ConfigText::new()
+        .service(Service::new("tls", "default").key("[[service.route]]\nsni = [\"a.test\"]\ncluster = \"a\""))
+        .cluster(
+            Cluster::new("a")
+                .node(Node::new("a1", a1.addr).fallover("a2"))
+                .node(Node::new("a2", a2)),
+        )
+        .cluster(Cluster::new("default").node(Node::new("d", d)));
+    let (server, addr) = config.start().await;
+    // Round robin: one of the two clients is offered to a1 first.
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&hello).await.unwrap();
+        assert_eq!(answer(s).await, "a2 same", "the ClientHello replayed byte for byte");
+    }
+    let a1_figures = server.snapshot().clusters["a"].node("a1").unwrap().figures.clone();
+    assert!(a1_figures.connect_failures() >= 1, "a1 was tried and failed");
+    server.shutdown(PATIENCE).await;
+}

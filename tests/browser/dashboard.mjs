@@ -68,6 +68,12 @@ try {
     `tr[data-node="${cluster}/${node}"]`, { timeout: TIMEOUT, polling: 200 });
   result.dialogs = dialogs;
   result.state_shown = await row.locator(".state").textContent();
+  // What each node's health cell says besides its health (checks, ports, ramps, drains).
+  await page.waitForFunction(
+    () => [...document.querySelectorAll("tr[data-node] .health-note")].some((n) => n.textContent.startsWith("check failing")),
+    null, { timeout: TIMEOUT, polling: 200 }).catch(() => {});
+  result.notes = await page.$$eval("tr[data-node]", (rows) =>
+    rows.map((r) => [r.dataset.node, r.querySelector(".health-note").textContent]));
   // Let the charts gather a few more points for the picture, scrolled back home.
   await page.waitForTimeout(6000);
   await page.evaluate(() => { for (const c of document.querySelectorAll(".card")) c.scrollLeft = 0; window.scrollTo(0, 0); });
