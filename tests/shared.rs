@@ -77,10 +77,15 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A twin named `instance` on `store`, round robin over `nodes` with affinity.
+/// A twin named `instance` on `store`, round robin over `nodes` with
+/// affinity. Its lookup budget is generous: these tests run many balancers,
+/// stores and clients at once on two loaded CPUs, and check what is shared,
+/// not how fast (a store past the budget: the never-answering store's test).
 fn twin(instance: &str, store: &str, nodes: &[(&str, SocketAddr)]) -> ConfigText {
     ConfigText::one_service(Cluster::of("c", nodes).key("affinity = true"))
-        .top(&format!("shared = {{ store = {store:?}, instance = {instance:?} }}"))
+        .top(&format!(
+            "shared = {{ store = {store:?}, instance = {instance:?}, lookup_budget = \"500ms\" }}"
+        ))
         .admin_listen("127.0.0.1:0")
 }
 
@@ -90,6 +95,16 @@ async fn three_nodes() -> Vec<(&'static str, SocketAddr)> {
         ("n2", name_backend("n2").await),
         ("n3", name_backend("n3").await),
     ]
+}
+
+/// Twins east and west on `redis`, over three nodes, each with the store up.
+async fn twins(redis: &Redis) -> ((Server, SocketAddr), (Server, SocketAddr)) {
+    let nodes = three_nodes().await;
+    let east = twin("east", &redis.url(), &nodes).start().await;
+    let west = twin("west", &redis.url(), &nodes).start().await;
+    until_store_up(&east.0).await;
+    until_store_up(&west.0).await;
+    (east, west)
 }
 
 async fn until_store_up(server: &Server) {
@@ -103,11 +118,7 @@ async fn a_client_keeps_its_node_whichever_twin_it_reaches() {
         return;
     }
     let redis = Redis::start(free_port());
-    let nodes = three_nodes().await;
-    let (east, east_addr) = twin("east", &redis.url(), &nodes).start().await;
-    let (west, west_addr) = twin("west", &redis.url(), &nodes).start().await;
-    until_store_up(&east).await;
-    until_store_up(&west).await;
+    let ((east, east_addr), (west, west_addr)) = twins(&redis).await;
     for client in 1..=50u8 {
         let from = ip(0, 3, client);
         let mut seen = Vec::new();
@@ -191,11 +202,7 @@ async fn redis_killed_and_restarted_empty_costs_no_client_and_gets_its_pins_back
         return;
     }
     let redis = Redis::start(free_port());
-    let nodes = three_nodes().await;
-    let (east, east_addr) = twin("east", &redis.url(), &nodes).start().await;
-    let (west, west_addr) = twin("west", &redis.url(), &nodes).start().await;
-    until_store_up(&east).await;
-    until_store_up(&west).await;
+    let ((east, east_addr), (west, west_addr)) = twins(&redis).await;
 
     // A steady stream of new clients through both twins, each its own source address.
     let stop = Arc::new(AtomicBool::new(false));
@@ -290,28 +297,7 @@ fn check_refuses_a_bad_store_url_without_quoting_its_password() {
 /// for 127.0.0.1 (made here with `openssl`); returns it, its port and the
 /// certificate's path.
 fn redis_over_tls(dir: &std::path::Path, password: &str) -> (Child, u16, std::path::PathBuf) {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let made = Command::new(tool("openssl"))
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-        ])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(made.success(), "openssl made the certificate");
+    let (cert, key) = self_signed(dir, "127.0.0.1", &["IP:127.0.0.1"]);
     let port = free_port();
     let child = Command::new(tool("redis-server"))
         .args(["--bind", "127.0.0.1", "--port", "0", "--tls-port", &port.to_string()])

@@ -22,6 +22,7 @@ pub mod clients;
 pub mod config;
 pub mod privileges;
 mod skip;
+pub mod tls;
 pub mod wait;
 
 pub use backends::*;
@@ -30,6 +31,7 @@ pub use clients::*;
 pub use config::*;
 pub use privileges::*;
 pub use skip::*;
+pub use tls::*;
 pub use wait::*;
 
 // The library types the tests name, in one place.

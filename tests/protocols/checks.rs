@@ -214,19 +214,7 @@ async fn passive_ftp_works_after_a_scan_of_every_passive_port() {
     }
     let work = work_dir();
     let (server, control, passive) = crate::ftp::start_balancer("algorithm = \"round-robin\"\naffinity = true").await;
-    let _daemons: Vec<Daemon> = [("one", ip(0, 0, 2)), ("two", ip(0, 0, 3))]
-        .iter()
-        .map(|(name, node_ip)| {
-            crate::ftp::vsftpd(
-                &format!("vsftpd {name}"),
-                &work.path().join(name),
-                *node_ip,
-                control,
-                passive,
-                ip(0, 0, 1),
-            )
-        })
-        .collect();
+    let _daemons = crate::ftp::two_vsftpd(work.path(), control, passive);
     // A scanner connects to every port of the passive range, from several
     // addresses so both nodes are hit: nobody opened those ports, so each
     // connect is refused by the node.
@@ -252,25 +240,8 @@ async fn passive_ftp_works_after_a_scan_of_every_passive_port() {
     let sent = random_bytes(128 * 1024);
     let local = work.path().join("up.bin");
     std::fs::write(&local, &sent).unwrap();
-    let url = format!("ftp://127.0.0.1:{control}/pub/up.bin");
-    let source = ip(0, 0, 50).to_string();
-    run_client({
-        let mut c = curl();
-        c.args(["--disable-epsv", "--interface", &source, "--upload-file"])
-            .arg(&local)
-            .arg(&url);
-        c
-    })
-    .await;
     let back = work.path().join("back.bin");
-    run_client({
-        let mut c = curl();
-        c.args(["--disable-epsv", "--interface", &source, "--output"])
-            .arg(&back)
-            .arg(&url);
-        c
-    })
-    .await;
+    crate::ftp::upload_and_download(control, &ip(0, 0, 50).to_string(), &local, &back).await;
     assert!(std::fs::read(&back).unwrap() == sent, "the download is the upload");
     server.shutdown(PATIENCE).await;
 }

@@ -45,6 +45,48 @@ pub(crate) fn vsftpd(
     Daemon::start(name, command, dir.join("daemon.log"), &[SocketAddr::new(ip, control)])
 }
 
+/// vsftpd "one" on 127.0.0.2 and "two" on 127.0.0.3, under `work`, on the
+/// balancer's `control` port and `passive` range, announcing 127.0.0.1.
+pub(crate) fn two_vsftpd(work: &Path, control: u16, passive: (u16, u16)) -> Vec<Daemon> {
+    [("one", ip(0, 0, 2)), ("two", ip(0, 0, 3))]
+        .iter()
+        .map(|(name, node_ip)| {
+            vsftpd(
+                &format!("vsftpd {name}"),
+                &work.join(name),
+                *node_ip,
+                control,
+                passive,
+                ip(0, 0, 1),
+            )
+        })
+        .collect()
+}
+
+/// curl from `source` uploads `local` to `/pub/` through the balancer's
+/// `control` port, then downloads it again into `back`; both in passive
+/// mode with PASV (not EPSV), so the announced pasv_address is what it uses.
+pub(crate) async fn upload_and_download(control: u16, source: &str, local: &Path, back: &Path) {
+    let file = local.file_name().unwrap().to_string_lossy();
+    let url = format!("ftp://127.0.0.1:{control}/pub/{file}");
+    run_client({
+        let mut c = curl();
+        c.args(["--disable-epsv", "--interface", source, "--upload-file"])
+            .arg(local)
+            .arg(&url);
+        c
+    })
+    .await;
+    run_client({
+        let mut c = curl();
+        c.args(["--disable-epsv", "--interface", source, "--output"])
+            .arg(back)
+            .arg(&url);
+        c
+    })
+    .await;
+}
+
 /// Starts the balancer on a control port and a passive range below the
 /// kernel's ephemeral ports, trying other ports while some are taken.
 pub(crate) async fn start_balancer(cluster: &str) -> (Server, u16, (u16, u16)) {
@@ -80,19 +122,7 @@ async fn passive_ftp_through_two_vsftpd(cluster: &str) {
     let work = work_dir();
     let (server, control, passive) = start_balancer(cluster).await;
     let nodes = [("one", ip(0, 0, 2)), ("two", ip(0, 0, 3))];
-    let _daemons: Vec<Daemon> = nodes
-        .iter()
-        .map(|(name, node_ip)| {
-            vsftpd(
-                &format!("vsftpd {name}"),
-                &work.path().join(name),
-                *node_ip,
-                control,
-                passive,
-                ip(0, 0, 1),
-            )
-        })
-        .collect();
+    let _daemons = two_vsftpd(work.path(), control, passive);
 
     let mut served = [0usize; 2];
     for client in 10..30u8 {
@@ -101,25 +131,8 @@ async fn passive_ftp_through_two_vsftpd(cluster: &str) {
         let file = format!("up-{client}.bin");
         let local = work.path().join(&file);
         std::fs::write(&local, &sent).unwrap();
-        let url = format!("ftp://127.0.0.1:{control}/pub/{file}");
-        // PASV (not EPSV), so the announced pasv_address is what the client uses.
-        run_client({
-            let mut c = curl();
-            c.args(["--disable-epsv", "--interface", &source, "--upload-file"])
-                .arg(&local)
-                .arg(&url);
-            c
-        })
-        .await;
         let back = work.path().join(format!("back-{client}.bin"));
-        run_client({
-            let mut c = curl();
-            c.args(["--disable-epsv", "--interface", &source, "--output"])
-                .arg(&back)
-                .arg(&url);
-            c
-        })
-        .await;
+        upload_and_download(control, &source, &local, &back).await;
         let got = std::fs::read(&back).unwrap();
         assert!(
             got == sent,

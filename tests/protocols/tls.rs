@@ -11,25 +11,9 @@ use crate::{Daemon, curl, free_port, run_client, work_dir};
 
 /// A self-signed certificate and key for `names` (the first is the subject).
 fn certificate(dir: &Path, names: &[&str]) -> (PathBuf, PathBuf) {
-    std::fs::create_dir_all(dir).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let san: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
-    let made = Command::new(tool("openssl"))
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
-        .arg("-subj")
-        .arg(format!("/CN={}", names[0]))
-        .arg("-addext")
-        .arg(format!("subjectAltName={}", san.join(",")))
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(made.success(), "openssl made a certificate for {names:?}");
-    (cert, key)
+    let sans: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
+    let sans: Vec<&str> = sans.iter().map(String::as_str).collect();
+    crate::common::self_signed(dir, names[0], &sans)
 }
 
 /// nginx serving HTTPS with its own certificate, answering `/id` with its name.
