@@ -13,9 +13,19 @@ use std::time::{Duration, Instant};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// A child process killed when dropped, also when a test panics.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// dnsmasq in the foreground on 127.0.0.1:`port`, answering only from `hosts`.
-fn dnsmasq(port: u16, hosts: &std::path::Path) -> Child {
-    Command::new(tool("dnsmasq"))
+fn dnsmasq(port: u16, hosts: &std::path::Path) -> Killed {
+    let child = Command::new(tool("dnsmasq"))
         .args([
             "--keep-in-foreground",
             "--bind-interfaces",
@@ -34,7 +44,8 @@ fn dnsmasq(port: u16, hosts: &std::path::Path) -> Child {
         // Its complaints (a port taken, a file unread) show in the test's output.
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("dnsmasq starts")
+        .expect("dnsmasq starts");
+    Killed(child)
 }
 
 /// The first line a new client through `addr` reads: its node's greeting.
@@ -61,14 +72,14 @@ fn free_dns_port() -> u16 {
 
 /// dnsmasq on a free port, answering from `hosts`; another port when the
 /// one chosen was taken meanwhile (dnsmasq then exits at once).
-async fn dnsmasq_answering(hosts: &std::path::Path) -> (Child, SocketAddr) {
+async fn dnsmasq_answering(hosts: &std::path::Path) -> (Killed, SocketAddr) {
     for _ in 0..10 {
         let port = free_dns_port();
         let mut dns = dnsmasq(port, hosts);
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let answered = within("dnsmasq to answer or exit", async {
             loop {
-                if dns.try_wait().unwrap().is_some() {
+                if dns.0.try_wait().unwrap().is_some() {
                     return false;
                 }
                 let found = protobalance::config::lookup_at(addr, "node.test", Duration::from_millis(200)).await;
@@ -106,7 +117,7 @@ async fn a_node_follows_its_name_to_a_new_address_and_keeps_the_last_when_dns_st
     let dir = tempfile::tempdir().unwrap();
     let hosts = dir.path().join("hosts");
     std::fs::write(&hosts, "127.0.0.2 node.test\n").unwrap();
-    let (mut dns, dns_addr) = dnsmasq_answering(&hosts).await;
+    let (dns, dns_addr) = dnsmasq_answering(&hosts).await;
 
     let port = port_free_on_both();
     let _two = Backend::start_on("two", Behaviour::Greet, SocketAddr::from(([127, 0, 0, 2], port))).await;
@@ -130,7 +141,7 @@ async fn a_node_follows_its_name_to_a_new_address_and_keeps_the_last_when_dns_st
     std::fs::write(&hosts, "127.0.0.3 node.test\n").unwrap();
     // dnsmasq reads its hosts files again on SIGHUP.
     // SAFETY: kill with a child's own pid and a valid signal.
-    unsafe { libc::kill(dns.id() as i32, libc::SIGHUP) };
+    unsafe { libc::kill(dns.0.id() as i32, libc::SIGHUP) };
     let moved = Instant::now();
     wait_until("new connections to follow the name", || async {
         greeting(addr).await == "220 three"
@@ -151,8 +162,7 @@ async fn a_node_follows_its_name_to_a_new_address_and_keeps_the_last_when_dns_st
     assert_eq!(&echo, b"more\n");
 
     // The DNS server stops: the last good address keeps serving.
-    let _ = dns.kill();
-    let _ = dns.wait();
+    drop(dns);
     let node = server.snapshot().clusters["c"].node("n").unwrap().figures.clone();
     let total = node.total_connections();
     tokio::time::sleep(interval * 3).await;

@@ -296,7 +296,7 @@ fn check_refuses_a_bad_store_url_without_quoting_its_password() {
 /// A TLS-only `redis-server` with a password and a self-signed certificate
 /// for 127.0.0.1 (made here with `openssl`); returns it, its port and the
 /// certificate's path.
-fn redis_over_tls(dir: &std::path::Path, password: &str) -> (Child, u16, std::path::PathBuf) {
+fn redis_over_tls(dir: &std::path::Path, password: &str) -> (Redis, u16, std::path::PathBuf) {
     let (cert, key) = self_signed(dir, "127.0.0.1", &["IP:127.0.0.1"]);
     let port = free_port();
     let child = Command::new(tool("redis-server"))
@@ -311,10 +311,12 @@ fn redis_over_tls(dir: &std::path::Path, password: &str) -> (Child, u16, std::pa
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Killed when dropped, also when the test panics.
+    let redis = Redis { port, child };
     wait_until_blocking("redis-server to listen for TLS", || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
-    (child, port, cert)
+    (redis, port, cert)
 }
 
 #[test]
@@ -324,7 +326,7 @@ fn a_store_over_tls_with_a_password_from_a_file_is_reached_and_the_password_neve
     }
     let dir = tempfile::tempdir().unwrap();
     let password = "pw-that-must-not-leak-7f3a";
-    let (mut redis, port, cert) = redis_over_tls(dir.path(), password);
+    let (redis, port, cert) = redis_over_tls(dir.path(), password);
     let password_file = dir.path().join("redis.password");
     std::fs::write(&password_file, format!("{password}\n")).unwrap();
     let node = blocking(name_backend("n1"));
@@ -361,8 +363,7 @@ fn a_store_over_tls_with_a_password_from_a_file_is_reached_and_the_password_neve
         let output = process.all_output().join("\n");
         assert!(!output.contains(password), "the password reached the log:\n{output}");
     }
-    let _ = redis.kill();
-    let _ = redis.wait();
+    drop(redis);
 }
 
 fn read_all_blocking(addr: SocketAddr) -> String {

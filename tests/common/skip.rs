@@ -100,6 +100,7 @@ fn debian_package(program: &str) -> &str {
         "dpkg-deb" => "dpkg",
         "systemd-analyze" => "systemd",
         "ip" => "iproute2",
+        "dnsmasq" => "dnsmasq-base",
         other => other, // chromium, npm, nginx, vsftpd, curl
     }
 }
