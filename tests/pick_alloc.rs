@@ -62,3 +62,33 @@ fn no_pick_allocates() {
         assert_eq!(ALLOCATIONS.with(Cell::get), 0, "{algorithm} allocated");
     }
 }
+
+#[test]
+fn reading_a_server_name_and_its_route_allocates_nothing() {
+    let hello = client_hello(Some("www.api.example.com"), 20);
+    let mut joined = vec![0u8; protobalance::proxy::sni::MAX_HELLO];
+    let config = ConfigText::new()
+        .service(Service::new("tls", "c").key(
+            "[[service.route]]\nsni = [\"*.api.example.com\", \"shop.example.com\"]\ncluster = \"c\"\n\
+             [[service.route]]\nsni = [\"www.api.example.com\"]\ncluster = \"c\"",
+        ))
+        .cluster(Cluster::new("c").node(Node::new("a", "127.0.0.1:1")))
+        .config();
+    let routes = &config.services[0].routes;
+    COUNTING.with(|c| c.set(true));
+    let mut routed = 0;
+    for _ in 0..1_000 {
+        if let protobalance::proxy::sni::Hello::Name(name) = protobalance::proxy::sni::parse(&hello, &mut joined)
+            && protobalance::config::route_of(routes, name).is_some_and(|(i, _)| i == 1)
+        {
+            routed += 1;
+        }
+    }
+    COUNTING.with(|c| c.set(false));
+    assert_eq!(routed, 1_000, "every parse found the name and its exact route");
+    assert_eq!(
+        ALLOCATIONS.with(|n| n.replace(0)),
+        0,
+        "the parse and the match allocated"
+    );
+}
