@@ -119,6 +119,16 @@ impl Control {
     /// Applies a twin's record when it is newer than what this instance
     /// knows of that override; returns whether it changed anything.
     pub fn apply_shared(&self, record: &SharedOverride) -> bool {
+        // A store that lies: the name goes into log lines and the status.
+        let named = !record.instance.is_empty()
+            && record.instance.len() <= 64
+            && record
+                .instance
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !named {
+            return false;
+        }
         {
             let mut sharing = self.sharing();
             if sharing

@@ -250,7 +250,8 @@ pub fn start(
     let client = match client(config) {
         Ok(client) => client,
         Err(e) => {
-            warn!(store = %config.display_url(), "shared state disabled: {e}");
+            // The error's kind only: its text might quote the URL, password and all.
+            warn!(store = %config.display_url(), "shared state disabled: {}", describe(&e));
             return None;
         }
     };
@@ -262,7 +263,8 @@ pub fn start(
     let connection = match client.get_connection_manager_lazy(manager_config) {
         Ok(c) => Some(Arc::new(c)),
         Err(e) => {
-            warn!(store = %config.display_url(), "shared state disabled: {e}");
+            // The error's kind only: its text might quote the URL, password and all.
+            warn!(store = %config.display_url(), "shared state disabled: {}", describe(&e));
             return None;
         }
     };
