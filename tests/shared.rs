@@ -374,3 +374,71 @@ fn read_all_blocking(addr: SocketAddr) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_a_store_lies_with_change_nothing() {
+    if !require_tools(&["redis-server"]) {
+        return;
+    }
+    let redis = Redis::start(free_port());
+    let nodes = three_nodes().await;
+    let (east, _) = twin("east", &redis.url(), &nodes).start().await;
+    until_store_up(&east).await;
+    let n2 = east.snapshot().clusters["c"].node("n2").unwrap().figures.clone();
+    let far_future = "99999999999999";
+    // Each under a field of its own, so that none overwrites another before it is read.
+    for (field, record) in [
+        // An instance name that would write a line of its own into the log.
+        (
+            "lie1",
+            format!(
+                r#"{{"key":{{"kind":"node_state","cluster":"c","node":"n2"}},"value":"red","instance":"x\nFORGED","at_ms":{far_future}}}"#
+            ),
+        ),
+        // Dated far ahead: it would win over every real change to come.
+        (
+            "lie2",
+            format!(
+                r#"{{"key":{{"kind":"node_state","cluster":"c","node":"n2"}},"value":"red","instance":"west","at_ms":{far_future}}}"#
+            ),
+        ),
+        // A state that is none.
+        (
+            "lie3",
+            format!(
+                r#"{{"key":{{"kind":"node_state","cluster":"c","node":"n2"}},"value":"purple","instance":"west","at_ms":{far_future}}}"#
+            ),
+        ),
+        // A node this file does not have.
+        (
+            "lie4",
+            format!(
+                r#"{{"key":{{"kind":"node_state","cluster":"c","node":"n9"}},"value":"red","instance":"west","at_ms":{far_future}}}"#
+            ),
+        ),
+        // Not a record at all.
+        ("node/c/n2", "{{{not json".to_string()),
+    ] {
+        redis
+            .query(&["HSET", "protobalance:overrides", field, &record])
+            .unwrap();
+        redis.query(&["PUBLISH", "protobalance:overrides", field]).unwrap();
+    }
+    // A well-formed record after them, as the sign that they were all read.
+    let good =
+        r#"{"key":{"kind":"node_state","cluster":"c","node":"n3"},"value":"yellow","instance":"west","at_ms":1}"#;
+    redis
+        .query(&["HSET", "protobalance:overrides", "node/c/n3", good])
+        .unwrap();
+    redis
+        .query(&["PUBLISH", "protobalance:overrides", "node/c/n3"])
+        .unwrap();
+    let n3 = east.snapshot().clusters["c"].node("n3").unwrap().figures.clone();
+    wait_until("the good record applied", || async { n3.state() == NodeState::Yellow }).await;
+    assert_eq!(n2.state(), NodeState::Green, "no lying record changed n2");
+    assert!(
+        east.control().state().overrides.node_states.len() == 1,
+        "only n3's override is in force"
+    );
+    east.shutdown(PATIENCE).await;
+}

@@ -15,6 +15,10 @@ use super::Control;
 use super::state::{Origin, Override};
 use crate::config::NodeState;
 
+/// How far ahead of this instance's clock a record may be dated: more is a
+/// store that lies (or a clock far off), and the record is ignored.
+const MAX_AHEAD_MS: u64 = 60 * 60 * 1000;
+
 /// What a record is about.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -126,7 +130,18 @@ impl Control {
                 .instance
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !named {
+        // A change dated far ahead would win over every real one to come.
+        let now = self.inner.live.clock().now_ms();
+        if !named || record.at_ms > now.saturating_add(MAX_AHEAD_MS) {
+            return false;
+        }
+        // A value that means nothing here changes nothing, and is not remembered as the latest.
+        let meaningful = match (&record.key, &record.value) {
+            (OverrideKey::NodeState { .. }, Some(v)) => NodeState::parse(v).is_some(),
+            (OverrideKey::Redirect { .. }, Some(v)) => self.lock().file.cluster(v).is_some(),
+            (_, None) => true,
+        };
+        if !meaningful {
             return false;
         }
         {
