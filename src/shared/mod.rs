@@ -84,6 +84,12 @@ redis.call('PUBLISH', ARGV[4], ARGV[1])
 return 1
 ";
 
+/// What the store's task sends: one command, or a batch in one round trip.
+enum Query<'a> {
+    One(&'a redis::Cmd),
+    Batch(&'a redis::Pipeline),
+}
+
 /// A pin to write.
 struct PinWrite {
     cluster: String,
@@ -107,8 +113,28 @@ pub struct Store {
 }
 
 impl Store {
-    fn pin_key(&self, cluster: &str, client: IpAddr) -> String {
-        pin_key(&self.prefix, cluster, client)
+    /// One command for a client's connection, within the lookup budget,
+    /// timed and counted; `None` when the store is down, failed, or ran
+    /// past the budget.
+    async fn within_budget<T: redis::FromRedisValue>(&self, command: redis::Cmd) -> Option<T> {
+        if !self.figures.is_up() {
+            return None;
+        }
+        let mut connection = (*self.connection.load_full()?).clone();
+        let started = Instant::now();
+        match tokio::time::timeout(self.budget, command.query_async::<T>(&mut connection)).await {
+            Ok(answer) => {
+                self.figures.count_request(started.elapsed());
+                if answer.is_err() {
+                    self.figures.count_error();
+                }
+                answer.ok()
+            }
+            Err(_) => {
+                self.figures.count_lookup_timeout();
+                None
+            }
+        }
     }
 }
 
@@ -119,34 +145,10 @@ fn pin_key(prefix: &str, cluster: &str, client: IpAddr) -> String {
 impl PinStore for Store {
     fn lookup<'a>(&'a self, cluster: &'a str, client: IpAddr) -> Lookup<'a> {
         Box::pin(async move {
-            if !self.figures.is_up() {
-                return None;
-            }
-            let mut connection = (*self.connection.load_full()?).clone();
-            let key = self.pin_key(cluster, client);
-            let started = Instant::now();
-            let answer = tokio::time::timeout(self.budget, async {
-                redis::cmd("GET")
-                    .arg(&key)
-                    .query_async::<Option<String>>(&mut connection)
-                    .await
-            })
-            .await;
-            match answer {
-                Ok(Ok(value)) => {
-                    self.figures.count_request(started.elapsed());
-                    parse_pin(value.as_deref()?)
-                }
-                Ok(Err(_)) => {
-                    self.figures.count_request(started.elapsed());
-                    self.figures.count_error();
-                    None
-                }
-                Err(_) => {
-                    self.figures.count_lookup_timeout();
-                    None
-                }
-            }
+            let mut command = redis::cmd("GET");
+            command.arg(pin_key(&self.prefix, cluster, client));
+            let value = self.within_budget::<Option<String>>(command).await??;
+            parse_pin(&value)
         })
     }
 
@@ -159,32 +161,8 @@ impl PinStore for Store {
         ttl: Duration,
     ) -> Written<'a> {
         Box::pin(async move {
-            let written = async {
-                if !self.figures.is_up() {
-                    return false;
-                }
-                let Some(connection) = self.connection.load_full() else {
-                    return false;
-                };
-                let mut connection = (*connection).clone();
-                let started = Instant::now();
-                let command = pin_command(&self.prefix, cluster, client, node, last_seen_ms, ttl_ms(ttl));
-                let answer = tokio::time::timeout(self.budget, command.query_async::<i64>(&mut connection)).await;
-                match answer {
-                    Ok(result) => {
-                        self.figures.count_request(started.elapsed());
-                        if result.is_err() {
-                            self.figures.count_error();
-                        }
-                        result.is_ok()
-                    }
-                    Err(_) => {
-                        self.figures.count_lookup_timeout();
-                        false
-                    }
-                }
-            };
-            if !written.await {
+            let command = pin_command(&self.prefix, cluster, client, node, last_seen_ms, ttl_ms(ttl));
+            if self.within_budget::<i64>(command).await.is_none() {
                 self.write(cluster, client, node, last_seen_ms, ttl);
             }
         })
@@ -448,10 +426,16 @@ impl Task {
     }
 
     /// A request of this task, timed and counted.
-    async fn request<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Option<T> {
+    async fn request<T: redis::FromRedisValue>(&self, query: Query<'_>) -> Option<T> {
         let mut connection = (*self.store.connection.load_full()?).clone();
         let started = Instant::now();
-        let answer = tokio::time::timeout(REQUEST_TIMEOUT, command.query_async::<T>(&mut connection)).await;
+        let sent = async {
+            match query {
+                Query::One(command) => command.query_async::<T>(&mut connection).await,
+                Query::Batch(pipe) => pipe.query_async::<T>(&mut connection).await,
+            }
+        };
+        let answer = tokio::time::timeout(REQUEST_TIMEOUT, sent).await;
         self.store.figures.count_request(started.elapsed());
         match answer {
             Ok(Ok(value)) => Some(value),
@@ -488,7 +472,7 @@ impl Task {
                 .arg(json)
                 .arg(record.at_ms)
                 .arg(&self.overrides_key);
-            if self.request::<i64>(&command).await.is_none() {
+            if self.request::<i64>(Query::One(&command)).await.is_none() {
                 return;
             }
             self.pending_overrides.remove(&field);
@@ -508,25 +492,10 @@ impl Task {
                 ))
                 .ignore();
             }
-            let Some(mut connection) = self.store.connection.load_full().map(|c| (*c).clone()) else {
+            if self.request::<()>(Query::Batch(&pipe)).await.is_none() {
                 return;
-            };
-            let started = Instant::now();
-            let answer = tokio::time::timeout(REQUEST_TIMEOUT, pipe.query_async::<()>(&mut connection)).await;
-            self.store.figures.count_request(started.elapsed());
-            match answer {
-                Ok(Ok(())) => self.note_written(&keys),
-                Ok(Err(e)) => {
-                    self.store.figures.count_error();
-                    self.went_down(describe(&e));
-                    return;
-                }
-                Err(_) => {
-                    self.store.figures.count_error();
-                    self.went_down(format_args!("no answer within {REQUEST_TIMEOUT:?}"));
-                    return;
-                }
             }
+            self.note_written(&keys);
         }
     }
 
@@ -546,7 +515,7 @@ impl Task {
     async fn read_all_overrides(&self) {
         let mut command = redis::cmd("HGETALL");
         command.arg(&self.overrides_key);
-        let Some(all) = self.request::<HashMap<String, String>>(&command).await else {
+        let Some(all) = self.request::<HashMap<String, String>>(Query::One(&command)).await else {
             return;
         };
         for json in all.values() {
@@ -557,7 +526,7 @@ impl Task {
     async fn read_override(&self, field: &str) {
         let mut command = redis::cmd("HGET");
         command.arg(&self.overrides_key).arg(field);
-        if let Some(Some(json)) = self.request::<Option<String>>(&command).await {
+        if let Some(Some(json)) = self.request::<Option<String>>(Query::One(&command)).await {
             self.apply(&json);
         }
     }
