@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::probe::{local_header, mark_available, mark_unavailable};
+use super::probe::{figures_id, local_header, mark_available, mark_unavailable};
 use crate::config::{CheckConfig, CheckKind, OnUnavailable, ProxyHeader, Step};
 use crate::model::{Cluster, Live, NodeFigures};
 
@@ -171,11 +171,6 @@ fn judge(
             }
         }
     }
-}
-
-/// A node's identity across reloads: its figures outlive them.
-fn figures_id(figures: &Arc<NodeFigures>) -> usize {
-    Arc::as_ptr(figures) as usize
 }
 
 /// One check of `target`, within the check's timeout; `Err` says why it failed.

@@ -30,10 +30,6 @@ use crate::model::{Cluster, Live, Node, NodeFigures};
 
 /// How long the prober sleeps when no cluster is configured.
 const IDLE_TICK: Duration = Duration::from_secs(1);
-/// The most destination ports one node keeps down: past it the oldest is
-/// forgotten (taken as up again), so a port scan costs a bounded list and
-/// a bounded number of probes.
-pub const MAX_DOWN_PORTS: usize = 64;
 
 /// Marks `node` unavailable (it leaves selection until a probe succeeds), and
 /// logs the change. Returns whether it was available until now.
@@ -72,11 +68,6 @@ pub fn mark_available(cluster: &Cluster, node: &Node, why: impl fmt::Display) ->
 pub fn mark_failed(cluster: &Cluster, node: &Node, target: SocketAddr, why: impl fmt::Display) {
     match node.health_port {
         Some(health) if health != target.port() => {
-            if node.figures.down_ports().len() >= MAX_DOWN_PORTS
-                && let Some(&oldest) = node.figures.down_ports().first()
-            {
-                node.figures.mark_port(oldest, false);
-            }
             if node.figures.mark_port(target.port(), true) {
                 warn!(
                     cluster = %cluster.name, node = %node.name,
@@ -203,7 +194,8 @@ pub fn local_header() -> Vec<u8> {
     .expect("an empty v2 header fits in memory")
 }
 
-/// A node's identity for the in-flight set: its figures outlive reloads.
-fn figures_id(figures: &Arc<NodeFigures>) -> usize {
+/// A node's identity for the in-flight sets of probes and checks: its
+/// figures outlive reloads.
+pub(super) fn figures_id(figures: &Arc<NodeFigures>) -> usize {
     Arc::as_ptr(figures) as usize
 }

@@ -69,6 +69,10 @@ pub struct CheckReport {
     pub since: SystemTime,
 }
 
+/// The most destination ports one node keeps down, so that a port scan
+/// costs a bounded list and a bounded number of probes.
+pub const MAX_DOWN_PORTS: usize = 64;
+
 /// A ramp's first share, in thousandths of the node's weight.
 pub const RAMP_START_PERMILLE: u32 = 50;
 /// A node's share when no ramp is under way.
@@ -186,16 +190,22 @@ impl NodeFigures {
                 .contains(&port)
     }
     /// Marks destination `port` down or up; returns whether it changed.
+    /// Past [`MAX_DOWN_PORTS`] the port marked down longest ago is
+    /// forgotten (taken as up again).
     pub fn mark_port(&self, port: u16, down: bool) -> bool {
         let mut ports = self.down_ports.lock().unwrap_or_else(|p| p.into_inner());
         let at = ports.iter().position(|&p| p == port);
         let changed = match (at, down) {
             (None, true) => {
+                if ports.len() >= MAX_DOWN_PORTS {
+                    ports.remove(0);
+                }
                 ports.push(port);
                 true
             }
             (Some(i), false) => {
-                ports.swap_remove(i);
+                // In the order they went down, for the bound above.
+                ports.remove(i);
                 true
             }
             _ => false,

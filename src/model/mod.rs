@@ -27,8 +27,8 @@ use arc_swap::ArcSwap;
 pub use crate::config::NodeState;
 pub use connection::ConnectionState;
 pub use figures::{
-    ActiveGuard, CheckReport, FULL_PERMILLE, NodeCounters, NodeFigures, Padded, Refusal, ServiceFigures, ServiceGuard,
-    TurnedRed, bind_worker_slot, worker_slots,
+    ActiveGuard, CheckReport, FULL_PERMILLE, MAX_DOWN_PORTS, NodeCounters, NodeFigures, Padded, Refusal,
+    ServiceFigures, ServiceGuard, TurnedRed, bind_worker_slot, worker_slots,
 };
 pub use pins::{Change, MAX_PINS_PER_CLUSTER, Pin, Pins, WallClock, expired};
 pub use rates::Rate;

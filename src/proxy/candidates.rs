@@ -205,4 +205,18 @@ mod tests {
         let order: Vec<usize> = Candidates::from_home(&ns, 0, 2121).collect();
         assert_eq!(order, vec![0, 1], "a client's home is tried first even so");
     }
+
+    #[test]
+    fn a_node_keeps_its_latest_down_ports_only() {
+        let ns = nodes(&[1]);
+        let f = &ns[0].figures;
+        for port in 0..crate::model::MAX_DOWN_PORTS as u16 + 3 {
+            f.mark_port(30_000 + port, true);
+        }
+        let down = f.down_ports();
+        assert_eq!(down.len(), crate::model::MAX_DOWN_PORTS);
+        assert_eq!(down[0], 30_003, "the three marked down first are forgotten");
+        f.mark_port(30_010, false);
+        assert!(f.is_port_down(30_011) && !f.is_port_down(30_010));
+    }
 }
