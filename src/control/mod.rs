@@ -29,6 +29,20 @@ use crate::config::{AdminConfig, AdminListen, Config, ConfigError, NodeState};
 use crate::model::{Live, Snapshot};
 use crate::proxy::{BindError, DataPlane, warn_capped_socket_buffers};
 
+/// The file's state of a node the file has, or which of the two names it lacks.
+fn known_node(control: &ControlState, cluster: &str, node: &str) -> Result<NodeState, ControlError> {
+    control.file_state(cluster, node).ok_or_else(|| {
+        if control.file.cluster(cluster).is_none() {
+            ControlError::UnknownCluster(cluster.into())
+        } else {
+            ControlError::UnknownNode {
+                cluster: cluster.into(),
+                node: node.into(),
+            }
+        }
+    })
+}
+
 fn node_key(cluster: &str, node: &str) -> shared::OverrideKey {
     shared::OverrideKey::NodeState {
         cluster: cluster.to_string(),
@@ -230,16 +244,7 @@ impl Control {
     /// node (see [`plan`]). Setting the file's own state removes the override.
     pub fn set_node_state(&self, cluster: &str, node: &str, state: NodeState) -> Result<(), ControlError> {
         let mut control = self.lock();
-        let file_state = control.file_state(cluster, node).ok_or_else(|| {
-            if control.file.cluster(cluster).is_none() {
-                ControlError::UnknownCluster(cluster.into())
-            } else {
-                ControlError::UnknownNode {
-                    cluster: cluster.into(),
-                    node: node.into(),
-                }
-            }
-        })?;
+        let file_state = known_node(&control, cluster, node)?;
         let key = (cluster.to_string(), node.to_string());
         let now = self.inner.live.clock().now_ms();
         if file_state == state {
@@ -260,16 +265,7 @@ impl Control {
     /// leave the node as it was.
     pub fn drain_until(&self, cluster: &str, node: &str, deadline: Duration) -> Result<(), ControlError> {
         let mut control = self.lock();
-        if control.file_state(cluster, node).is_none() {
-            return Err(if control.file.cluster(cluster).is_none() {
-                ControlError::UnknownCluster(cluster.into())
-            } else {
-                ControlError::UnknownNode {
-                    cluster: cluster.into(),
-                    node: node.into(),
-                }
-            });
-        }
+        known_node(&control, cluster, node)?;
         let now = self.inner.live.clock().now_ms();
         let mut drain = Override::here(NodeState::Yellow, now);
         let red_at_ms = now.saturating_add(u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX));
