@@ -48,8 +48,8 @@ pub use routes::{MAX_SERVER_NAME, Route, SniName, route_of};
 pub use shared::{DEFAULT_KEY_PREFIX, DEFAULT_LOOKUP_BUDGET, SharedConfig};
 pub use values::{
     AlgorithmKind, ForwardMode, ListenSpec, LogFormat, NodeAddress, NodeState, Resolver, SocketBuffer, canonical,
-    host_name_of, lookup_at, offline_resolver, parse_duration, parse_listen, parse_node_address, parse_socket_buffer,
-    system_resolver,
+    host_name_of, is_name, lookup_at, offline_resolver, parse_duration, parse_listen, parse_node_address,
+    parse_socket_buffer, system_resolver,
 };
 
 /// Default for `connect_timeout` when neither the cluster nor `[defaults]` sets it.

@@ -139,12 +139,9 @@ pub(super) fn shared(ctx: &Ctx<'_>, raw: Option<&RawShared>) -> Result<Option<Sh
     }))
 }
 
-/// 1–64 of letters, digits, `-`, `_`, `.`: it goes into keys and log lines.
+/// A name as the file's names (`values::is_name`): it goes into keys and log lines.
 fn name_like(ctx: &Ctx<'_>, what: &str, key: &str, value: &Spanned<String>) -> Result<(), ConfigError> {
-    let text = value.get_ref();
-    let ok =
-        !text.is_empty() && text.len() <= 64 && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    if ok {
+    if super::values::is_name(value.get_ref()) {
         Ok(())
     } else {
         Err(ctx.bad(what, key, value, "must be 1 to 64 letters, digits, '-', '_' or '.'"))

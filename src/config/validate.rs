@@ -17,8 +17,8 @@ use super::health;
 use super::identity::{self, ProxyHeader};
 use super::raw::{RawCluster, RawConfig, RawDefaults, RawNode, RawService};
 use super::values::{
-    AlgorithmKind, ForwardMode, ListenSpec, LogFormat, NodeAddress, NodeState, SocketBuffer, lookup_at_blocking,
-    parse_duration, parse_listen, parse_node_address, parse_socket_buffer,
+    AlgorithmKind, ForwardMode, ListenSpec, LogFormat, NodeAddress, NodeState, SocketBuffer, is_name,
+    lookup_at_blocking, parse_duration, parse_listen, parse_node_address, parse_socket_buffer,
 };
 use super::{
     ClusterConfig, Config, ConfigError, DEFAULT_AFFINITY_TTL, DEFAULT_CONNECT_TIMEOUT, DEFAULT_RESOLVE_INTERVAL,
@@ -306,8 +306,7 @@ fn validate_limits(ctx: &Ctx<'_>, what: &str, raw: &RawService) -> Result<Servic
 }
 
 fn check_name(ctx: &Ctx<'_>, what: &str, name: &Spanned<String>) -> Result<(), ConfigError> {
-    let n = name.get_ref();
-    if n.is_empty() || n.len() > 64 || !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+    if !is_name(name.get_ref()) {
         return Err(ctx.bad(what, "name", name, "use 1 to 64 letters, digits, '-', '_' or '.'"));
     }
     Ok(())

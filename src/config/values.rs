@@ -208,6 +208,13 @@ fn number_and_unit(s: &str) -> (Option<u64>, &str) {
     (digits.parse().ok(), unit)
 }
 
+/// Whether `text` is a name as the file's names are: 1 to 64 letters,
+/// digits, `-`, `_` or `.` (services, clusters, nodes, instances, key
+/// prefixes); such a name needs no escaping in keys, logs or JSON.
+pub fn is_name(text: &str) -> bool {
+    !text.is_empty() && text.len() <= 64 && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
 /// Parses a duration such as `50us`, `500ms`, `30s`, `5m`, `2h` or `30d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (n, unit) = number_and_unit(s);

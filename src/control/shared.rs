@@ -124,12 +124,7 @@ impl Control {
     /// knows of that override; returns whether it changed anything.
     pub fn apply_shared(&self, record: &SharedOverride) -> bool {
         // A store that lies: the name goes into log lines and the status.
-        let named = !record.instance.is_empty()
-            && record.instance.len() <= 64
-            && record
-                .instance
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        let named = crate::config::is_name(&record.instance);
         // A change dated far ahead would win over every real one to come.
         let now = self.inner.live.clock().now_ms();
         if !named || record.at_ms > now.saturating_add(MAX_AHEAD_MS) {
