@@ -29,7 +29,7 @@ use tracing::{info, warn};
 
 use super::probe::{figures_id, local_header, mark_available, mark_unavailable};
 use crate::config::{CheckConfig, CheckKind, OnUnavailable, ProxyHeader, Step};
-use crate::model::{Cluster, Live, NodeFigures};
+use crate::model::{Cluster, Live};
 
 /// How long the checker sleeps when no cluster has a check.
 const IDLE_TICK: Duration = Duration::from_secs(1);
@@ -71,9 +71,10 @@ pub async fn run(live: Arc<Live>, stop: CancellationToken) {
             for (i, node) in cluster.nodes.iter().enumerate() {
                 let id = figures_id(&node.figures);
                 seen.insert(id);
+                // Spread over the interval: node i of n starts i/n of the way in.
+                let first = now + check.interval / count * i as u32;
                 let entry = nodes.entry(id).or_insert_with(|| NodeChecks {
-                    // Spread over the interval: node i of n starts i/n of the way in.
-                    next: now + check.interval / count * i as u32,
+                    next: first,
                     passes: 0,
                     failures: 0,
                     in_flight: false,
@@ -81,7 +82,7 @@ pub async fn run(live: Arc<Live>, stop: CancellationToken) {
                 });
                 if entry.interval != check.interval {
                     entry.interval = check.interval;
-                    entry.next = now + check.interval / count * i as u32;
+                    entry.next = first;
                 }
                 if entry.next <= now && !entry.in_flight {
                     // The next one at its own moment, not from when this one ends.
@@ -112,8 +113,10 @@ pub async fn run(live: Arc<Live>, stop: CancellationToken) {
                     && let Some(entry) = nodes.get_mut(&id)
                 {
                     entry.in_flight = false;
-                    if let (Some(check), Some(node)) = (&cluster.check, cluster.nodes.get(i)) {
-                        judge(&cluster, check, i, entry, result, &node.figures);
+                    if let Some(check) = &cluster.check
+                        && i < cluster.nodes.len()
+                    {
+                        judge(&cluster, check, i, entry, result);
                     }
                 }
             }
@@ -122,15 +125,9 @@ pub async fn run(live: Arc<Live>, stop: CancellationToken) {
 }
 
 /// Takes one check's result into the node's counts, verdict and health.
-fn judge(
-    cluster: &Cluster,
-    check: &CheckConfig,
-    i: usize,
-    entry: &mut NodeChecks,
-    result: Result<(), String>,
-    figures: &NodeFigures,
-) {
+fn judge(cluster: &Cluster, check: &CheckConfig, i: usize, entry: &mut NodeChecks, result: Result<(), String>) {
     let node = &cluster.nodes[i];
+    let figures = &node.figures;
     let before = figures.record_check(result.as_ref().map(|_| ()).map_err(String::as_str));
     let was_passing = before.as_ref().map(|b| b.passing);
     match result {
