@@ -185,14 +185,14 @@ impl Status {
             })
             .collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut clusters = clusters(&snapshot, &control.drain_deadlines());
+        let mut clusters = clusters(&snapshot);
+        // What the run-time state in force says of each node: who set it, and a drain's deadline.
         for c in &mut clusters {
             for n in &mut c.nodes {
-                n.state_set_by = state
-                    .overrides
-                    .node_states
-                    .get(&(c.name.clone(), n.name.clone()))
-                    .map(|o| set_by(&o.origin));
+                if let Some(o) = state.overrides.node_states.get(&(c.name.clone(), n.name.clone())) {
+                    n.state_set_by = Some(set_by(&o.origin));
+                    n.deadline = o.red_at_ms.map(rfc3339_ms);
+                }
             }
         }
         Status {
@@ -222,7 +222,7 @@ fn check_status(report: CheckReport) -> CheckStatus {
     }
 }
 
-fn clusters(snapshot: &Snapshot, deadlines: &BTreeMap<(String, String), u64>) -> Vec<ClusterStatus> {
+fn clusters(snapshot: &Snapshot) -> Vec<ClusterStatus> {
     let mut clusters: Vec<ClusterStatus> = snapshot
         .clusters
         .values()
@@ -233,13 +233,7 @@ fn clusters(snapshot: &Snapshot, deadlines: &BTreeMap<(String, String), u64>) ->
             nodes: c
                 .nodes
                 .iter()
-                .map(|n| {
-                    let mut status = node(n, n.fallover.map(|i| c.nodes[i].name.clone()));
-                    status.deadline = deadlines
-                        .get(&(c.name.clone(), n.name.clone()))
-                        .map(|&ms| rfc3339_ms(ms));
-                    status
-                })
+                .map(|n| node(n, n.fallover.map(|i| c.nodes[i].name.clone())))
                 .collect(),
         })
         .collect();

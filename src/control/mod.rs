@@ -313,16 +313,6 @@ impl Control {
         }
     }
 
-    /// The drain deadlines in force: (cluster, node) → Unix milliseconds.
-    pub fn drain_deadlines(&self) -> BTreeMap<(String, String), u64> {
-        self.lock()
-            .overrides
-            .node_states
-            .iter()
-            .filter_map(|(key, s)| Some((key.clone(), s.red_at_ms?)))
-            .collect()
-    }
-
     /// Turns drained nodes red at their deadlines until `stop` is cancelled.
     pub async fn enforce_drain_deadlines(self, stop: tokio_util::sync::CancellationToken) {
         loop {
