@@ -423,12 +423,7 @@ async fn leave(
     let Some(out) = shared.hand_over_to() else {
         return Left::Cut;
     };
-    pump.drain();
-    let quiet = std::future::poll_fn(|cx| match pump.as_mut().poll(cx) {
-        Poll::Ready(r) => Poll::Ready(Some(r)),
-        Poll::Pending if pump.is_quiescent() => Poll::Ready(None),
-        Poll::Pending => Poll::Pending,
-    });
+    let quiet = drained(pump.as_mut());
     let ended = tokio::select! {
         ended = quiet => ended,
         _ = shared.cut_now.cancelled() => return Left::Cut,
@@ -568,12 +563,7 @@ async fn close_aged(
     client: &TcpStream,
     node: &TcpStream,
 ) -> Result<(), PumpError> {
-    pump.drain();
-    let quiet = std::future::poll_fn(|cx| match pump.as_mut().poll(cx) {
-        Poll::Ready(r) => Poll::Ready(Some(r)),
-        Poll::Pending if pump.is_quiescent() => Poll::Ready(None),
-        Poll::Pending => Poll::Pending,
-    });
+    let quiet = drained(pump.as_mut());
     if let Ok(Some(ended)) = tokio::time::timeout(AGED_FLUSH, quiet).await {
         // It ended by itself meanwhile.
         return ended;
@@ -584,6 +574,20 @@ async fn close_aged(
     Err(PumpError {
         side: Side::Balancer,
         error: io::Error::other("max age"),
+    })
+}
+
+/// Makes the pump stop reading and write out what it holds: resolves with
+/// the connection's end if it ends meanwhile, or `None` once nothing of it
+/// is held here (an upgrade hands it over, a maximum age closes it).
+fn drained<'p, 'a>(
+    mut pump: std::pin::Pin<&'p mut pump::Pump<'a>>,
+) -> impl Future<Output = Option<Result<(), PumpError>>> + use<'p, 'a> {
+    pump.drain();
+    std::future::poll_fn(move |cx| match pump.as_mut().poll(cx) {
+        Poll::Ready(r) => Poll::Ready(Some(r)),
+        Poll::Pending if pump.is_quiescent() => Poll::Ready(None),
+        Poll::Pending => Poll::Pending,
     })
 }
 
