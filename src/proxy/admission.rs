@@ -25,6 +25,8 @@ pub struct Admitted {
     pub forwarding: ForwardMode,
     pub idle_timeout: Option<Duration>,
     pub max_connection_age: Option<Duration>,
+    /// The service has `[[service.route]]`: its clients' ClientHello chooses the cluster.
+    pub routed: bool,
     /// The service's `socket_buffer`, for the client's socket.
     pub client_buffer: Option<SocketBuffer>,
     _global: GlobalGuard,
@@ -69,6 +71,7 @@ pub fn admit(shared: &Arc<Shared>, service_name: &str, client: IpAddr) -> Result
         forwarding: snapshot.forwarding,
         idle_timeout: limits.idle_timeout,
         max_connection_age: limits.max_connection_age,
+        routed: !service.routes.is_empty(),
         client_buffer: limits.socket_buffer,
         _global: global,
         _client: per_client,
@@ -119,6 +122,8 @@ pub fn adopt(shared: &Arc<Shared>, state: &ConnectionState) -> (Admitted, usize)
         forwarding: snapshot.forwarding,
         idle_timeout: limits.idle_timeout,
         max_connection_age: limits.max_connection_age,
+        // Its node was chosen long ago.
+        routed: false,
         client_buffer: None,
         _global: GlobalGuard::count(shared),
         _client: per_client,

@@ -133,14 +133,7 @@ pub(super) fn connection_task(mut accepted: Accepted) -> impl Future<Output = ()
 /// client's ClientHello (peeked, not taken) and, when a route matches it,
 /// serves the client from the route's cluster instead of the service's.
 async fn route_by_server_name(accepted: &mut Accepted) {
-    let has_routes = {
-        let snapshot = accepted.shared.live.snapshot.load();
-        snapshot
-            .services
-            .get(&*accepted.service)
-            .is_some_and(|s| !s.routes.is_empty())
-    };
-    if !has_routes {
+    if !accepted.admitted.routed {
         return;
     }
     let Some(name) = super::sni::server_name(&accepted.client).await else {
