@@ -25,9 +25,16 @@ struct Redis {
 
 impl Redis {
     fn start(port: u16) -> Redis {
+        Redis::start_with(port, None, &[])
+    }
+
+    /// A `redis-server` reading `file` first, with `extra` arguments after the test's own.
+    fn start_with(port: u16, file: Option<&std::path::Path>, extra: &[&str]) -> Redis {
         let child = Command::new(tool("redis-server"))
+            .args(file)
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -257,17 +264,20 @@ async fn redis_killed_and_restarted_empty_costs_no_client_and_gets_its_pins_back
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_accepts_and_never_answers_costs_no_client() {
-    // A bare listener: connections are accepted by the kernel, never answered.
+    // A bare listener: connections are accepted by the kernel, never answered;
+    // as the store itself, and as the sentinel asked for the primary.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("redis://{}/0", silent.local_addr().unwrap());
+    let at = silent.local_addr().unwrap();
     let nodes = three_nodes().await;
-    let (east, east_addr) = twin("east", &url, &nodes).start().await;
-    for client in 0..30u8 {
-        let node = within("a client", read_from(ip(0, 6, client), east_addr)).await;
-        assert!(node.starts_with('n'), "client {client} served: {node:?}");
+    for url in [format!("redis://{at}/0"), format!("redis+sentinel://{at}/store")] {
+        let (east, east_addr) = twin("east", &url, &nodes).start().await;
+        for client in 0..30u8 {
+            let node = within("a client", read_from(ip(0, 6, client), east_addr)).await;
+            assert!(node.starts_with('n'), "{url}: client {client} served: {node:?}");
+        }
+        assert!(!east.control().live().store_figures.is_up(), "{url}");
+        east.shutdown(PATIENCE).await;
     }
-    assert!(!east.control().live().store_figures.is_up());
-    east.shutdown(PATIENCE).await;
     drop(silent);
 }
 
@@ -281,7 +291,8 @@ fn check_refuses_a_bad_store_url_without_quoting_its_password() {
     };
     let e = parse_offline(&text("http://:hunter2@10.0.0.5:6379"), "t.toml").unwrap_err();
     assert!(
-        e.to_string().contains("must be a redis://, rediss:// or unix:// URL"),
+        e.to_string()
+            .contains("must be a redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel:// URL"),
         "{e}"
     );
     assert!(!e.to_string().contains("hunter2"), "{e}");
@@ -291,6 +302,127 @@ fn check_refuses_a_bad_store_url_without_quoting_its_password() {
     assert_eq!(shared.display_url(), "redis://10.0.0.5:6379/0");
     assert!(!format!("{shared:?}").contains("hunter2"));
     assert_eq!(shared.lookup_budget, Duration::from_millis(5));
+
+    let e = parse_offline(&text("redis+sentinel://:hunter2@10.0.0.5,10.0.0.6"), "t.toml").unwrap_err();
+    assert!(e.to_string().contains("must name the primary"), "{e}");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    let ok = parse_offline(
+        &text("redis+sentinel://:hunter2@10.0.0.5,10.0.0.6:26380/store/1"),
+        "t.toml",
+    )
+    .unwrap();
+    let shared = ok.shared.unwrap();
+    assert_eq!(shared.display_url(), "redis+sentinel://10.0.0.5,10.0.0.6:26380/store/1");
+    assert!(!format!("{shared:?}").contains("hunter2"));
+    let sentinel = shared.sentinel.unwrap();
+    assert_eq!(sentinel.sentinels, ["redis://10.0.0.5:26379", "redis://10.0.0.6:26380"]);
+    assert_eq!((sentinel.primary.as_str(), sentinel.db), ("store", 1));
+}
+
+/// A primary, its replica and one sentinel watching them as `store`, each
+/// of the test's own; the sentinel's file (which it rewrites) is in `dir`.
+/// Returns once the sentinel knows the replica, which it fails over to.
+fn primary_replica_sentinel(dir: &std::path::Path) -> (Redis, Redis, Redis) {
+    let primary = Redis::start(free_port());
+    let primary_port = primary.port.to_string();
+    let replica = Redis::start_with(free_port(), None, &["--replicaof", "127.0.0.1", &primary_port]);
+    let file = dir.join("sentinel.conf");
+    std::fs::write(
+        &file,
+        format!(
+            "sentinel monitor store 127.0.0.1 {primary_port} 1\n\
+             sentinel down-after-milliseconds store 500\n\
+             sentinel failover-timeout store 5000\n"
+        ),
+    )
+    .unwrap();
+    let sentinel = Redis::start_with(free_port(), Some(&file), &["--sentinel"]);
+    let replica_port = replica.port.to_string();
+    wait_until_blocking("the sentinel to know the replica", || {
+        sentinel
+            .query(&["SENTINEL", "REPLICAS", "store"])
+            .is_some_and(|v| v.contains(&replica_port))
+    });
+    (primary, replica, sentinel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twins_follow_the_primary_the_sentinels_fail_over_to() {
+    if !require_tools(&["redis-server"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (primary, replica, sentinel) = primary_replica_sentinel(dir.path());
+    let url = format!("redis+sentinel://127.0.0.1:{}/store", sentinel.port);
+    let nodes = three_nodes().await;
+    let (east, east_addr) = twin("east", &url, &nodes).start().await;
+    let (west, west_addr) = twin("west", &url, &nodes).start().await;
+    until_store_up(&east).await;
+    until_store_up(&west).await;
+
+    // Shared through the primary the sentinel names.
+    let first = read_from(ip(7, 0, 1), east_addr).await;
+    assert_eq!(read_from(ip(7, 0, 1), west_addr).await, first);
+    wait_until_blocking("the pin in the primary", || {
+        primary
+            .query(&["GET", "protobalance:pin:c:127.7.0.1"])
+            .is_some_and(|v| v.contains(&format!("{first}|")))
+    });
+
+    // A steady stream of new clients through both twins while the primary dies.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let stream = {
+        let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(SeqCst) && n < 20_000 {
+                let from = ip(8, (n / 250) as u8, (n % 250) as u8 + 1);
+                let to = if n.is_multiple_of(2) { east_addr } else { west_addr };
+                if read_from(from, to).await.starts_with('n') {
+                    served.fetch_add(1, SeqCst);
+                } else {
+                    failed.fetch_add(1, SeqCst);
+                }
+                n += 1;
+            }
+        })
+    };
+    wait_until("some clients served", || async { served.load(SeqCst) > 20 }).await;
+    drop(primary);
+    let replica_port = replica.port.to_string();
+    wait_until_blocking("the sentinel to promote the replica", || {
+        sentinel
+            .query(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "store"])
+            .is_some_and(|v| v.contains(&replica_port))
+    });
+
+    // The new primary gets the pins made from now on, and carries the
+    // run-time state from one twin to the other.
+    let later = read_from(ip(9, 0, 1), east_addr).await;
+    wait_until_blocking("a pin made after the fall-over in the new primary", || {
+        replica
+            .query(&["GET", "protobalance:pin:c:127.9.0.1"])
+            .is_some_and(|v| v.contains(&format!("{later}|")))
+    });
+    assert_eq!(read_from(ip(9, 0, 1), west_addr).await, later);
+    east.set_node_state("c", "n2", NodeState::Yellow).unwrap();
+    let n2 = west.snapshot().clusters["c"].node("n2").unwrap().figures.clone();
+    wait_until("west to drain n2 through the new primary", || async {
+        n2.state() == NodeState::Yellow
+    })
+    .await;
+
+    stop.store(true, SeqCst);
+    stream.await.unwrap();
+    assert_eq!(
+        failed.load(SeqCst),
+        0,
+        "no client failed ({} served)",
+        served.load(SeqCst)
+    );
+    east.shutdown(PATIENCE).await;
+    west.shutdown(PATIENCE).await;
 }
 
 /// A TLS-only `redis-server` with a password and a self-signed certificate

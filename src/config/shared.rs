@@ -1,8 +1,13 @@
 //! The `[shared]` table: the store that instances sharing a `key_prefix`
 //! keep their pins and run-time overrides in (Redis: `redis://`,
-//! `rediss://` with TLS, or `unix://` for its socket), this instance's name,
-//! and how long a new client's pin lookup may hold its connection.
-//! Validation only; the store itself is `crate::shared`'s.
+//! `rediss://` with TLS, `unix://` for its socket, or `redis+sentinel://`
+//! and `rediss+sentinel://` for a Redis whose fall-over Sentinel runs), this
+//! instance's name, and how long a new client's pin lookup may hold its
+//! connection. Validation only; the store itself is `crate::shared`'s.
+//!
+//! Redis Cluster is not a store here: the twins' state is small (a key per
+//! client, one hash of overrides), one primary holds it, and Sentinel gives
+//! that primary its fall-over.
 //!
 //! Secrets: the store's password (in the URL, or read from
 //! `password_file`) is never part of an error message or of [`SharedConfig`]'s
@@ -23,6 +28,10 @@ pub const DEFAULT_KEY_PREFIX: &str = "protobalance";
 /// `lookup_budget` when the table leaves it out: what a new client's
 /// connection may wait for the store, at most.
 pub const DEFAULT_LOOKUP_BUDGET: Duration = Duration::from_millis(5);
+/// A sentinel's port when its URL leaves it out (Redis Sentinel's own).
+const DEFAULT_SENTINEL_PORT: u16 = 26379;
+/// The most sentinels one URL may list.
+const MAX_SENTINELS: usize = 16;
 /// The longest `lookup_budget`: a store slower than this is down, as far as
 /// clients are concerned.
 const MAX_LOOKUP_BUDGET: Duration = Duration::from_secs(1);
@@ -48,6 +57,103 @@ pub struct SharedConfig {
     pub instance: String,
     pub key_prefix: String,
     pub lookup_budget: Duration,
+    /// The sentinels and the primary they watch, for a `redis+sentinel://`
+    /// or `rediss+sentinel://` store; `None` for a store reached directly.
+    pub sentinel: Option<SentinelStore>,
+}
+
+/// A store whose primary Sentinel names: written
+/// `redis+sentinel://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]…]/PRIMARY[/DB]`
+/// (`rediss+sentinel://`: TLS to the sentinels and to the primary). The
+/// user and password are the primary's (`password_file` wins over the
+/// URL's); the sentinels are asked without one, as Sentinel runs by default.
+#[derive(Clone, PartialEq)]
+pub struct SentinelStore {
+    /// Each sentinel as a URL the `redis` crate reads (`redis://HOST:PORT`).
+    pub sentinels: Vec<String>,
+    /// The name the sentinels monitor the primary by.
+    pub primary: String,
+    pub tls: bool,
+    /// The primary's database.
+    pub db: i64,
+    /// The primary's user and password, from the URL.
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+/// A sentinel URL's parts, `Ok(None)` for a URL of another scheme; the
+/// error never quotes the URL (it may hold the password).
+fn sentinel_store(url: &str) -> Result<Option<SentinelStore>, String> {
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+        (false, rest)
+    } else if let Some(rest) = url.strip_prefix("rediss+sentinel://") {
+        (true, rest)
+    } else {
+        return Ok(None);
+    };
+    let scheme = if tls { "rediss" } else { "redis" };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (user_info, hosts) = match authority.rsplit_once('@') {
+        Some((user_info, hosts)) => (Some(user_info), hosts),
+        None => (None, authority),
+    };
+    let mut sentinels = Vec::new();
+    for host in hosts.split(',') {
+        if host.is_empty() {
+            return Err("lists an empty sentinel address".to_string());
+        }
+        let has_port = match host.strip_prefix('[') {
+            Some(v6) => v6.contains("]:"),
+            None => host.contains(':'),
+        };
+        let address = if has_port {
+            format!("{scheme}://{host}")
+        } else {
+            format!("{scheme}://{host}:{DEFAULT_SENTINEL_PORT}")
+        };
+        let info = redis::IntoConnectionInfo::into_connection_info(address.as_str())
+            .map_err(|e| format!("sentinel {host:?} is not an address ({:?})", e.kind()))?;
+        if !matches!(
+            info.addr(),
+            redis::ConnectionAddr::Tcp(..) | redis::ConnectionAddr::TcpTls { .. }
+        ) {
+            return Err(format!("sentinel {host:?} is not a host and port"));
+        }
+        sentinels.push(address);
+    }
+    if sentinels.len() > MAX_SENTINELS {
+        return Err(format!("lists more than {MAX_SENTINELS} sentinels"));
+    }
+    let mut segments = path.split('/');
+    let primary = segments.next().unwrap_or_default();
+    if !super::values::is_name(primary) {
+        return Err(
+            "must name the primary the sentinels watch after the addresses (…/NAME or …/NAME/DB), \
+                    1 to 64 letters, digits, '-', '_' or '.'"
+                .to_string(),
+        );
+    }
+    let db = segments.next().unwrap_or("0");
+    if segments.next().is_some() || db.parse::<u16>().is_err() {
+        return Err("takes a database number after the primary's name, and nothing more".to_string());
+    }
+    // The primary's user, password and database, read as the crate reads a
+    // store URL (percent-decoding included), on a stand-in address.
+    let primary_url = match user_info {
+        Some(user_info) => format!("redis://{user_info}@127.0.0.1/{db}"),
+        None => format!("redis://127.0.0.1/{db}"),
+    };
+    let info = redis::IntoConnectionInfo::into_connection_info(primary_url.as_str())
+        .map_err(|e| format!("its user or password is not one Redis understands ({:?})", e.kind()))?;
+    let settings = info.redis_settings();
+    Ok(Some(SentinelStore {
+        sentinels,
+        primary: primary.to_string(),
+        tls,
+        db: settings.db(),
+        user: settings.username().map(str::to_string),
+        password: settings.password().map(str::to_string),
+    }))
 }
 
 impl fmt::Debug for SharedConfig {
@@ -89,11 +195,24 @@ pub(super) fn shared(ctx: &Ctx<'_>, raw: Option<&RawShared>) -> Result<Option<Sh
         )
     };
     let scheme = url.split("://").next().unwrap_or_default();
-    if !["redis", "rediss", "unix", "redis+unix"].contains(&scheme) || !url.contains("://") {
-        return Err(bad_url("must be a redis://, rediss:// or unix:// URL".to_string()));
+    let schemes = [
+        "redis",
+        "rediss",
+        "unix",
+        "redis+unix",
+        "redis+sentinel",
+        "rediss+sentinel",
+    ];
+    if !schemes.contains(&scheme) || !url.contains("://") {
+        return Err(bad_url(
+            "must be a redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel:// URL".to_string(),
+        ));
     }
-    redis::IntoConnectionInfo::into_connection_info(url.as_str())
-        .map_err(|e| bad_url(format!("not a store URL Redis understands ({:?})", e.kind())))?;
+    let sentinel = sentinel_store(url).map_err(bad_url)?;
+    if sentinel.is_none() {
+        redis::IntoConnectionInfo::into_connection_info(url.as_str())
+            .map_err(|e| bad_url(format!("not a store URL Redis understands ({:?})", e.kind())))?;
+    }
     let password = match &raw.password_file {
         None => None,
         Some(file) => {
@@ -136,6 +255,7 @@ pub(super) fn shared(ctx: &Ctx<'_>, raw: Option<&RawShared>) -> Result<Option<Sh
         instance,
         key_prefix,
         lookup_budget,
+        sentinel,
     }))
 }
 
@@ -159,7 +279,42 @@ fn host_name() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::{redact, sentinel_store};
+
+    #[test]
+    fn a_sentinel_url_names_its_sentinels_primary_and_database() {
+        let store = sentinel_store("redis+sentinel://:p%40ss@10.0.0.1,10.0.0.2:26380,[::1]/mymaster/2")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store.sentinels,
+            [
+                "redis://10.0.0.1:26379",
+                "redis://10.0.0.2:26380",
+                "redis://[::1]:26379"
+            ]
+        );
+        assert_eq!(store.primary, "mymaster");
+        assert!(!store.tls);
+        assert_eq!(store.db, 2);
+        assert_eq!(store.password.as_deref(), Some("p@ss"));
+        let tls = sentinel_store("rediss+sentinel://h/m").unwrap().unwrap();
+        assert!(tls.tls);
+        assert_eq!(tls.sentinels, ["rediss://h:26379"]);
+        assert!(sentinel_store("redis://h/0").unwrap().is_none());
+        for bad in [
+            "redis+sentinel://h",
+            "redis+sentinel://h/",
+            "redis+sentinel://h,/m",
+            "redis+sentinel://h/m/x",
+            "redis+sentinel://h/m/1/2",
+            "redis+sentinel://h:port/m",
+            "redis+sentinel://:s3cret@h/bad name",
+        ] {
+            let e = sentinel_store(bad).err().unwrap_or_else(|| panic!("{bad} refused"));
+            assert!(!e.contains("s3cret"), "{e}");
+        }
+    }
 
     #[test]
     fn a_redacted_url_has_no_password() {

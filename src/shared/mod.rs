@@ -12,6 +12,10 @@
 //!   wins and announced on the channel `PREFIX:overrides`. Every instance
 //!   reads the whole hash when it (re)connects and each announced field as it
 //!   comes, and applies what is newer than what it knows.
+//! - **Sentinel**: with a `redis+sentinel://` store the task asks the
+//!   sentinels for the primary whenever it (re)connects, and moves every
+//!   request to the primary they name; a failed-over primary is reached as a
+//!   store down then back (the newer pin and the later change win again).
 //! - **Faults**: the store down, slow, or never answering costs a new client
 //!   at most the budget; the outage and its end are logged once each; the
 //!   figures say whether it is up and what it costs (`model::StoreFigures`).
@@ -225,21 +229,13 @@ pub fn start(
 ) -> Option<impl Future<Output = ()> + Send + use<>> {
     // rediss://: TLS through rustls, whose crypto the process chooses once.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = match client(config) {
-        Ok(client) => client,
-        Err(e) => {
-            // The error's kind only: its text might quote the URL, password and all.
-            warn!(store = %config.display_url(), "shared state disabled: {}", describe(&e));
-            return None;
-        }
-    };
-    let manager_config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(REQUEST_TIMEOUT))
-        .set_connection_timeout(Some(REQUEST_TIMEOUT))
-        .set_number_of_retries(1)
-        .set_max_delay(RETRY);
-    let connection = match client.get_connection_manager_lazy(manager_config) {
-        Ok(c) => Some(Arc::new(c)),
+    let reached = source(config).and_then(|source| match &source {
+        Source::Direct(client) => Ok((Some(Arc::new(manager(client)?)), Some(client.clone()), source)),
+        // The primary is whichever the sentinels name, once the task asks them.
+        Source::Sentinel { .. } => Ok((None, None, source)),
+    });
+    let (connection, client, source) = match reached {
+        Ok(reached) => reached,
         Err(e) => {
             // The error's kind only: its text might quote the URL, password and all.
             warn!(store = %config.display_url(), "shared state disabled: {}", describe(&e));
@@ -259,6 +255,7 @@ pub fn start(
     control.share_changes(&config.instance, changes);
     let task = Task {
         store,
+        source,
         client,
         control,
         display: config.display_url(),
@@ -271,20 +268,63 @@ pub fn start(
     Some(task.run(changed, stop))
 }
 
-/// The store's client, with `password_file`'s password when there is one.
-fn client(config: &SharedConfig) -> redis::RedisResult<redis::Client> {
-    let mut info = redis::IntoConnectionInfo::into_connection_info(config.store.as_str())?;
-    if let Some(password) = &config.password {
-        let settings = info.redis_settings().clone().set_password(password);
-        info = info.set_redis_settings(settings);
+/// Where the store is: one address, or the primary the sentinels name.
+enum Source {
+    Direct(redis::Client),
+    Sentinel {
+        sentinels: redis::sentinel::Sentinel,
+        primary: String,
+        /// How to reach the primary: its TLS, database, user and password.
+        primary_info: redis::sentinel::SentinelNodeConnectionInfo,
+    },
+}
+
+/// The store of `config`, with `password_file`'s password when there is one.
+fn source(config: &SharedConfig) -> redis::RedisResult<Source> {
+    let Some(sentinel) = &config.sentinel else {
+        let mut info = redis::IntoConnectionInfo::into_connection_info(config.store.as_str())?;
+        if let Some(password) = &config.password {
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
+        }
+        return redis::Client::open(info).map(Source::Direct);
+    };
+    let mut settings = redis::RedisConnectionInfo::default().set_db(sentinel.db);
+    if let Some(user) = &sentinel.user {
+        settings = settings.set_username(user);
     }
-    redis::Client::open(info)
+    if let Some(password) = config.password.as_ref().or(sentinel.password.as_ref()) {
+        settings = settings.set_password(password);
+    }
+    let mut primary_info = redis::sentinel::SentinelNodeConnectionInfo::default().set_redis_connection_info(settings);
+    if sentinel.tls {
+        primary_info = primary_info.set_tls_mode(redis::TlsMode::Secure);
+    }
+    Ok(Source::Sentinel {
+        sentinels: redis::sentinel::Sentinel::build(sentinel.sentinels.clone())?,
+        primary: sentinel.primary.clone(),
+        primary_info,
+    })
+}
+
+/// The connection every request but the subscription goes through: it
+/// reconnects by itself, and gives up on a request after [`REQUEST_TIMEOUT`].
+fn manager(client: &redis::Client) -> redis::RedisResult<ConnectionManager> {
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(REQUEST_TIMEOUT))
+        .set_connection_timeout(Some(REQUEST_TIMEOUT))
+        .set_number_of_retries(1)
+        .set_max_delay(RETRY);
+    client.get_connection_manager_lazy(config)
 }
 
 /// The store's own task, on the control-plane runtime.
 struct Task {
     store: Arc<Store>,
-    client: redis::Client,
+    source: Source,
+    /// The store's client: the direct one, or the primary the sentinels
+    /// named last (`None` until they name one).
+    client: Option<redis::Client>,
     control: Control,
     display: String,
     overrides_key: String,
@@ -358,8 +398,15 @@ impl Task {
     /// Subscribes to the overrides' announcements and reads them all: at
     /// start and after every outage.
     async fn subscribe(&mut self) -> Option<redis::aio::PubSubStream> {
+        let client = match self.reach().await {
+            Ok(client) => client,
+            Err(why) => {
+                self.went_down(why);
+                return None;
+            }
+        };
         let subscribed = tokio::time::timeout(REQUEST_TIMEOUT, async {
-            let mut pubsub = self.client.get_async_pubsub().await?;
+            let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&self.overrides_key).await?;
             Ok::<_, redis::RedisError>(pubsub.into_on_message())
         })
@@ -380,6 +427,32 @@ impl Task {
                 None
             }
         }
+    }
+
+    /// The store's client. With sentinels, the primary they name now: a
+    /// primary other than the last one gets every request from here on.
+    async fn reach(&mut self) -> Result<redis::Client, String> {
+        let Source::Sentinel {
+            sentinels,
+            primary,
+            primary_info,
+        } = &mut self.source
+        else {
+            return self.client.clone().ok_or_else(|| "no client".to_string());
+        };
+        let found = tokio::time::timeout(REQUEST_TIMEOUT, sentinels.async_master_for(primary, Some(primary_info)))
+            .await
+            .map_err(|_| format!("no sentinel named the primary within {REQUEST_TIMEOUT:?}"))?
+            .map_err(|e| format!("the sentinels named no primary ({})", describe(&e)))?;
+        let address = found.get_connection_info().addr().to_string();
+        let known = self.client.as_ref().map(|c| c.get_connection_info().addr().to_string());
+        if known.as_deref() != Some(address.as_str()) {
+            let connection = manager(&found).map_err(|e| describe(&e))?;
+            self.store.connection.store(Some(Arc::new(connection)));
+            info!(store = %self.display, primary = %address, "shared state store: the sentinels name its primary");
+            self.client = Some(found.clone());
+        }
+        Ok(found)
     }
 
     /// Whether the store holds this pin already, recently enough.
@@ -408,10 +481,14 @@ impl Task {
         }
     }
 
-    fn came_up(&self) {
+    fn came_up(&mut self) {
         self.store.figures.set_up(true);
         if self.said.swap(SAID_UP, std::sync::atomic::Ordering::Relaxed) != SAID_UP {
             info!(store = %self.display, "shared state store reachable");
+            // A store back from an outage may have lost what was written
+            // before it (restarted empty, a primary failed over before it
+            // replicated): each client's next connection writes its pin again.
+            self.written.clear();
         }
     }
 
