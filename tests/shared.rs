@@ -281,6 +281,51 @@ async fn a_store_that_accepts_and_never_answers_costs_no_client() {
     drop(silent);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_hangs_costs_a_few_clients_their_budget_then_none_until_it_answers() {
+    if !require_tools(&["redis-server"]) {
+        return;
+    }
+    let redis = Redis::start(free_port());
+    let nodes = three_nodes().await;
+    let config = ConfigText::one_service(Cluster::of("c", &nodes).key("affinity = true"))
+        .top(&format!(
+            "shared = {{ store = {:?}, instance = \"east\", lookup_budget = \"50ms\" }}",
+            redis.url()
+        ))
+        .admin_listen("127.0.0.1:0");
+    let (east, east_addr) = config.start().await;
+    until_store_up(&east).await;
+    let figures = east.control().live().store_figures.clone();
+
+    // Stopped, Redis keeps its connections and answers nothing.
+    let signal = |sig: i32| {
+        // SAFETY: kill(2) on the redis-server this test started.
+        assert_eq!(unsafe { libc::kill(redis.child.id() as i32, sig) }, 0);
+    };
+    signal(libc::SIGSTOP);
+    for client in 0..12u8 {
+        let node = read_from(ip(10, 0, client), east_addr).await;
+        assert!(node.starts_with('n'), "client {client} served: {node:?}");
+    }
+    assert!(figures.is_slow(), "the store counts as slow");
+    assert_eq!(
+        figures.lookup_timeouts(),
+        u64::from(protobalance::model::SLOW_AFTER),
+        "only the first clients waited for the hung store"
+    );
+
+    signal(libc::SIGCONT);
+    wait_until("the store asked again", || async { figures.is_answering() }).await;
+    let node = read_from(ip(10, 1, 1), east_addr).await;
+    wait_until_blocking("a new client's pin in the store again", || {
+        redis
+            .query(&["GET", "protobalance:pin:c:127.10.1.1"])
+            .is_some_and(|v| v.contains(&format!("{node}|")))
+    });
+    east.shutdown(PATIENCE).await;
+}
+
 #[test]
 fn check_refuses_a_bad_store_url_without_quoting_its_password() {
     let text = |store: &str| {

@@ -211,7 +211,11 @@ pub fn status_tables(status: &Status) -> String {
             "\nstore {} (instance {}): {}\n",
             s.url,
             s.instance,
-            if s.up { "up" } else { "DOWN" }
+            match (s.up, s.slow) {
+                (true, false) => "up",
+                (true, true) => "SLOW (past the lookup budget; clients are served without it)",
+                (false, _) => "DOWN",
+            }
         ),
         None => String::new(),
     };

@@ -127,6 +127,13 @@ fn register_store(registry: &mut Registry, store: &StoreFigures) {
     let up: Gauge = Gauge::default();
     up.set(i64::from(store.is_up()));
     registry.register("protobalance_store_up", "1 when the shared state store answers", up);
+    let slow: Gauge = Gauge::default();
+    slow.set(i64::from(store.is_slow()));
+    registry.register(
+        "protobalance_store_slow",
+        "1 while the store runs past the lookup budget and clients do not ask it",
+        slow,
+    );
     let requests: Counter = Counter::default();
     requests.inc_by(store.requests());
     registry.register("protobalance_store_requests", "Requests sent to the store", requests);

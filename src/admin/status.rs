@@ -27,6 +27,10 @@ pub struct StoreStatus {
     /// This instance's name in what it writes there.
     pub instance: String,
     pub up: bool,
+    /// Up, but past the lookup budget for clients in a row: clients do not
+    /// ask it until it answers within the budget again.
+    #[serde(default)]
+    pub slow: bool,
 }
 
 /// Who made a run-time change, and when.
@@ -203,6 +207,7 @@ impl Status {
                 url: s.display_url(),
                 instance: s.instance.clone(),
                 up: control.live().store_figures.is_up(),
+                slow: control.live().store_figures.is_slow(),
             }),
         }
     }

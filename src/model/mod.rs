@@ -33,7 +33,7 @@ pub use figures::{
 pub use pins::{Change, MAX_PINS_PER_CLUSTER, Pin, Pins, WallClock, expired};
 pub use rates::Rate;
 pub use snapshot::{Algorithms, Balancer, Cluster, Node, NodeKey, Service, Snapshot};
-pub use store::{Lookup, PinStore, StoreFigures, Written};
+pub use store::{Lookup, PinRecord, PinStore, SLOW_AFTER, StoreFigures, Written};
 
 /// What the data plane and the background tasks share: the snapshot in force
 /// (swapped whole on reload, loaded without a lock) and the client pins.

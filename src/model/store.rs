@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin as PinBox;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use super::pins::Pin;
@@ -24,18 +24,23 @@ pub trait PinStore: Send + Sync {
     fn lookup<'a>(&'a self, cluster: &'a str, client: IpAddr) -> Lookup<'a>;
     /// A pin made or refreshed here, to be written to the store. Never
     /// waits: the store's own task writes it, or keeps it until it can.
-    fn write(&self, cluster: &str, client: IpAddr, node: &str, last_seen_ms: u64, ttl: Duration);
-    /// A new client's first pin, written before its connection goes on
-    /// (within the lookup budget; past it, queued as [`PinStore::write`]
-    /// does), so that its next connection finds it through any twin.
-    fn write_new<'a>(
-        &'a self,
-        cluster: &'a str,
-        client: IpAddr,
-        node: &'a str,
-        last_seen_ms: u64,
-        ttl: Duration,
-    ) -> Written<'a>;
+    fn write(&self, pin: PinRecord<'_>);
+    /// A new client's first pin, written before its connection goes on,
+    /// so that its next connection finds it through any twin: within what
+    /// its lookup, which took `looked_up`, left of the budget (one budget
+    /// per new client, both requests together); past it, queued as
+    /// [`PinStore::write`] does.
+    fn write_new<'a>(&'a self, pin: PinRecord<'a>, looked_up: Duration) -> Written<'a>;
+}
+
+/// A pin to write: whose, to which node, when seen, for how long.
+#[derive(Clone, Copy, Debug)]
+pub struct PinRecord<'a> {
+    pub cluster: &'a str,
+    pub client: IpAddr,
+    pub node: &'a str,
+    pub last_seen_ms: u64,
+    pub ttl: Duration,
 }
 
 /// The store's figures: whether it answers, and what it cost.
@@ -46,7 +51,15 @@ pub struct StoreFigures {
     request_micros: AtomicU64,
     errors: AtomicU64,
     lookup_timeouts: AtomicU64,
+    /// Clients' requests past their budget since the store last answered
+    /// one in time: at [`SLOW_AFTER`], clients stop asking it.
+    timeouts_in_a_row: AtomicU32,
 }
+
+/// How many clients' requests in a row may run past their budget before
+/// the store counts as slow: a hung store costs that many clients their
+/// budget, not every client until the store's own task sees it down.
+pub const SLOW_AFTER: u32 = 3;
 
 impl StoreFigures {
     pub fn is_up(&self) -> bool {
@@ -67,6 +80,21 @@ impl StoreFigures {
     }
     pub fn count_lookup_timeout(&self) {
         self.lookup_timeouts.fetch_add(1, Relaxed);
+        self.timeouts_in_a_row.fetch_add(1, Relaxed);
+    }
+    /// Whether clients should ask the store: it is up, and not slow.
+    pub fn is_answering(&self) -> bool {
+        self.is_up() && !self.is_slow()
+    }
+    /// Whether the store ran past [`SLOW_AFTER`] clients' budgets in a row.
+    pub fn is_slow(&self) -> bool {
+        self.timeouts_in_a_row.load(Relaxed) >= SLOW_AFTER
+    }
+    /// The store answered a request in time: clients ask it again.
+    pub fn answered_in_time(&self) {
+        if self.timeouts_in_a_row.load(Relaxed) != 0 {
+            self.timeouts_in_a_row.store(0, Relaxed);
+        }
     }
     pub fn requests(&self) -> u64 {
         self.requests.load(Relaxed)

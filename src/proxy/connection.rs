@@ -18,7 +18,7 @@ use super::admission::{self, Admitted};
 use super::connect::{self, set_socket_buffer};
 use super::pump::{self, PumpError, Side};
 use super::shared::{Departing, Shared};
-use crate::model::{Cluster, ConnectionState, NodeFigures, NodeState, PinStore, Pins, Refusal};
+use crate::model::{Cluster, ConnectionState, NodeFigures, NodeState, PinRecord, PinStore, Pins, Refusal};
 
 /// How a connection ended, for the access log.
 struct Ending<'a>(&'a Result<(), PumpError>);
@@ -176,12 +176,16 @@ async fn connect_phase(accepted: &Accepted) -> Option<(usize, TcpStream, u64)> {
     }
 
     let mut pinned = pinned_node(&shared.live.pins, cluster, peer);
+    // What the store's lookup took of the new client's budget.
+    let mut looked_up = Duration::ZERO;
     if pinned.is_none()
         && cluster.affinity
         && let Some(store) = shared.live.store.get()
     {
         // A client this instance has not seen: a twin may have pinned it.
+        let asked = Instant::now();
         pinned = shared_pin(&**store, &shared.live.pins, cluster, peer).await;
+        looked_up = asked.elapsed();
     }
     // A client's home node (ip-hash), even when it cannot take the client, so
     // that its fall-over chain comes first; else the algorithm's pick.
@@ -205,14 +209,18 @@ async fn connect_phase(accepted: &Accepted) -> Option<(usize, TcpStream, u64)> {
                 let pin_to = &cluster.nodes[pinned.unwrap_or(node)].name;
                 shared.live.pins.pin(&cluster.name, peer.ip(), pin_to);
                 if let Some(store) = shared.live.store.get() {
-                    let now = shared.live.clock().now_ms();
+                    let pin = PinRecord {
+                        cluster: &cluster.name,
+                        client: peer.ip(),
+                        node: pin_to,
+                        last_seen_ms: shared.live.clock().now_ms(),
+                        ttl: cluster.affinity_ttl,
+                    };
                     if pinned.is_none() {
                         // A new client: its pin is in the store before it hears from the node.
-                        store
-                            .write_new(&cluster.name, peer.ip(), pin_to, now, cluster.affinity_ttl)
-                            .await;
+                        store.write_new(pin, looked_up).await;
                     } else {
-                        store.write(&cluster.name, peer.ip(), pin_to, now, cluster.affinity_ttl);
+                        store.write(pin);
                     }
                 }
             }

@@ -40,7 +40,7 @@ use tracing::{info, warn};
 use crate::config::SharedConfig;
 use crate::control::Control;
 use crate::control::shared::SharedOverride;
-use crate::model::{Lookup, Pin, PinStore, StoreFigures, Written};
+use crate::model::{Lookup, Pin, PinRecord, PinStore, StoreFigures, Written};
 
 /// How long a request of the store's own task may take (writes, reads of
 /// the overrides): a store slower than this is down.
@@ -117,18 +117,18 @@ pub struct Store {
 }
 
 impl Store {
-    /// One command for a client's connection, within the lookup budget,
-    /// timed and counted; `None` when the store is down, failed, or ran
-    /// past the budget.
-    async fn within_budget<T: redis::FromRedisValue>(&self, command: redis::Cmd) -> Option<T> {
-        if !self.figures.is_up() {
+    /// One command for a client's connection, within `budget`, timed and
+    /// counted; `None` when the store is down, failed, or ran past it.
+    async fn within_budget<T: redis::FromRedisValue>(&self, command: redis::Cmd, budget: Duration) -> Option<T> {
+        if !self.figures.is_answering() || budget.is_zero() {
             return None;
         }
         let mut connection = (*self.connection.load_full()?).clone();
         let started = Instant::now();
-        match tokio::time::timeout(self.budget, command.query_async::<T>(&mut connection)).await {
+        match tokio::time::timeout(budget, command.query_async::<T>(&mut connection)).await {
             Ok(answer) => {
                 self.figures.count_request(started.elapsed());
+                self.figures.answered_in_time();
                 if answer.is_err() {
                     self.figures.count_error();
                 }
@@ -151,28 +151,29 @@ impl PinStore for Store {
         Box::pin(async move {
             let mut command = redis::cmd("GET");
             command.arg(pin_key(&self.prefix, cluster, client));
-            let value = self.within_budget::<Option<String>>(command).await??;
+            let value = self.within_budget::<Option<String>>(command, self.budget).await??;
             parse_pin(&value)
         })
     }
 
-    fn write_new<'a>(
-        &'a self,
-        cluster: &'a str,
-        client: IpAddr,
-        node: &'a str,
-        last_seen_ms: u64,
-        ttl: Duration,
-    ) -> Written<'a> {
+    fn write_new<'a>(&'a self, pin: PinRecord<'a>, looked_up: Duration) -> Written<'a> {
         Box::pin(async move {
-            let command = pin_command(&self.prefix, cluster, client, node, last_seen_ms, ttl_ms(ttl));
-            if self.within_budget::<i64>(command).await.is_none() {
-                self.write(cluster, client, node, last_seen_ms, ttl);
+            let command = pin_command(
+                &self.prefix,
+                pin.cluster,
+                pin.client,
+                pin.node,
+                pin.last_seen_ms,
+                ttl_ms(pin.ttl),
+            );
+            let left = self.budget.saturating_sub(looked_up);
+            if self.within_budget::<i64>(command, left).await.is_none() {
+                self.write(pin);
             }
         })
     }
 
-    fn write(&self, cluster: &str, client: IpAddr, node: &str, last_seen_ms: u64, ttl: Duration) {
+    fn write(&self, pin: PinRecord<'_>) {
         let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
         if writes.len() >= MAX_PENDING_PINS {
             // The task is far behind (it stalls on a store that never
@@ -180,11 +181,11 @@ impl PinStore for Store {
             return;
         }
         writes.push(PinWrite {
-            cluster: cluster.to_string(),
-            client,
-            node: node.to_string(),
-            last_seen_ms,
-            ttl_ms: ttl_ms(ttl),
+            cluster: pin.cluster.to_string(),
+            client: pin.client,
+            node: pin.node.to_string(),
+            last_seen_ms: pin.last_seen_ms,
+            ttl_ms: ttl_ms(pin.ttl),
         });
     }
 }
@@ -390,6 +391,11 @@ impl Task {
                     if self.store.figures.is_up() {
                         self.flush().await;
                     }
+                    // A store too slow for clients: asked again once it
+                    // answers this task within the budget.
+                    if self.store.figures.is_slow() {
+                        self.probe_slow().await;
+                    }
                 }
             }
         }
@@ -526,6 +532,16 @@ impl Task {
                 self.went_down(format_args!("no answer within {REQUEST_TIMEOUT:?}"));
                 None
             }
+        }
+    }
+
+    /// Pings a store that ran past clients' budgets; one that answers
+    /// within the budget is asked by clients again.
+    async fn probe_slow(&self) {
+        let started = Instant::now();
+        let answered = self.request::<String>(Query::One(&redis::cmd("PING"))).await.is_some();
+        if answered && started.elapsed() <= self.store.budget {
+            self.store.figures.answered_in_time();
         }
     }
 
