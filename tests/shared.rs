@@ -119,6 +119,56 @@ async fn until_store_up(server: &Server) {
     wait_until("the store up", || async { figures.is_up() }).await;
 }
 
+/// New clients one after the other through both twins, each from its own
+/// source address (127.`octet`.x.y), until stopped.
+struct ClientStream {
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ClientStream {
+    fn start(octet: u8, east: SocketAddr, west: SocketAddr) -> ClientStream {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let task = {
+            let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
+            tokio::spawn(async move {
+                let mut n = 0u32;
+                while !stop.load(SeqCst) && n < 20_000 {
+                    let from = ip(octet, (n / 250) as u8, (n % 250) as u8 + 1);
+                    let to = if n.is_multiple_of(2) { east } else { west };
+                    if read_from(from, to).await.starts_with('n') {
+                        served.fetch_add(1, SeqCst);
+                    } else {
+                        failed.fetch_add(1, SeqCst);
+                    }
+                    n += 1;
+                }
+            })
+        };
+        ClientStream {
+            stop,
+            served,
+            failed,
+            task,
+        }
+    }
+
+    /// Stops the stream; fails the test if any client failed.
+    async fn stop_and_check(self) {
+        self.stop.store(true, SeqCst);
+        self.task.await.unwrap();
+        assert_eq!(
+            self.failed.load(SeqCst),
+            0,
+            "no client failed ({} served)",
+            self.served.load(SeqCst)
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_keeps_its_node_whichever_twin_it_reaches() {
     if !require_tools(&["redis-server"]) {
@@ -211,25 +261,8 @@ async fn redis_killed_and_restarted_empty_costs_no_client_and_gets_its_pins_back
     let redis = Redis::start(free_port());
     let ((east, east_addr), (west, west_addr)) = twins(&redis).await;
 
-    // A steady stream of new clients through both twins, each its own source address.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let stream = {
-        let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
-        tokio::spawn(async move {
-            let mut n = 0u32;
-            while !stop.load(SeqCst) && n < 20_000 {
-                let from = ip(1, (n / 250) as u8, (n % 250) as u8 + 1);
-                let to = if n.is_multiple_of(2) { east_addr } else { west_addr };
-                if read_from(from, to).await.starts_with('n') {
-                    served.fetch_add(1, SeqCst);
-                } else {
-                    failed.fetch_add(1, SeqCst);
-                }
-                n += 1;
-            }
-        })
-    };
+    let stream = ClientStream::start(1, east_addr, west_addr);
+    let served = stream.served.clone();
     wait_until("some clients served", || async { served.load(SeqCst) > 50 }).await;
     let port = redis.kill();
     let figures = east.control().live().store_figures.clone();
@@ -250,14 +283,7 @@ async fn redis_killed_and_restarted_empty_costs_no_client_and_gets_its_pins_back
             .query(&["GET", key])
             .is_some_and(|v| v.contains(&format!("{node}|")))
     });
-    stop.store(true, SeqCst);
-    stream.await.unwrap();
-    assert_eq!(
-        failed.load(SeqCst),
-        0,
-        "no client failed ({} served)",
-        served.load(SeqCst)
-    );
+    stream.stop_and_check().await;
     east.shutdown(PATIENCE).await;
     west.shutdown(PATIENCE).await;
 }
@@ -415,24 +441,8 @@ async fn twins_follow_the_primary_the_sentinels_fail_over_to() {
     });
 
     // A steady stream of new clients through both twins while the primary dies.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let stream = {
-        let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
-        tokio::spawn(async move {
-            let mut n = 0u32;
-            while !stop.load(SeqCst) && n < 20_000 {
-                let from = ip(8, (n / 250) as u8, (n % 250) as u8 + 1);
-                let to = if n.is_multiple_of(2) { east_addr } else { west_addr };
-                if read_from(from, to).await.starts_with('n') {
-                    served.fetch_add(1, SeqCst);
-                } else {
-                    failed.fetch_add(1, SeqCst);
-                }
-                n += 1;
-            }
-        })
-    };
+    let stream = ClientStream::start(8, east_addr, west_addr);
+    let served = stream.served.clone();
     wait_until("some clients served", || async { served.load(SeqCst) > 20 }).await;
     drop(primary);
     let replica_port = replica.port.to_string();
@@ -458,14 +468,7 @@ async fn twins_follow_the_primary_the_sentinels_fail_over_to() {
     })
     .await;
 
-    stop.store(true, SeqCst);
-    stream.await.unwrap();
-    assert_eq!(
-        failed.load(SeqCst),
-        0,
-        "no client failed ({} served)",
-        served.load(SeqCst)
-    );
+    stream.stop_and_check().await;
     east.shutdown(PATIENCE).await;
     west.shutdown(PATIENCE).await;
 }

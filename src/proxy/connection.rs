@@ -207,22 +207,8 @@ async fn connect_phase(accepted: &Accepted) -> Option<(usize, TcpStream, u64)> {
             if cluster.affinity {
                 // A pin stays on its node while the client is served by the node's fall-over chain.
                 let pin_to = &cluster.nodes[pinned.unwrap_or(node)].name;
-                shared.live.pins.pin(&cluster.name, peer.ip(), pin_to);
-                if let Some(store) = shared.live.store.get() {
-                    let pin = PinRecord {
-                        cluster: &cluster.name,
-                        client: peer.ip(),
-                        node: pin_to,
-                        last_seen_ms: shared.live.clock().now_ms(),
-                        ttl: cluster.affinity_ttl,
-                    };
-                    if pinned.is_none() {
-                        // A new client: its pin is in the store before it hears from the node.
-                        store.write_new(pin, looked_up).await;
-                    } else {
-                        store.write(pin);
-                    }
-                }
+                let new_client = pinned.is_none().then_some(looked_up);
+                keep_pin(shared, cluster, peer, pin_to, new_client).await;
             }
             Some((node, stream, forwarded))
         }
@@ -514,6 +500,27 @@ pub(super) fn adopted_task(
             adopted: true,
         };
         forward(&accepted, node, upstream, progress).await;
+    }
+}
+
+/// Pins `peer` to `pin_to`, here and in the store. A new client's pin (one
+/// whose lookup took `new_client`) is in the store before it hears from
+/// its node, within what the lookup left of its budget.
+async fn keep_pin(shared: &Shared, cluster: &Cluster, peer: SocketAddr, pin_to: &str, new_client: Option<Duration>) {
+    shared.live.pins.pin(&cluster.name, peer.ip(), pin_to);
+    let Some(store) = shared.live.store.get() else {
+        return;
+    };
+    let pin = PinRecord {
+        cluster: &cluster.name,
+        client: peer.ip(),
+        node: pin_to,
+        last_seen_ms: shared.live.clock().now_ms(),
+        ttl: cluster.affinity_ttl,
+    };
+    match new_client {
+        Some(looked_up) => store.write_new(pin, looked_up).await,
+        None => store.write(pin),
     }
 }
 
