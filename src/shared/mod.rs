@@ -231,11 +231,11 @@ pub fn start(
     // rediss://: TLS through rustls, whose crypto the process chooses once.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let reached = source(config).and_then(|source| match &source {
-        Source::Direct(client) => Ok((Some(Arc::new(manager(client)?)), Some(client.clone()), source)),
+        Source::Direct(client) => Ok((Some(Arc::new(manager(client)?)), source)),
         // The primary is whichever the sentinels name, once the task asks them.
-        Source::Sentinel { .. } => Ok((None, None, source)),
+        Source::Sentinel { .. } => Ok((None, source)),
     });
-    let (connection, client, source) = match reached {
+    let (connection, source) = match reached {
         Ok(reached) => reached,
         Err(e) => {
             // The error's kind only: its text might quote the URL, password and all.
@@ -257,7 +257,6 @@ pub fn start(
     let task = Task {
         store,
         source,
-        client,
         control,
         display: config.display_url(),
         overrides_key: format!("{}:overrides", config.key_prefix),
@@ -277,6 +276,8 @@ enum Source {
         primary: String,
         /// How to reach the primary: its TLS, database, user and password.
         primary_info: redis::sentinel::SentinelNodeConnectionInfo,
+        /// The primary the sentinels named last (`None` until they name one).
+        named: Option<Box<redis::Client>>,
     },
 }
 
@@ -305,6 +306,7 @@ fn source(config: &SharedConfig) -> redis::RedisResult<Source> {
         sentinels: redis::sentinel::Sentinel::build(sentinel.sentinels.clone())?,
         primary: sentinel.primary.clone(),
         primary_info,
+        named: None,
     })
 }
 
@@ -323,9 +325,6 @@ fn manager(client: &redis::Client) -> redis::RedisResult<ConnectionManager> {
 struct Task {
     store: Arc<Store>,
     source: Source,
-    /// The store's client: the direct one, or the primary the sentinels
-    /// named last (`None` until they name one).
-    client: Option<redis::Client>,
     control: Control,
     display: String,
     overrides_key: String,
@@ -438,25 +437,26 @@ impl Task {
     /// The store's client. With sentinels, the primary they name now: a
     /// primary other than the last one gets every request from here on.
     async fn reach(&mut self) -> Result<redis::Client, String> {
-        let Source::Sentinel {
-            sentinels,
-            primary,
-            primary_info,
-        } = &mut self.source
-        else {
-            return self.client.clone().ok_or_else(|| "no client".to_string());
+        let (sentinels, primary, primary_info, named) = match &mut self.source {
+            Source::Direct(client) => return Ok(client.clone()),
+            Source::Sentinel {
+                sentinels,
+                primary,
+                primary_info,
+                named,
+            } => (sentinels, primary, primary_info, named),
         };
         let found = tokio::time::timeout(REQUEST_TIMEOUT, sentinels.async_master_for(primary, Some(primary_info)))
             .await
             .map_err(|_| format!("no sentinel named the primary within {REQUEST_TIMEOUT:?}"))?
             .map_err(|e| format!("the sentinels named no primary ({})", describe(&e)))?;
         let address = found.get_connection_info().addr().to_string();
-        let known = self.client.as_ref().map(|c| c.get_connection_info().addr().to_string());
+        let known = named.as_ref().map(|c| c.get_connection_info().addr().to_string());
         if known.as_deref() != Some(address.as_str()) {
             let connection = manager(&found).map_err(|e| describe(&e))?;
             self.store.connection.store(Some(Arc::new(connection)));
             info!(store = %self.display, primary = %address, "shared state store: the sentinels name its primary");
-            self.client = Some(found.clone());
+            *named = Some(Box::new(found.clone()));
         }
         Ok(found)
     }
