@@ -308,9 +308,24 @@ pub(super) async fn connect(
             None => TcpStream::connect(target).await,
         }
     };
-    let stream = tokio::time::timeout(timeout, connecting)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))??;
+    let deadline = Instant::now() + timeout;
+    let mut connecting = std::pin::pin!(connecting);
+    // The timer is armed only if the connect is still pending after one turn
+    // of the worker's event loop, where a near node has usually answered:
+    // tokio's timer wakes its driver (an eventfd write, one more epoll_wait)
+    // whenever a new timer becomes the earliest, which on a worker with no
+    // other timer is once per connection.
+    let done_in_a_turn = tokio::select! {
+        biased;
+        result = &mut connecting => Some(result),
+        () = tokio::task::yield_now() => None,
+    };
+    let stream = match done_in_a_turn {
+        Some(result) => result,
+        None => tokio::time::timeout_at(deadline, connecting)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))?,
+    }?;
     stream.set_nodelay(true)?;
     if let Some(size) = buffer
         && let Err(e) = set_socket_buffer(&stream, size)
