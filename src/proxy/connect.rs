@@ -25,10 +25,11 @@
 //! closes, that is its answer and no fall-over happens. A node that accepts and
 //! closes before greeting fails over like any other.
 //!
-//! The happy path costs a peek at the node's socket (to see its first byte)
-//! and, when the client speaks first, a buffer of [`HELD_BYTES`] from the
-//! worker's spares for the first bytes; the pump takes over as soon as the node
-//! answers.
+//! The happy path costs no system call of its own: the node's first byte is
+//! seen in its socket's readiness (a peek only when it closed or failed), and
+//! when the client speaks first a buffer of [`HELD_BYTES`] comes from the
+//! worker's spares for the first bytes; the pump takes over as soon as the
+//! node answers.
 //!
 //! A node that closed before any byte reached it must fail over even when the
 //! client then half-closes (after which a node's close is a fine answer). Its
@@ -357,7 +358,6 @@ async fn probation(
     if held.client_done && pass_on_half_close(node, wrote).map_err(Fault::Node)? {
         return Ok(());
     }
-    let mut peeked = [0u8; 1];
     let mut idle_deadline = idle.map(|d| Instant::now() + d);
     loop {
         let idle_over = async {
@@ -387,7 +387,7 @@ async fn probation(
                     }
                 }
             }
-            answer = node.peek(&mut peeked) => {
+            answer = node_answer(node) => {
                 return match answer {
                     Ok(0) if held.client_done => Ok(()),
                     Ok(0) => Err(Fault::Node(io::Error::new(io::ErrorKind::UnexpectedEof, "closed"))),
@@ -399,6 +399,24 @@ async fn probation(
             _ = idle_over => return Err(Fault::Idle),
         }
     }
+}
+
+/// Waits for the node's first byte or its end, and says which without taking
+/// a byte from the socket: `Ok(0)` for a close, `Ok(n)` with `n > 0` when
+/// bytes wait to be read (the pump reads them). Cancel-safe.
+///
+/// A socket that is readable and neither closed for reading nor failed holds
+/// data, so readiness alone answers in the common case; only a close or an
+/// error (which may come after data) costs a peek to tell them apart. Epoll
+/// reports a socket's state as it is when the event is delivered, and
+/// nothing reads the node's socket before the pump does.
+async fn node_answer(node: &TcpStream) -> io::Result<usize> {
+    let ready = node.ready(Interest::READABLE).await?;
+    if ready.is_readable() && !ready.is_read_closed() && !ready.is_error() {
+        return Ok(1);
+    }
+    let mut peeked = [0u8; 1];
+    node.peek(&mut peeked).await
 }
 
 /// Waits for the client's next bytes and keeps them in `held` (cancel-safe:
