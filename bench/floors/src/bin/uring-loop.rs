@@ -43,6 +43,10 @@ const BUF_SIZE: usize = 16 * 1024;
 /// of the harness's loads to hold one in each direction.
 const BUFS: u16 = 2048;
 const BUF_GROUP: u16 = 0;
+/// Chunks one direction may hold before its receive is paused (cancelled,
+/// armed again once they are sent): a multishot receive would otherwise
+/// draw every provided buffer for one fast sender with a slow receiver.
+const MAX_QUEUED: usize = 16;
 static ONE: libc::c_int = 1;
 
 /// What a completion is for: the low byte of its user data (the rest is the
@@ -98,9 +102,13 @@ struct Conn {
     queue: [VecDeque<Chunk>; 2],
     sending: [bool; 2],
     receiving: [bool; 2],
+    /// Receiving stopped on purpose: the queue is full, or no buffer was left.
+    paused: [bool; 2],
     ended: [bool; 2],
     closing: bool,
     live: bool,
+    /// Tells this connection from an earlier one in the same slot.
+    serial: u64,
 }
 
 /// The ring of provided buffers and the memory behind it.
@@ -172,8 +180,9 @@ struct Worker<'a> {
     conns: Vec<Conn>,
     free: Vec<usize>,
     buffers: Buffers,
-    /// Connections whose receive stopped for want of a buffer.
-    starved: Vec<(usize, usize)>,
+    /// Receives stopped for want of a buffer: connection, side, serial.
+    starved: Vec<(usize, usize, u64)>,
+    serial: u64,
 }
 
 impl Worker<'_> {
@@ -239,8 +248,10 @@ impl Worker<'_> {
             self.conns.push(Conn::default());
             self.conns.len() - 1
         });
+        self.serial += 1;
         self.conns[conn] = Conn {
             live: true,
+            serial: self.serial,
             fds: [Some(result), None],
             ..Conn::default()
         };
@@ -259,7 +270,7 @@ impl Worker<'_> {
 
     fn receive(&mut self, conn: usize, side: usize) {
         let c = &mut self.conns[conn];
-        if c.closing || c.ended[side] || c.receiving[side] {
+        if c.closing || c.ended[side] || c.receiving[side] || c.paused[side] {
             return;
         }
         c.receiving[side] = true;
@@ -277,11 +288,23 @@ impl Worker<'_> {
         match result {
             len if len > 0 => {
                 let bid = cqueue::buffer_select(flags).expect("a provided buffer");
-                self.conns[conn].queue[side].push_back(Chunk {
+                let c = &mut self.conns[conn];
+                c.queue[side].push_back(Chunk {
                     bid,
                     sent: 0,
                     len: len as u32,
                 });
+                if c.queue[side].len() >= MAX_QUEUED && !c.paused[side] {
+                    c.paused[side] = true;
+                    if c.receiving[side] {
+                        let recv = user_data(conn, if side == 0 { Op::Recv0 } else { Op::Recv1 });
+                        self.push(
+                            opcode::AsyncCancel::new(recv)
+                                .build()
+                                .user_data(user_data(0, Op::Ignore)),
+                        );
+                    }
+                }
                 self.send(conn, side);
                 if !cqueue::more(flags) {
                     self.receive(conn, side);
@@ -291,7 +314,13 @@ impl Worker<'_> {
                 self.conns[conn].ended[side] = true;
                 self.send(conn, side);
             }
-            e if e == -libc::ENOBUFS => self.starved.push((conn, side)),
+            e if e == -libc::ENOBUFS => {
+                let c = &mut self.conns[conn];
+                c.paused[side] = true;
+                self.starved.push((conn, side, c.serial));
+            }
+            // Only a pause cancels a receive: armed again unless still paused.
+            e if e == -libc::ECANCELED => self.receive(conn, side),
             _ => self.close(conn),
         }
     }
@@ -333,8 +362,16 @@ impl Worker<'_> {
             let bid = chunk.bid;
             c.queue[side].pop_front();
             self.buffers.give_back(bid);
-            for (conn, side) in std::mem::take(&mut self.starved) {
+            if c.paused[side] && c.queue[side].len() < MAX_QUEUED {
+                c.paused[side] = false;
                 self.receive(conn, side);
+            }
+            for (conn, side, serial) in std::mem::take(&mut self.starved) {
+                let c = &mut self.conns[conn];
+                if c.live && c.serial == serial {
+                    c.paused[side] = false;
+                    self.receive(conn, side);
+                }
             }
         }
         self.send(conn, side);
@@ -404,6 +441,7 @@ fn worker(listener: RawFd, node: SocketAddrV4) -> std::io::Result<()> {
         free: Vec::new(),
         buffers,
         starved: Vec::new(),
+        serial: 0,
     };
     w.accept();
     let mut batch = Vec::with_capacity(1024);
