@@ -411,6 +411,39 @@ fn run_uses_exactly_the_worker_threads_asked_for_however_many_clients() {
     assert_eq!(proc.wait_exit().code(), Some(0));
 }
 
+/// The shared libraries mapped into process `pid`, by file name.
+fn mapped_libraries(pid: u32) -> Vec<String> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut libraries: Vec<String> = maps
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .filter_map(|path| path.rsplit('/').next())
+        .filter(|name| name.contains(".so"))
+        .map(str::to_string)
+        .collect();
+    libraries.sort();
+    libraries.dedup();
+    libraries
+}
+
+#[test]
+fn a_running_balancer_maps_no_libm() {
+    let nodes = name_backends(&["a"]);
+    let mut proc = Running::spawn(&["forward", "127.0.0.1:0", &nodes[0].to_string()]);
+    assert_eq!(fetch(proc.listen_addr()), "a");
+    let libraries = mapped_libraries(proc.child.id());
+    assert!(
+        libraries.iter().any(|l| l.starts_with("libc.so")),
+        "the reading works: {libraries:?}"
+    );
+    assert!(
+        !libraries.iter().any(|l| l.starts_with("libm.so")),
+        "libm.so costs resident memory for two functions (see src/main.rs): {libraries:?}"
+    );
+    proc.signal(libc::SIGTERM);
+    assert_eq!(proc.wait_exit().code(), Some(0));
+}
+
 #[test]
 fn every_connection_gets_its_access_log_line_even_when_stopped_right_after() {
     let nodes = name_backends(&["a"]);
