@@ -132,7 +132,7 @@ impl Server {
         tasks.spawn(crate::health::slow_start::run(live.clone(), stop.clone()));
         tasks.spawn(crate::health::probe::run(live, stop.clone()));
         tasks.spawn(affinity::run_flusher(affinity, stop.clone()));
-        tasks.spawn(memory::trim_after_load(server.shared.data.clone(), stop.clone()));
+        tasks.spawn(memory::trim_after_load(stop.clone()));
         tasks.spawn(server.shared.control.clone().enforce_drain_deadlines(stop.clone()));
         tasks.spawn(crate::dns::follow(server.shared.control.clone(), stop.clone()));
         if let Some(shared) = &config.shared
