@@ -445,6 +445,23 @@ fn a_running_balancer_maps_no_libm() {
 }
 
 #[test]
+fn a_running_balancer_lets_go_of_the_pages_start_up_mapped() {
+    let nodes = name_backends(&["a"]);
+    let mut proc = Running::spawn(&["--log-level", "debug", "forward", "127.0.0.1:0", &nodes[0].to_string()]);
+    assert_eq!(fetch(proc.listen_addr()), "a", "what was let go maps back in");
+    proc.signal(libc::SIGTERM);
+    assert_eq!(proc.wait_exit().code(), Some(0));
+    let lines = proc.all_output();
+    let released = lines
+        .iter()
+        .find_map(|l| l.split("unmapped ").nth(1)?.split(" KiB").next()?.parse::<u64>().ok());
+    assert!(
+        released.is_some_and(|kib| kib > 0),
+        "start-up's code and read-only data are let go once it is done: {lines:?}"
+    );
+}
+
+#[test]
 fn every_connection_gets_its_access_log_line_even_when_stopped_right_after() {
     let nodes = name_backends(&["a"]);
     let listen = nodes[0].to_string();

@@ -171,6 +171,9 @@ async fn start(config: &Config, path: Option<PathBuf>, handed: Handed) -> Result
     } else {
         systemd::ready(&running_status(&server));
     }
+    // Start-up is done: what only it ran need not stay resident. (A reload
+    // maps its parsing back in; that stays, a few hundred KiB at most.)
+    crate::server::release_mapped_pages();
     Ok(server)
 }
 

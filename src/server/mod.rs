@@ -31,6 +31,7 @@ use crate::proxy::{BindError, DataPlane, Inherited, WorkerSettings};
 
 mod upgrade;
 
+pub use memory::release_mapped_pages;
 pub use upgrade::{Predecessor, Successor, UpgradeError};
 
 #[derive(Debug, thiserror::Error)]
