@@ -448,17 +448,18 @@ fn a_running_balancer_maps_no_libm() {
 fn a_running_balancer_lets_go_of_the_pages_start_up_mapped() {
     let nodes = name_backends(&["a"]);
     let mut proc = Running::spawn(&["--log-level", "debug", "forward", "127.0.0.1:0", &nodes[0].to_string()]);
+    let line = proc.wait_for("of mapped code and read-only data");
+    let released = line
+        .split("let go of ")
+        .nth(1)
+        .and_then(|l| l.split(" KiB").next()?.parse::<u64>().ok());
+    assert!(
+        released.is_some_and(|kib| kib > 0),
+        "start-up's code and read-only data are let go once it is done: {line}"
+    );
     assert_eq!(fetch(proc.listen_addr()), "a", "what was let go maps back in");
     proc.signal(libc::SIGTERM);
     assert_eq!(proc.wait_exit().code(), Some(0));
-    let lines = proc.all_output();
-    let released = lines
-        .iter()
-        .find_map(|l| l.split("unmapped ").nth(1)?.split(" KiB").next()?.parse::<u64>().ok());
-    assert!(
-        released.is_some_and(|kib| kib > 0),
-        "start-up's code and read-only data are let go once it is done: {lines:?}"
-    );
 }
 
 #[test]
