@@ -85,30 +85,76 @@ pub(super) struct Buffer {
 
 const BUFFER_SIZE: usize = 64 * 1024;
 
+/// A thread's spare items of one kind (buffers, pipes), kept for reuse up
+/// to a limit, and shed once idle: [`Spares::shed`] drops those that no take
+/// reached since the last shed, so that a load's peak is not kept for good.
+pub(super) struct Spares<T> {
+    items: Vec<T>,
+    /// The fewest items held since the last shed: the bottom `untouched` of
+    /// the stack sat unused all along.
+    untouched: usize,
+}
+
+impl<T> Spares<T> {
+    pub(super) const fn new() -> Spares<T> {
+        Spares {
+            items: Vec::new(),
+            untouched: 0,
+        }
+    }
+
+    pub(super) fn take(&mut self) -> Option<T> {
+        let item = self.items.pop();
+        self.untouched = self.untouched.min(self.items.len());
+        item
+    }
+
+    /// Keeps `item` unless `limit` are kept already (then it drops).
+    pub(super) fn keep(&mut self, item: T, limit: usize) {
+        if self.items.len() < limit {
+            self.items.push(item);
+        }
+    }
+
+    /// Drops the items that sat unused since the last shed; returns how many.
+    pub(super) fn shed(&mut self) -> usize {
+        let idle = self.untouched;
+        self.items.drain(..idle);
+        self.untouched = self.items.len();
+        idle
+    }
+}
+
 /// A thread's spare byte buffers of one capacity, kept for reuse: buffers
 /// this size are too big for the allocator's fast paths.
-pub(super) type SpareBuffers = RefCell<Vec<Vec<u8>>>;
+pub(super) type SpareBuffers = RefCell<Spares<Vec<u8>>>;
 
 /// An empty buffer with room for `capacity` bytes (not zeroed), from `spares`
 /// when it has one.
 pub(super) fn take_spare(spares: &'static LocalKey<SpareBuffers>, capacity: usize) -> Vec<u8> {
     spares
-        .with_borrow_mut(|spare| spare.pop())
+        .with_borrow_mut(Spares::take)
         .unwrap_or_else(|| Vec::with_capacity(capacity))
 }
 
 /// Keeps `buf`, emptied, in `spares` unless it already holds `limit`.
 pub(super) fn keep_spare(spares: &'static LocalKey<SpareBuffers>, mut buf: Vec<u8>, limit: usize) {
     buf.clear();
-    spares.with_borrow_mut(|spare| {
-        if spare.len() < limit {
-            spare.push(buf);
-        }
-    });
+    spares.with_borrow_mut(|spare| spare.keep(buf, limit));
 }
 
 thread_local! {
-    static BUFFERS: SpareBuffers = const { RefCell::new(Vec::new()) };
+    static BUFFERS: SpareBuffers = const { RefCell::new(Spares::new()) };
+}
+
+/// Drops this thread's spare copy buffers and pipes that sat unused since
+/// the last call; returns how many.
+pub(super) fn shed_idle_spares() -> usize {
+    let buffers = BUFFERS.with_borrow_mut(Spares::shed);
+    #[cfg(target_os = "linux")]
+    return buffers + splice::shed_idle_pipes();
+    #[cfg(not(target_os = "linux"))]
+    buffers
 }
 
 impl Buffer {
@@ -178,7 +224,7 @@ mod splice {
     use tokio::io::Interest;
     use tokio::net::TcpStream;
 
-    use super::POOL_LIMIT;
+    use super::{POOL_LIMIT, Spares};
 
     /// Pipe capacity asked for. A large pipe moves more per splice call (fewer
     /// wake-ups per megabyte); when the user's pipe page budget
@@ -194,7 +240,12 @@ mod splice {
     }
 
     thread_local! {
-        static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+        static PIPES: RefCell<Spares<Pipe>> = const { RefCell::new(Spares::new()) };
+    }
+
+    /// Closes this thread's spare pipes that sat unused since the last call.
+    pub(super) fn shed_idle_pipes() -> usize {
+        PIPES.with_borrow_mut(Spares::shed)
     }
 
     impl Pipe {
@@ -240,18 +291,14 @@ mod splice {
 
     impl Pipe {
         pub(super) fn take() -> io::Result<Self> {
-            match PIPES.with_borrow_mut(|pool| pool.pop()) {
+            match PIPES.with_borrow_mut(Spares::take) {
                 Some(pipe) => Ok(pipe),
                 None => Pipe::new(),
             }
         }
 
         pub(super) fn give_back(self) {
-            PIPES.with_borrow_mut(|pool| {
-                if pool.len() < POOL_LIMIT {
-                    pool.push(self);
-                }
-            });
+            PIPES.with_borrow_mut(|pool| pool.keep(self, POOL_LIMIT));
         }
 
         pub(super) fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
@@ -266,5 +313,26 @@ mod splice {
                 splice(self.read.as_raw_fd(), dst.as_raw_fd(), len)
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod spares_tests {
+    use super::Spares;
+
+    #[test]
+    fn spares_unused_through_a_shed_interval_go() {
+        let mut spares = Spares::new();
+        for i in 0..4 {
+            spares.keep(i, 3);
+        }
+        assert_eq!(spares.shed(), 0, "the first shed only starts the count");
+        // A load takes two and gives them back: one stayed unused all along.
+        let (a, b) = (spares.take().unwrap(), spares.take().unwrap());
+        spares.keep(a, 3);
+        spares.keep(b, 3);
+        assert_eq!(spares.shed(), 1, "the one no take reached goes");
+        assert_eq!(spares.shed(), 2, "then the rest, unused through a whole interval");
+        assert_eq!(spares.take(), None);
     }
 }

@@ -49,7 +49,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::Candidates;
-use super::channel::{SpareBuffers, keep_spare, take_spare};
+use super::channel::{SpareBuffers, Spares, keep_spare, take_spare};
 use super::identity;
 use crate::config::{LastResort, ProxyHeader, SocketBuffer};
 use crate::health::probe;
@@ -106,7 +106,13 @@ struct FirstBytes {
 
 thread_local! {
     /// Emptied first-bytes buffers of this thread, kept for its next clients.
-    static SPARE_BUFFERS: SpareBuffers = const { RefCell::new(Vec::new()) };
+    static SPARE_BUFFERS: SpareBuffers = const { RefCell::new(Spares::new()) };
+}
+
+/// Drops this thread's spare first-bytes buffers that sat unused since the
+/// last call; returns how many.
+pub(super) fn shed_idle_spares() -> usize {
+    SPARE_BUFFERS.with_borrow_mut(Spares::shed)
 }
 
 /// Spare first-bytes buffers kept per thread (256 KiB at most).

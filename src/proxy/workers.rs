@@ -46,6 +46,24 @@ use tokio_util::sync::CancellationToken;
 
 use crate::model::Padded;
 
+/// How long a worker's spare buffer or pipe may sit unused before it goes:
+/// after a load, the pools' peak is given back within two of these.
+const SHED_EVERY: Duration = Duration::from_secs(5);
+
+/// Sheds the worker's spares that sat unused through a [`SHED_EVERY`], for
+/// the worker's life.
+async fn shed_idle_spares() {
+    let mut tick = tokio::time::interval(SHED_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let shed = super::channel::shed_idle_spares() + super::connect::shed_idle_spares();
+        if shed > 0 {
+            tracing::debug!("dropped {shed} spare buffer(s) or pipe(s) unused for {SHED_EVERY:?}");
+        }
+    }
+}
+
 /// The running workers. Dropping this stops them: their runtimes end, and with
 /// them any task still running there.
 pub struct Workers {
@@ -109,6 +127,7 @@ impl Workers {
                     }
                     crate::logging::batch_this_thread();
                     crate::model::bind_worker_slot(i);
+                    runtime.spawn(shed_idle_spares());
                     match busy_poll {
                         None => runtime.block_on(stopped.cancelled()),
                         Some(window) => runtime.block_on(async {

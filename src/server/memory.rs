@@ -6,8 +6,10 @@
 //! load of thousands of connections the process would stay at its peak.
 //! Every 2 s this task works out how much memory the allocator holds free
 //! and still resident; once that has grown by [`HELD_FREE`] since its lowest
-//! point after the last trim (connections' memory freed and kept), it asks
-//! the allocator to return its free pages to the system (`malloc_trim`).
+//! point after the last trim (connections' memory freed and kept), or by
+//! [`QUIET_FREE`] while two checks in a row find the same figure (the
+//! workers' idle spares, shed after a load), it asks the allocator to return
+//! its free pages to the system (`malloc_trim`).
 //!
 //! Why a figure of memory and not the open connections: a check
 //! every 2 s misses a load that comes and goes between two checks, and the
@@ -28,29 +30,42 @@ const CHECK: Duration = Duration::from_secs(2);
 
 /// Free memory the allocator may gain and keep before a trim gives it back:
 /// what about 2,000 connections leave.
-const HELD_FREE: usize = 4 << 20;
+const HELD_FREE: i64 = 4 << 20;
+
+/// Free memory a quiet process may keep: once two checks in a row find the
+/// same figure (nothing is being served: the last of a load's spares have
+/// gone back, say), a trim gives back even this much.
+const QUIET_FREE: i64 = 1 << 20;
+
+/// Two figures this close count as the same, for [`QUIET_FREE`].
+const QUIET_SLACK: u64 = 64 << 10;
 
 /// When a trim is due, as the allocator's free memory rises and falls.
 #[derive(Debug, Default)]
 struct Policy {
     /// The least free memory seen since the last trim.
-    least_free: Option<usize>,
+    least_free: Option<i64>,
+    /// The figure of the check before.
+    last: Option<i64>,
 }
 
 impl Policy {
     /// Takes the bytes held free now; `true` when a trim is due: they have
     /// grown by [`HELD_FREE`] since their lowest point.
-    fn trim_now(&mut self, free: usize) -> bool {
+    fn trim_now(&mut self, free: i64) -> bool {
         let least = self.least_free.map_or(free, |least| least.min(free));
+        let quiet = self.last.is_some_and(|last| last.abs_diff(free) <= QUIET_SLACK);
         self.least_free = Some(least);
-        free >= least + HELD_FREE
+        self.last = Some(free);
+        free >= least + HELD_FREE || (quiet && free >= least + QUIET_FREE)
     }
 
     /// Takes the bytes a trim left held free: the new lowest point. (Not the
     /// figure before the trim: after a trim in the middle of a load, what
     /// the rest of the load frees must count.)
-    fn trimmed(&mut self, free: usize) {
+    fn trimmed(&mut self, free: i64) {
         self.least_free = Some(free);
+        self.last = Some(free);
     }
 }
 
@@ -72,22 +87,26 @@ pub async fn trim_after_load(stop: CancellationToken) {
     }
 }
 
-/// The bytes the allocator holds free and still resident: the process's
-/// resident anonymous memory less what the allocator has handed out (its
-/// heaps' chunks in use and its mmapped blocks). Anonymous memory outside
-/// the allocator (thread stacks) is a constant part of it. `None` where it
-/// cannot tell (not glibc on Linux: no trim either).
+/// The bytes the allocator holds free and still resident, give or take a
+/// steady offset: the process's resident anonymous memory less what the
+/// allocator has handed out (its heaps' chunks in use and its mmapped
+/// blocks). Anonymous memory outside the allocator (thread stacks) adds to
+/// it, and memory handed out but never touched (a buffer's pages no data
+/// has landed on) takes from it, so it can be below zero: the policy only
+/// looks at how it moves. `None` where it cannot tell (not glibc on Linux:
+/// no trim either).
 ///
 /// Not the allocator's free total (`fordblks`): a trim returns the pages of
 /// free chunks but keeps the chunks in its lists, so after a trim in the
 /// middle of a load, the memory the load later frees again would not count
 /// as new, and would stay resident.
-fn held_free() -> Option<usize> {
+fn held_free() -> Option<i64> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallinfo2 has no preconditions; it only reads the arenas.
         let info = unsafe { libc::mallinfo2() };
-        Some(resident_anonymous()?.saturating_sub(info.uordblks + info.hblkhd))
+        let handed_out = i64::try_from(info.uordblks + info.hblkhd).ok()?;
+        Some(i64::try_from(resident_anonymous()?).ok()? - handed_out)
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     None
@@ -104,7 +123,7 @@ fn resident_anonymous() -> Option<usize> {
 }
 
 /// Returns the allocator's free pages to the system.
-fn trim(free: usize) {
+fn trim(free: i64) {
     let started = Instant::now();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim has no preconditions; it only releases free memory.
@@ -289,7 +308,7 @@ fn droppable_mappings(smaps: &str) -> Vec<Mapping> {
 mod tests {
     use super::*;
 
-    const MIB: usize = 1 << 20;
+    const MIB: i64 = 1 << 20;
 
     #[test]
     fn a_trim_follows_each_load_once_its_memory_is_free() {
@@ -307,6 +326,18 @@ mod tests {
         p.trimmed(0);
         assert!(!p.trim_now(0), "the next load takes the free memory");
         assert!(p.trim_now(10 * MIB), "and leaves it: trim");
+    }
+
+    #[test]
+    fn a_quiet_process_gives_back_even_a_little() {
+        let mut p = Policy::default();
+        assert!(!p.trim_now(0));
+        assert!(!p.trim_now(2 * MIB), "still changing: a load may take it back");
+        assert!(p.trim_now(2 * MIB + 1000), "quiet, and 1 MiB or more held: trim");
+        p.trimmed(MIB / 4);
+        assert!(!p.trim_now(MIB / 4), "what a trim left is not trimmed again");
+        assert!(!p.trim_now(MIB), "quiet, but under 1 MiB gained");
+        assert!(!p.trim_now(MIB));
     }
 
     #[test]
