@@ -157,17 +157,18 @@ pub fn release_mapped_pages() -> Option<u64> {
     // SAFETY: `each_object` takes `release` back as it was passed, and only
     // while dl_iterate_phdr runs.
     unsafe { libc::dl_iterate_phdr(Some(each_object), (&raw mut release).cast()) };
-    match release.smaps {
+    match release.droppable {
         Some(_) => debug!("let go of {} KiB of mapped code and read-only data", release.kib),
         None => debug!("cannot read /proc/self/smaps: no mapped pages let go"),
     }
-    release.smaps.map(|_| release.kib)
+    release.droppable.map(|_| release.kib)
 }
 
 /// What [`release_mapped_pages`] works with while the loader's lock is held.
 #[derive(Default)]
 struct Release {
-    smaps: Option<String>,
+    /// The mappings smaps allows to drop, read once at the first object.
+    droppable: Option<Vec<Mapping>>,
     kib: u64,
 }
 
@@ -183,9 +184,9 @@ unsafe extern "C" fn each_object(
     // SAFETY: dl_iterate_phdr passes a valid `info` for the call, and `data`
     // is the `Release` that `release_mapped_pages` lent it.
     let (info, release) = unsafe { (&*info, &mut *data.cast::<Release>()) };
-    if release.smaps.is_none() {
+    if release.droppable.is_none() {
         match std::fs::read("/proc/self/smaps") {
-            Ok(bytes) => release.smaps = Some(String::from_utf8_lossy(&bytes).into_owned()),
+            Ok(bytes) => release.droppable = Some(droppable_mappings(&String::from_utf8_lossy(&bytes))),
             Err(_) => return 1,
         }
     }
@@ -195,23 +196,23 @@ unsafe extern "C" fn each_object(
         // SAFETY: the loader's program headers of the object, `dlpi_phnum` of them.
         unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
     };
-    let smaps = release.smaps.as_deref().unwrap_or("");
+    let droppable = release.droppable.as_deref().unwrap_or_default();
     for ph in phdrs
         .iter()
         .filter(|ph| ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_W == 0)
     {
         let start = (info.dlpi_addr as usize).wrapping_add(ph.p_vaddr as usize);
-        release.kib += release_within((start, start.saturating_add(ph.p_memsz as usize)), smaps);
+        release.kib += release_within((start, start.saturating_add(ph.p_memsz as usize)), droppable);
     }
     0
 }
 
-/// Drops the pages of `start..end` that lie in mappings of `smaps` that
-/// [`droppable_mappings`] allows; returns about how many KiB of them were
+/// Drops the pages of `start..end` that lie in the `droppable` mappings
+/// (from [`droppable_mappings`]); returns about how many KiB of them were
 /// resident.
-fn release_within((start, end): (usize, usize), smaps: &str) -> u64 {
+fn release_within((start, end): (usize, usize), droppable: &[Mapping]) -> u64 {
     let (mut kib, page) = (0, page_size());
-    for m in droppable_mappings(smaps) {
+    for m in droppable {
         // Whole pages only: a mapping starts and ends on one, a segment may not.
         let from = start.max(m.start).next_multiple_of(page);
         let to = end.min(m.start + m.len) / page * page;
@@ -490,7 +491,7 @@ Private_Hugetlb:    2048 kB
         let mapped = Mapped::new(16, false);
         assert_eq!(mapped.resident_kib(), 16 * page_size() as u64 / 1024);
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let released = release_within(mapped.range(), &smaps);
+        let released = release_within(mapped.range(), &droppable_mappings(&smaps));
         assert_eq!(released, 16 * page_size() as u64 / 1024);
         assert_eq!(mapped.resident_kib(), 0, "its pages are no longer mapped");
         assert_eq!(mapped.sum(), mapped.expected_sum(false), "and map back unchanged");
@@ -500,7 +501,7 @@ Private_Hugetlb:    2048 kB
     fn a_mapping_with_a_page_of_its_own_is_kept() {
         let mapped = Mapped::new(4, true);
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        assert_eq!(release_within(mapped.range(), &smaps), 0);
+        assert_eq!(release_within(mapped.range(), &droppable_mappings(&smaps)), 0);
         assert_eq!(
             mapped.sum(),
             mapped.expected_sum(true),
