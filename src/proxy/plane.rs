@@ -288,9 +288,13 @@ impl DataPlane {
     }
 
     /// Runs `f` once on each worker thread, and returns what each returned,
-    /// in worker order: for what only a thread can do for itself (setting
-    /// its capabilities when the process drops privileges).
-    pub async fn on_every_worker<T: Send + 'static>(&self, f: impl Fn() -> T + Send + Sync + 'static) -> Vec<T> {
+    /// in worker order (`None` for a worker that has stopped): for what only
+    /// a thread can do for itself (setting its capabilities when the process
+    /// drops privileges, handing over its allocator's cache).
+    pub async fn on_every_worker<T: Send + 'static>(
+        &self,
+        f: impl Fn() -> T + Send + Sync + 'static,
+    ) -> Vec<Option<T>> {
         let f = Arc::new(f);
         let mut answers = Vec::with_capacity(self.workers.count());
         for worker in 0..self.workers.count() {
@@ -303,7 +307,7 @@ impl DataPlane {
         }
         let mut out = Vec::with_capacity(answers.len());
         for rx in answers {
-            out.push(rx.await.expect("a worker thread runs what it is given"));
+            out.push(rx.await.ok());
         }
         out
     }
@@ -468,6 +472,26 @@ fn capped_socket_buffers(sized: &[(String, usize)], rmem_max: usize, wmem_max: u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn each_worker_runs_the_step_and_a_stopped_one_answers_none() {
+        let config = Config::forward("127.0.0.1:0", &["127.0.0.1:1".to_string()]).unwrap();
+        let live = Live::new(crate::balance::compile(&config, None), Default::default());
+        let settings = WorkerSettings {
+            threads: 2,
+            pin_workers: false,
+            busy_poll: None,
+        };
+        let data = DataPlane::start(settings, Arc::new(live), Vec::new()).unwrap();
+        let ran_on = data.on_every_worker(|| std::thread::current().id()).await;
+        assert_eq!(ran_on.len(), 2);
+        assert!(ran_on.iter().all(Option::is_some), "{ran_on:?}");
+        assert_ne!(ran_on[0], ran_on[1], "one step per worker thread");
+        assert!(!ran_on.contains(&Some(std::thread::current().id())));
+        data.stop_workers().await;
+        let after = data.on_every_worker(|| ()).await;
+        assert_eq!(after, [None, None], "a stopped worker runs nothing and says so");
+    }
 
     #[test]
     fn socket_buffers_above_the_kernel_maximum_are_named() {

@@ -133,7 +133,7 @@ impl Server {
         tasks.spawn(crate::health::slow_start::run(live.clone(), stop.clone()));
         tasks.spawn(crate::health::probe::run(live, stop.clone()));
         tasks.spawn(affinity::run_flusher(affinity, stop.clone()));
-        tasks.spawn(memory::trim_after_load(stop.clone()));
+        tasks.spawn(memory::trim_after_load(server.shared.data.clone(), stop.clone()));
         tasks.spawn(server.shared.control.clone().enforce_drain_deadlines(stop.clone()));
         tasks.spawn(crate::dns::follow(server.shared.control.clone(), stop.clone()));
         if let Some(shared) = &config.shared
@@ -226,7 +226,7 @@ impl Server {
             self.shared.data.on_every_worker(move || step(&caps))
         };
         for done in on_workers(privileges::prepare_thread).await {
-            done.map_err(StartError::Privileges)?;
+            done.unwrap_or_else(worker_stopped).map_err(StartError::Privileges)?;
         }
         // No await from here to the change of user: a thread this one
         // started meanwhile (the blocking pool's) would inherit its
@@ -235,7 +235,7 @@ impl Server {
         privileges::become_user(run_as).map_err(StartError::Privileges)?;
         privileges::finish_thread(&caps).map_err(StartError::Privileges)?;
         for done in on_workers(privileges::finish_thread).await {
-            done.map_err(StartError::Privileges)?;
+            done.unwrap_or_else(worker_stopped).map_err(StartError::Privileges)?;
         }
         let kept: Vec<String> = keep.iter().map(ToString::to_string).collect();
         info!(
@@ -351,4 +351,9 @@ impl Server {
         // Last: a worker hands over its batched access-log lines as it ends.
         self.shared.data.stop_workers().await;
     }
+}
+
+/// What a worker thread that has stopped did of a step of the privilege drop.
+fn worker_stopped() -> io::Result<()> {
+    Err(io::Error::other("a worker thread has stopped"))
 }
