@@ -34,6 +34,9 @@ use crate::config::LogFormat;
 const BATCH_BYTES: usize = 32 * 1024;
 /// …or this long after its first line.
 const BATCH_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+/// A batch's buffer larger than this is let go once a batch no longer fills
+/// within `BATCH_DELAY` ([`flush_late_batch`]).
+const KEPT_BATCH: usize = 4 * 1024;
 
 /// Messages (a line, or a worker's batch of lines) queued for the writer
 /// thread at most; when full, threads that log wait rather than lose lines.
@@ -194,7 +197,7 @@ fn append(write: impl FnOnce(&mut Vec<u8>)) -> bool {
             Ok(runtime) => {
                 runtime.spawn(async {
                     tokio::time::sleep(BATCH_DELAY).await;
-                    flush_thread();
+                    flush_late_batch();
                 });
             }
             Err(_) => flush_thread(),
@@ -286,6 +289,24 @@ pub fn flush_thread() {
     });
 }
 
+/// Hands over the batch once `BATCH_DELAY` has passed since a batch's
+/// first line. Its buffer goes too, if a load had grown it past
+/// [`KEPT_BATCH`]: a worker's batch otherwise keeps its largest size for
+/// good, live memory in the middle of the worker's heap that holds its
+/// pages resident after the load. Under a load this costs the next batch a
+/// few reallocations as it grows again, at most one batch per
+/// `BATCH_DELAY`.
+fn flush_late_batch() {
+    BATCH.with(|batch| {
+        if let Some(lines) = batch.borrow_mut().as_mut() {
+            hand_over(lines);
+            if lines.capacity() > KEPT_BATCH {
+                *lines = Vec::new();
+            }
+        }
+    });
+}
+
 fn hand_over(lines: &mut Vec<u8>) {
     if lines.is_empty() {
         return;
@@ -313,5 +334,30 @@ impl Write for LineWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch_capacity() -> usize {
+        BATCH.with(|batch| batch.borrow().as_ref().map_or(0, Vec::capacity))
+    }
+
+    #[test]
+    fn a_late_batch_lets_go_of_the_buffer_a_load_grew_and_keeps_a_small_one() {
+        batch_this_thread();
+        // A busy spell's lines: handed over once full, the buffer kept.
+        assert!(append(|lines| lines.extend_from_slice(&[b'x'; BATCH_BYTES + 100])));
+        assert!(batch_capacity() > KEPT_BATCH);
+        flush_late_batch();
+        assert_eq!(batch_capacity(), 0, "the grown buffer is let go");
+
+        assert!(append(|lines| lines.extend_from_slice(&[b'x'; 200])));
+        let small = batch_capacity();
+        assert!(small > 0);
+        flush_late_batch();
+        assert_eq!(batch_capacity(), small, "a small buffer is kept");
     }
 }
