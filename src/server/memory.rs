@@ -148,7 +148,7 @@ const CACHED_SIZES: std::ops::RangeInclusive<usize> = 0..=63;
 const CACHED_PER_SIZE: usize = 7;
 
 /// Blocks taken out of a worker's allocator cache, to be freed elsewhere.
-pub struct CachedBlocks(Vec<usize>);
+struct CachedBlocks(Vec<usize>);
 
 /// Takes the blocks the calling thread's allocator cache holds. Each glibc
 /// thread keeps the last few blocks it freed of each small size
@@ -184,32 +184,20 @@ fn take_thread_cache() -> CachedBlocks {
 /// goes back to the heaps' free lists as it ends); on this thread if none
 /// can be started.
 fn free_on_a_passing_thread(cached: Vec<CachedBlocks>) {
-    let free_all = move || {
+    let free_all = || {
         for block in cached.iter().flat_map(|c| &c.0) {
             // SAFETY: each address is a block malloc returned in
-            // `take_thread_cache` and nothing else holds.
+            // `take_thread_cache` and nothing else holds; `free_all` runs
+            // once, on the passing thread or, if it cannot start, here.
             unsafe { libc::free(*block as *mut libc::c_void) };
         }
     };
-    let shared = std::sync::Arc::new(std::sync::Mutex::new(Some(free_all)));
-    let on_thread = shared.clone();
-    let started = std::thread::Builder::new()
-        .name("protobalance-trim".into())
-        .spawn(move || {
-            if let Some(free_all) = on_thread.lock().ok().and_then(|mut f| f.take()) {
-                free_all();
-            }
-        });
-    match started {
-        Ok(thread) => {
-            let _ = thread.join();
+    std::thread::scope(|scope| {
+        let passing = std::thread::Builder::new().name("protobalance-trim".into());
+        if passing.spawn_scoped(scope, free_all).is_err() {
+            free_all();
         }
-        Err(_) => {
-            if let Some(free_all) = shared.lock().ok().and_then(|mut f| f.take()) {
-                free_all();
-            }
-        }
-    }
+    });
 }
 
 /// Returns the allocator's free pages to the system.
