@@ -310,6 +310,10 @@ pub fn join_inherited(mut group: Vec<std::net::TcpListener>, workers: usize) -> 
 /// that; pinned workers that share CPUs, or whose pinning failed, are spread
 /// by hash and share like unpinned ones. A socket that cannot be duplicated
 /// (out of descriptors) keeps its one watcher, with a warning.
+///
+/// Two workers share all-to-all, and the first to wake may take a whole
+/// burst of new clients from both sockets. Decided: shared all the same;
+/// turning it off there measured level (docs/architecture.md).
 pub fn share_with_neighbours(
     group: Vec<std::net::TcpListener>,
     workers: usize,
