@@ -530,9 +530,16 @@ fn a_config_path_that_is_not_a_regular_file_is_refused_at_once() {
 // ---------------------------------------------------------------------------
 // Finding 5: the process drops to a user and keeps what it needs only.
 
-/// A port below 1024 that is free on 127.0.0.1 now (we are root).
-fn free_low_port(skip: u16) -> u16 {
-    (900..1000)
+/// Low ports for the test that must see one stay closed, and for the test
+/// that opens two. Disjoint because the two tests run at once: drawn from
+/// one range, the first could pick a port that the second's reload then
+/// opens, and find it open.
+const LOW_PORTS_KEPT_CLOSED: std::ops::Range<u16> = 900..950;
+const LOW_PORTS_OPENED: std::ops::Range<u16> = 950..1000;
+
+/// A port of `ports` (below 1024) that is free on 127.0.0.1 now (we are root).
+fn free_low_port(ports: std::ops::Range<u16>, skip: u16) -> u16 {
+    ports
         .filter(|p| *p != skip)
         .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
         .expect("a free port below 1024")
@@ -599,7 +606,7 @@ fn a_dropped_balancer_runs_as_its_user_with_no_capability() {
     assert_eq!(mode(&socket), 0o600);
 
     // A reload that opens a port below 1024 needs CAP_NET_BIND_SERVICE, dropped: refused, nothing changes.
-    let low = free_low_port(0);
+    let low = free_low_port(LOW_PORTS_KEPT_CLOSED, 0);
     let low_listen = format!("127.0.0.1:{low}");
     let with_low = dropping_config(&state, &["127.0.0.1:0", low_listen.as_str()])
         .admin_listen(&format!("unix:{}", socket.display()));
@@ -629,7 +636,7 @@ fn a_balancer_on_a_low_port_keeps_only_the_bind_capability() {
     }
     let (uid, _) = test_user();
     let dir = tempfile::tempdir().unwrap();
-    let low = free_low_port(0);
+    let low = free_low_port(LOW_PORTS_OPENED, 0);
     let first = format!("127.0.0.1:{low}");
     let config = dropping_config(&dir.path().join("state"), &[first.as_str()]);
     let proc = Running::run(&config, &[]);
@@ -644,7 +651,7 @@ fn a_balancer_on_a_low_port_keeps_only_the_bind_capability() {
     assert_eq!(proc_status(pid, None, "NoNewPrivs"), "1");
 
     // So a reload may open another port below 1024.
-    let second = free_low_port(low);
+    let second = free_low_port(LOW_PORTS_OPENED, low);
     let second_listen = format!("127.0.0.1:{second}");
     let more = dropping_config(&dir.path().join("state"), &[first.as_str(), second_listen.as_str()]);
     std::fs::write(proc.config_path(), more.text()).unwrap();
