@@ -1,5 +1,6 @@
 //! Memory given back: the pages start-up mapped from the process's files
-//! ([`release_mapped_pages`]), and the allocator's after a load.
+//! ([`release_mapped_pages`]), and the allocator's after a load, then the
+//! code pages the load mapped back in, once no connection is left.
 //!
 //! After a load: the allocator (glibc's) keeps the memory
 //! of freed connections in its free lists, per thread, for good; after a
@@ -47,13 +48,17 @@ const QUIET_FREE: i64 = 1 << 20;
 /// Two figures this close count as the same, for [`QUIET_FREE`].
 const QUIET_SLACK: u64 = 64 << 10;
 
-/// When a trim is due, as the allocator's free memory rises and falls.
+/// When a trim is due, as the allocator's free memory rises and falls, and
+/// when the code pages a load mapped back in may go again.
 #[derive(Debug, Default)]
 struct Policy {
     /// The least free memory seen since the last trim.
     least_free: Option<i64>,
     /// The figure of the check before.
     last: Option<i64>,
+    /// A trim came after a load, and the code its serving mapped back in is
+    /// still resident.
+    code_mapped_back: bool,
 }
 
 impl Policy {
@@ -73,6 +78,17 @@ impl Policy {
     fn trimmed(&mut self, free: i64) {
         self.least_free = Some(free);
         self.last = Some(free);
+        self.code_mapped_back = true;
+    }
+
+    /// `true` once after each trim, at the first check that finds no
+    /// connection open: the load has passed, and what serving mapped in of
+    /// the executable and libraries can go as start-up's did. Not while
+    /// connections remain: they would map it straight back, a fault each.
+    fn release_code_now(&mut self, open_connections: usize) -> bool {
+        let due = self.code_mapped_back && open_connections == 0;
+        self.code_mapped_back &= !due;
+        due
     }
 }
 
@@ -102,6 +118,8 @@ pub async fn trim_after_load(data: Arc<DataPlane>, stop: CancellationToken) {
             })
             .await;
             policy.trimmed(held_free().unwrap_or(free));
+        } else if policy.release_code_now(data.open_connections()) {
+            let _ = tokio::task::spawn_blocking(release_mapped_pages).await;
         }
     }
 }
@@ -441,6 +459,18 @@ mod tests {
         assert!(!p.trim_now(MIB / 4), "what a trim left is not trimmed again");
         assert!(!p.trim_now(MIB), "quiet, but under 1 MiB gained");
         assert!(!p.trim_now(MIB));
+    }
+
+    #[test]
+    fn code_goes_once_after_each_trim_when_no_connection_is_left() {
+        let mut p = Policy::default();
+        assert!(!p.release_code_now(0), "no load yet: start-up let go of what it ran");
+        p.trimmed(0);
+        assert!(!p.release_code_now(3), "connections still open would map it back");
+        assert!(p.release_code_now(0), "the load has passed");
+        assert!(!p.release_code_now(0), "once per trim");
+        p.trimmed(0);
+        assert!(p.release_code_now(0), "and again after the next load's trim");
     }
 
     #[test]
