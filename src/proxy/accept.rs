@@ -1,12 +1,16 @@
 //! Accepting: one loop per listening socket on a worker, which admits each
-//! client (`admission`) and spawns its connection task on that worker.
-//! Never reads a client's bytes.
+//! client (`admission`) and spawns its connection task on that worker; on a
+//! neighbour's socket, only when the neighbour needs the help
+//! ([`help_neighbour`]). Never reads a client's bytes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::net::TcpListener;
+use tokio::runtime::RuntimeMetrics;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -18,16 +22,25 @@ use super::{admission, busy_poll, identity};
 /// Pause after a failed accept (out of descriptors, usually).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// How long a client may wait on a neighbour's socket, its owner no busier
+/// than this worker, before this worker takes it (one per wait).
+const NEIGHBOUR_PATIENCE: Duration = Duration::from_millis(1);
+
 /// Accepts clients of `service` on `listener` until `stop` is cancelled,
 /// counting each in `accepted_here`. Run on a worker: the listener and every
-/// client it accepts live on that worker's runtime.
+/// client it accepts live on that worker's runtime. With `owner_load`, the
+/// listener is a neighbour's socket ([`help_neighbour`]).
 pub(super) async fn accept_loop(
     listener: std::net::TcpListener,
     service: Arc<str>,
     shared: Arc<Shared>,
     accepted_here: AcceptCount,
     stop: CancellationToken,
+    owner_load: Option<RuntimeMetrics>,
 ) {
+    if let Some(owner) = owner_load {
+        return help_neighbour(listener, owner, service, shared, accepted_here, stop).await;
+    }
     let local = listener.local_addr().ok();
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -52,35 +65,136 @@ pub(super) async fn accept_loop(
         match accepted {
             Ok((client, peer)) => {
                 accepted_here.add_one();
-                if let Some(timeout) = admission::expects_proxy_header(&shared, &service, peer.ip()) {
-                    let (service, shared, cut) = (service.clone(), shared.clone(), cut.clone());
-                    let task = from_upstream(client, peer, local_port, timeout, service, shared.clone(), cut);
-                    shared.connections.spawn(busy_poll::Counted::new(task));
-                    continue;
-                }
-                let Some(accepted) = admit(client, peer, None, local_port, &service, &shared, &cut) else {
-                    continue;
-                };
-                shared
-                    .connections
-                    .spawn(busy_poll::Counted::new(connection_task(accepted)));
+                serve(client, peer, local_port, &service, &shared, &cut);
             }
             Err(e) => {
-                // EMFILE/ENFILE and friends: back off instead of spinning; the
-                // pending client stays in the backlog until descriptors free up.
-                failures += 1;
-                if last_failure_log.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
-                    warn!(service = %service, "accept failed: {e}; backing off 100 ms between tries ({failures} failure(s) so far)");
-                    last_failure_log = Some(Instant::now());
-                }
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                if !back_off(&e, &service, &mut failures, &mut last_failure_log, &stop).await {
+                    break;
                 }
             }
         }
     }
     debug!(service = %service, "listener on {local:?} closed");
+}
+
+/// Spawns the connection task of a client just accepted, on this worker.
+fn serve(
+    client: tokio::net::TcpStream,
+    peer: SocketAddr,
+    local_port: u16,
+    service: &Arc<str>,
+    shared: &Arc<Shared>,
+    cut: &CancellationToken,
+) {
+    if let Some(timeout) = admission::expects_proxy_header(shared, service, peer.ip()) {
+        let (service, cut) = (service.clone(), cut.clone());
+        let task = from_upstream(client, peer, local_port, timeout, service, shared.clone(), cut);
+        shared.connections.spawn(busy_poll::Counted::new(task));
+        return;
+    }
+    if let Some(accepted) = admit(client, peer, None, local_port, service, shared, cut) {
+        shared
+            .connections
+            .spawn(busy_poll::Counted::new(connection_task(accepted)));
+    }
+}
+
+/// After a failed accept (EMFILE/ENFILE and friends): backs off instead of
+/// spinning, logging at most every 10 s; the pending client stays in the
+/// backlog until descriptors free up. `false` once `stop` is cancelled.
+async fn back_off(
+    e: &std::io::Error,
+    service: &str,
+    failures: &mut u64,
+    last_failure_log: &mut Option<Instant>,
+    stop: &CancellationToken,
+) -> bool {
+    *failures += 1;
+    if last_failure_log.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
+        warn!(service = %service, "accept failed: {e}; backing off 100 ms between tries ({failures} failure(s) so far)");
+        *last_failure_log = Some(Instant::now());
+    }
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(ACCEPT_BACKOFF) => true,
+    }
+}
+
+/// Accepts from a neighbour's socket (`workers::share_with_neighbours`),
+/// but only where the neighbour needs the help: at once while this worker
+/// runs fewer tasks than the socket's owner (its connections, mostly), else
+/// one client per [`NEIGHBOUR_PATIENCE`] that its owner has left waiting.
+///
+/// Why not whenever this worker wakes first: a burst of new clients (wrk's
+/// 64 keep-alive connections, opened at once) then went all to whichever
+/// worker woke first, and long-lived connections kept the imbalance: on 2
+/// CPUs keep-alive requests per second fell by up to a fifth in those runs
+/// (docs/performance.md). Ties go to the owner, so a burst splits as the
+/// kernel's hash spread it; a busier or stuck owner is still helped.
+///
+/// Waits on the socket's readiness itself (tokio's listener has no wait that
+/// does not accept): each new client queued on the socket wakes this loop
+/// once; it then drains what it may take with non-blocking accepts.
+async fn help_neighbour(
+    listener: std::net::TcpListener,
+    owner: RuntimeMetrics,
+    service: Arc<str>,
+    shared: Arc<Shared>,
+    accepted_here: AcceptCount,
+    stop: CancellationToken,
+) {
+    let local = listener.local_addr().ok();
+    let local_port = local.map_or(0, |a| a.port());
+    // SAFETY: the listener owns its descriptor, which stays open and the same
+    // for as long as the AsyncFd that takes the listener lives.
+    let listener = match unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) } {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(service = %service, "cannot watch the neighbour's listener on {local:?}: {e}");
+            return;
+        }
+    };
+    let mine = tokio::runtime::Handle::current().metrics();
+    let (mut failures, mut last_failure_log) = (0u64, None);
+    let cut = shared.cut_all.child_token();
+    let mut drained = true;
+    loop {
+        if drained {
+            let mut ready = tokio::select! {
+                _ = stop.cancelled() => break,
+                ready = listener.readable() => match ready {
+                    Ok(ready) => ready,
+                    Err(_) => break,
+                },
+            };
+            // Cleared before the accepts below: a client queued meanwhile wakes us again.
+            ready.clear_ready();
+            drained = false;
+        }
+        if mine.num_alive_tasks() >= owner.num_alive_tasks() {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(NEIGHBOUR_PATIENCE) => {}
+            }
+        }
+        let accepted = listener.get_ref().accept().and_then(|(client, peer)| {
+            client.set_nonblocking(true)?;
+            Ok((tokio::net::TcpStream::from_std(client)?, peer))
+        });
+        match accepted {
+            Ok((client, peer)) => {
+                accepted_here.add_one();
+                serve(client, peer, local_port, &service, &shared, &cut);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => drained = true,
+            Err(e) => {
+                if !back_off(&e, &service, &mut failures, &mut last_failure_log, &stop).await {
+                    break;
+                }
+            }
+        }
+    }
+    debug!(service = %service, "neighbour's listener on {local:?} closed");
 }
 
 /// A client from `accept_proxy_from`: an upstream balancer's connection,

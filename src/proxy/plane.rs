@@ -18,7 +18,7 @@ use super::accept::accept_loop;
 use super::admission;
 use super::connection::{Accepted, adopted_task};
 use super::shared::{Departing, Shared};
-use super::workers::{Workers, bind_group, join_inherited, share_with_neighbours};
+use super::workers::{Watch, Workers, bind_group, join_inherited, share_with_neighbours};
 use crate::config::{Config, ListenerKey};
 use crate::model::{ConnectionState, Live};
 
@@ -212,13 +212,16 @@ impl DataPlane {
                     }
                 })
                 .collect();
-            for (worker, listener) in share_with_neighbours(group, self.workers.count(), steered) {
+            for Watch { worker, owner, socket } in share_with_neighbours(group, self.workers.count(), steered) {
+                // A neighbour's socket: its owner's load decides when to help.
+                let owner_load = (owner != worker).then(|| self.workers.metrics(owner));
                 let accept = accept_loop(
-                    listener,
+                    socket,
                     service.clone(),
                     self.shared.clone(),
                     self.workers.accept_count(worker),
                     stop.clone(),
+                    owner_load,
                 );
                 self.workers.spawn_on(worker, self.accept_loops.track_future(accept));
             }
@@ -472,6 +475,7 @@ fn capped_socket_buffers(sized: &[(String, usize)], rmem_max: usize, wmem_max: u
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
 
     #[tokio::test]
     async fn each_worker_runs_the_step_and_a_stopped_one_answers_none() {
@@ -491,6 +495,45 @@ mod tests {
         data.stop_workers().await;
         let after = data.on_every_worker(|| ()).await;
         assert_eq!(after, [None, None], "a stopped worker runs nothing and says so");
+    }
+
+    #[tokio::test]
+    async fn clients_left_waiting_by_a_stuck_worker_are_taken_by_its_neighbour() {
+        let config = Config::forward("127.0.0.1:0", &["127.0.0.1:1".to_string()]).unwrap();
+        let live = Live::new(crate::balance::compile(&config, None), Default::default());
+        let settings = WorkerSettings {
+            threads: 2,
+            pin_workers: false,
+            busy_poll: None,
+        };
+        let data = DataPlane::start(settings, Arc::new(live), Vec::new()).unwrap();
+        // Worker 1 is stuck before its accept loops start: its socket's
+        // clients wait there, and it is no busier than worker 0 by its tasks.
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let (is_stuck, now_stuck) = std::sync::mpsc::channel::<()>();
+        data.workers.spawn_on(1, async move {
+            is_stuck.send(()).unwrap();
+            let _ = stuck.recv();
+        });
+        now_stuck.recv().unwrap();
+        data.open(data.bind(&crate::config::listeners(&config)).unwrap());
+        let addr = data.listen_addrs()[0].1;
+        // The kernel's hash queues about half of them on worker 1's socket
+        // (none of 24: a chance of 6 in 100,000,000).
+        let clients: Vec<std::net::TcpStream> = (0..24).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+        // A bound for a broken build, not a synchronisation: the counts are polled.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while data.accepted_by_worker()[0] < 24 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            data.accepted_by_worker(),
+            [24, 0],
+            "worker 0 took its own clients and the stuck one's"
+        );
+        release.send(()).unwrap();
+        drop(clients);
+        data.stop_workers().await;
     }
 
     #[test]

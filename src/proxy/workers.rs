@@ -179,6 +179,12 @@ impl Workers {
         self.steering.as_deref()
     }
 
+    /// Worker `i`'s runtime figures: its tasks alive are its load, for a
+    /// neighbour deciding whether to take its clients.
+    pub fn metrics(&self, i: usize) -> tokio::runtime::RuntimeMetrics {
+        self.handles[i].metrics()
+    }
+
     /// Where worker `i`'s accept loops count the clients they accept.
     pub fn accept_count(&self, i: usize) -> AcceptCount {
         AcceptCount {
@@ -311,14 +317,11 @@ pub fn join_inherited(mut group: Vec<std::net::TcpListener>, workers: usize) -> 
 /// by hash and share like unpinned ones. A socket that cannot be duplicated
 /// (out of descriptors) keeps its one watcher, with a warning.
 ///
-/// Two workers share all-to-all, and the first to wake may take a whole
-/// burst of new clients from both sockets. Decided: shared all the same;
-/// turning it off there measured level (docs/architecture.md).
-pub fn share_with_neighbours(
-    group: Vec<std::net::TcpListener>,
-    workers: usize,
-    steered: bool,
-) -> Vec<(usize, std::net::TcpListener)> {
+/// A worker helps on a neighbour's socket only where the neighbour needs
+/// it (`accept::help_neighbour`): with two workers sharing all-to-all, the
+/// first to wake would otherwise take a whole burst of new clients from
+/// both sockets (docs/architecture.md).
+pub fn share_with_neighbours(group: Vec<std::net::TcpListener>, workers: usize, steered: bool) -> Vec<Watch> {
     let (count, workers) = (group.len(), workers.max(1));
     // (worker, socket index) pairs beyond each socket's owner.
     let mut watchers: Vec<(usize, usize)> = (count..workers).map(|w| (w, w % count.max(1))).collect();
@@ -331,11 +334,15 @@ pub fn share_with_neighbours(
             }
         }
     }
-    let duplicates: Vec<(usize, std::net::TcpListener)> = watchers
+    let duplicates: Vec<Watch> = watchers
         .into_iter()
         .filter(|(_, i)| *i < count)
         .filter_map(|(worker, i)| match group[i].try_clone() {
-            Ok(duplicate) => Some((worker, duplicate)),
+            Ok(socket) => Some(Watch {
+                worker,
+                owner: i % workers,
+                socket,
+            }),
             Err(e) => {
                 tracing::warn!(
                     "cannot share listening socket {i} with worker {worker} ({e}); it keeps its other watchers"
@@ -347,9 +354,21 @@ pub fn share_with_neighbours(
     group
         .into_iter()
         .enumerate()
-        .map(|(i, socket)| (i % workers, socket))
+        .map(|(i, socket)| Watch {
+            worker: i % workers,
+            owner: i % workers,
+            socket,
+        })
         .chain(duplicates)
         .collect()
+}
+
+/// One listening socket a worker accepts from, and the worker whose socket
+/// it is (the same worker, or the one it helps: [`share_with_neighbours`]).
+pub struct Watch {
+    pub worker: usize,
+    pub owner: usize,
+    pub socket: std::net::TcpListener,
 }
 
 /// A non-blocking listening socket on `addr`, `SO_REUSEPORT` set before the
@@ -592,10 +611,15 @@ mod tests {
         let group = bind_group("127.0.0.1:0".parse().unwrap(), 3, None).unwrap();
         let addr = group[0].local_addr().unwrap();
         let watched = share_with_neighbours(group, 3, false);
-        let mut pairs: Vec<usize> = watched.iter().map(|(worker, _)| *worker).collect();
+        let mut pairs: Vec<usize> = watched.iter().map(|w| w.worker).collect();
         pairs.sort();
         assert_eq!(pairs, [0, 0, 1, 1, 2, 2], "two sockets for each worker");
-        for (worker, listener) in watched {
+        for Watch {
+            worker,
+            socket: listener,
+            ..
+        } in watched
+        {
             workers.spawn_on(worker, async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 loop {
@@ -622,7 +646,7 @@ mod tests {
     #[test]
     fn steered_workers_keep_to_their_own_sockets() {
         let group = bind_group("127.0.0.1:0".parse().unwrap(), 3, None).unwrap();
-        let watched: Vec<usize> = share_with_neighbours(group, 3, true).iter().map(|(w, _)| *w).collect();
+        let watched: Vec<usize> = share_with_neighbours(group, 3, true).iter().map(|w| w.worker).collect();
         assert_eq!(watched, [0, 1, 2]);
         let one = bind_group("127.0.0.1:0".parse().unwrap(), 1, None).unwrap();
         assert_eq!(
@@ -638,7 +662,7 @@ mod tests {
             let group = bind_group("127.0.0.1:0".parse().unwrap(), sockets, None).unwrap();
             let mut w: Vec<usize> = share_with_neighbours(group, workers, false)
                 .iter()
-                .map(|(w, _)| *w)
+                .map(|w| w.worker)
                 .collect();
             w.sort();
             w
