@@ -477,8 +477,8 @@ mod tests {
     use super::*;
     use std::time::{Duration, Instant};
 
-    #[tokio::test]
-    async fn each_worker_runs_the_step_and_a_stopped_one_answers_none() {
+    /// A data plane of 2 workers for a forwarding config (not yet listening).
+    fn two_workers() -> (Config, DataPlane) {
         let config = Config::forward("127.0.0.1:0", &["127.0.0.1:1".to_string()]).unwrap();
         let live = Live::new(crate::balance::compile(&config, None), Default::default());
         let settings = WorkerSettings {
@@ -487,6 +487,12 @@ mod tests {
             busy_poll: None,
         };
         let data = DataPlane::start(settings, Arc::new(live), Vec::new()).unwrap();
+        (config, data)
+    }
+
+    #[tokio::test]
+    async fn each_worker_runs_the_step_and_a_stopped_one_answers_none() {
+        let (_, data) = two_workers();
         let ran_on = data.on_every_worker(|| std::thread::current().id()).await;
         assert_eq!(ran_on.len(), 2);
         assert!(ran_on.iter().all(Option::is_some), "{ran_on:?}");
@@ -499,14 +505,7 @@ mod tests {
 
     #[tokio::test]
     async fn clients_left_waiting_by_a_stuck_worker_are_taken_by_its_neighbour() {
-        let config = Config::forward("127.0.0.1:0", &["127.0.0.1:1".to_string()]).unwrap();
-        let live = Live::new(crate::balance::compile(&config, None), Default::default());
-        let settings = WorkerSettings {
-            threads: 2,
-            pin_workers: false,
-            busy_poll: None,
-        };
-        let data = DataPlane::start(settings, Arc::new(live), Vec::new()).unwrap();
+        let (config, data) = two_workers();
         // Worker 1 is stuck before its accept loops start: its socket's
         // clients wait there, and it is no busier than worker 0 by its tasks.
         let (release, stuck) = std::sync::mpsc::channel::<()>();
