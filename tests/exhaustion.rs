@@ -73,7 +73,10 @@ fn out_of_descriptors_backs_off_and_recovers() {
     let config = ConfigText::one_service(Cluster::of("c", &[("a", node)])).top("threads = 1");
     let balancer = Running::run(&config, &[]);
     let addr: SocketAddr = balancer.listen_addr();
-    balancer.admin_addr(); // started: every listener is open
+    // Ready: every listener is open, and start-up's own descriptors (those
+    // it reads /proc through) are closed, so that none but the clients' come
+    // and go while the test counts them.
+    balancer.ready();
     let pid = balancer.child.id();
 
     // Limit the balancer to a few descriptors more than it holds, then fill

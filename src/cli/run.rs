@@ -161,6 +161,11 @@ async fn start(config: &Config, path: Option<PathBuf>, handed: Handed) -> Result
         server.clone().shutdown(std::time::Duration::ZERO).await;
         return Err(fail(&e));
     }
+    // Start-up is done: what only it ran need not stay resident. (A reload
+    // maps its parsing back in; that stays, a few hundred KiB at most.) Done
+    // before the balancer says it is ready, so that ready means start-up's
+    // work, and the descriptor it reads /proc through, are over.
+    crate::server::release_mapped_pages();
     info!(
         "protobalance {} running: {}",
         env!("CARGO_PKG_VERSION"),
@@ -171,9 +176,6 @@ async fn start(config: &Config, path: Option<PathBuf>, handed: Handed) -> Result
     } else {
         systemd::ready(&running_status(&server));
     }
-    // Start-up is done: what only it ran need not stay resident. (A reload
-    // maps its parsing back in; that stays, a few hundred KiB at most.)
-    crate::server::release_mapped_pages();
     Ok(server)
 }
 

@@ -94,32 +94,38 @@ impl Policy {
 
 /// Watches the allocator's free memory until `stop`, trimming after each
 /// load: first the blocks each worker's allocator cache holds
-/// ([`take_thread_cache`]), then every heap's free pages.
-pub async fn trim_after_load(data: Arc<DataPlane>, stop: CancellationToken) {
-    let mut policy = Policy::default();
-    let mut tick = tokio::time::interval(CHECK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let Some(free) = held_free() else { return };
-        if policy.trim_now(free) {
-            let cached: Vec<CachedBlocks> = data
-                .on_every_worker(take_thread_cache)
-                .await
-                .into_iter()
-                .flatten()
-                .collect();
-            let _ = tokio::task::spawn_blocking(move || {
-                free_on_a_passing_thread(cached);
-                trim(free);
-            })
-            .await;
-            policy.trimmed(held_free().unwrap_or(free));
-        } else if policy.release_code_now(data.open_connections()) {
-            let _ = tokio::task::spawn_blocking(release_mapped_pages).await;
+/// ([`take_thread_cache`]), then every heap's free pages. /proc/self/statm is
+/// opened here, before the task first runs: by the time the balancer says it
+/// is ready its descriptors are all open.
+pub fn trim_after_load(data: Arc<DataPlane>, stop: CancellationToken) -> impl Future<Output = ()> {
+    let statm = Statm::open();
+    async move {
+        let Some(statm) = statm else { return };
+        let mut policy = Policy::default();
+        let mut tick = tokio::time::interval(CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let Some(free) = held_free(&statm) else { continue };
+            if policy.trim_now(free) {
+                let cached: Vec<CachedBlocks> = data
+                    .on_every_worker(take_thread_cache)
+                    .await
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                let _ = tokio::task::spawn_blocking(move || {
+                    free_on_a_passing_thread(cached);
+                    trim(free);
+                })
+                .await;
+                policy.trimmed(held_free(&statm).unwrap_or(free));
+            } else if policy.release_code_now(data.open_connections()) {
+                let _ = tokio::task::spawn_blocking(release_mapped_pages).await;
+            }
         }
     }
 }
@@ -137,26 +143,48 @@ pub async fn trim_after_load(data: Arc<DataPlane>, stop: CancellationToken) {
 /// free chunks but keeps the chunks in its lists, so after a trim in the
 /// middle of a load, the memory the load later frees again would not count
 /// as new, and would stay resident.
-fn held_free() -> Option<i64> {
+fn held_free(statm: &Statm) -> Option<i64> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallinfo2 has no preconditions; it only reads the arenas.
         let info = unsafe { libc::mallinfo2() };
         let handed_out = i64::try_from(info.uordblks + info.hblkhd).ok()?;
-        Some(i64::try_from(resident_anonymous()?).ok()? - handed_out)
+        Some(i64::try_from(statm.resident_anonymous()?).ok()? - handed_out)
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    None
+    {
+        let _ = statm;
+        None
+    }
 }
 
-/// The process's resident anonymous memory in bytes, from /proc/self/statm
-/// (resident pages less the file-backed and shared ones).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn resident_anonymous() -> Option<usize> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let mut pages = statm.split_whitespace().skip(1).map(|n| n.parse::<usize>().ok());
-    let (resident, file_or_shared) = (pages.next()??, pages.next()??);
-    Some(resident.saturating_sub(file_or_shared) * page_size())
+/// /proc/self/statm, opened once and read again from its start at each
+/// check: a load that has used every descriptor the process may hold is
+/// when the trim matters most, and it must not need a new one (nor take one
+/// from an accept in that moment).
+struct Statm(std::fs::File);
+
+impl Statm {
+    /// `None` where there is no trim (not glibc on Linux) or no /proc.
+    fn open() -> Option<Self> {
+        if cfg!(all(target_os = "linux", target_env = "gnu")) {
+            std::fs::File::open("/proc/self/statm").ok().map(Self)
+        } else {
+            None
+        }
+    }
+
+    /// The process's resident anonymous memory in bytes (resident pages less
+    /// the file-backed and shared ones).
+    fn resident_anonymous(&self) -> Option<usize> {
+        use std::os::unix::fs::FileExt;
+        let mut text = [0u8; 256];
+        let len = self.0.read_at(&mut text, 0).ok()?;
+        let text = std::str::from_utf8(&text[..len]).ok()?;
+        let mut pages = text.split_whitespace().skip(1).map(|n| n.parse::<usize>().ok());
+        let (resident, file_or_shared) = (pages.next()??, pages.next()??);
+        Some(resident.saturating_sub(file_or_shared) * page_size())
+    }
 }
 
 /// Sizes of block the allocator caches per thread (glibc's `tcache`, by
@@ -650,6 +678,19 @@ Private_Hugetlb:    2048 kB
     }
 
     #[test]
+    fn statm_read_again_through_one_descriptor_is_fresh() {
+        let statm = Statm::open().expect("glibc on Linux");
+        let before = statm.resident_anonymous().unwrap();
+        let touched = std::hint::black_box(vec![1u8; 32 * MIB as usize]);
+        let after = statm.resident_anonymous().unwrap();
+        assert!(
+            after >= before + 16 * MIB as usize,
+            "32 MiB touched show as resident: {before} then {after}"
+        );
+        drop(touched);
+    }
+
+    #[test]
     fn the_allocator_says_what_it_holds_free() {
         // Small blocks kept between the freed ones, as a connection's memory
         // sits between others': the freed memory cannot fall back to the top
@@ -659,9 +700,10 @@ Private_Hugetlb:    2048 kB
             freed.push(vec![1u8; 4096]);
             kept.push(vec![1u8; 64]);
         }
-        let in_use = held_free().expect("glibc on Linux");
+        let statm = Statm::open().expect("glibc on Linux");
+        let in_use = held_free(&statm).unwrap();
         drop(freed);
-        let after = held_free().unwrap();
+        let after = held_free(&statm).unwrap();
         drop(kept);
         // 32 MiB freed; the rest of the margin is for other tests' threads.
         assert!(

@@ -158,6 +158,12 @@ impl Running {
         self.history.lock().unwrap().clone()
     }
 
+    /// Waits until the balancer says it is ready (`protobalance VERSION
+    /// running: ...`): start-up is over, every listener open.
+    pub fn ready(&self) {
+        self.logged(|l| l.contains(" running: "));
+    }
+
     /// The address of the first service listener it logged (`listening on
     /// ADDR`; the admin API's `admin listening on` line is not one).
     pub fn listen_addr(&self) -> SocketAddr {
