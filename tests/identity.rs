@@ -452,7 +452,7 @@ fn a_transparent_source_shows_the_client_to_a_node_on_another_network() {
     let mut balancer = ns.exec("lb");
     balancer.arg(common::BIN).arg("run").arg("--config").arg(file.path());
     let balancer = common::Running::start(balancer);
-    balancer.wait_for("running");
+    balancer.ready();
     let client = ns
         .exec("cl")
         .args([
