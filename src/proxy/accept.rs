@@ -177,10 +177,8 @@ async fn help_neighbour(
                 _ = tokio::time::sleep(NEIGHBOUR_PATIENCE) => {}
             }
         }
-        let accepted = listener.get_ref().accept().and_then(|(client, peer)| {
-            client.set_nonblocking(true)?;
-            Ok((tokio::net::TcpStream::from_std(client)?, peer))
-        });
+        let accepted = accept_nonblocking(listener.get_ref())
+            .and_then(|(client, peer)| Ok((tokio::net::TcpStream::from_std(client)?, peer)));
         match accepted {
             Ok((client, peer)) => {
                 accepted_here.add_one();
@@ -195,6 +193,17 @@ async fn help_neighbour(
         }
     }
     debug!(service = %service, "neighbour's listener on {local:?} closed");
+}
+
+/// One client from a listener that tokio does not own, made non-blocking and
+/// close-on-exec by the `accept4` itself: std's `accept` would leave the
+/// socket blocking and cost one more system call to change that.
+fn accept_nonblocking(listener: &std::net::TcpListener) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    let (client, peer) = socket2::SockRef::from(listener).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+    let peer = peer
+        .as_socket()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "a TCP listener accepted a non-IP peer"))?;
+    Ok((client.into(), peer))
 }
 
 /// A client from `accept_proxy_from`: an upstream balancer's connection,
@@ -260,4 +269,44 @@ fn admit(
         cut: cut.clone(),
         sni: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::accept_nonblocking;
+
+    fn status_flags(socket: &std::net::TcpStream) -> (libc::c_int, libc::c_int) {
+        // SAFETY: F_GETFL and F_GETFD only read the flags of a descriptor the stream owns.
+        unsafe {
+            (
+                libc::fcntl(socket.as_raw_fd(), libc::F_GETFL),
+                libc::fcntl(socket.as_raw_fd(), libc::F_GETFD),
+            )
+        }
+    }
+
+    #[test]
+    fn a_client_taken_from_a_neighbours_socket_is_non_blocking_and_close_on_exec() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, peer) = accept_nonblocking(&listener).unwrap();
+        assert_eq!(peer, client.local_addr().unwrap());
+        let (status, descriptor) = status_flags(&accepted);
+        assert_ne!(status & libc::O_NONBLOCK, 0, "tokio needs a non-blocking socket");
+        assert_ne!(
+            descriptor & libc::FD_CLOEXEC,
+            0,
+            "no child process may inherit a client"
+        );
+    }
+
+    #[test]
+    fn an_empty_queue_would_block() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let error = accept_nonblocking(&listener).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::WouldBlock);
+    }
 }
