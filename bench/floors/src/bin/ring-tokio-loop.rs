@@ -1,0 +1,290 @@
+//! The floor of io_uring inside the balancer's runtime: one tokio task per
+//! connection, as the balancer has it, whose every socket operation goes
+//! through one io_uring per thread instead of epoll readiness. It tells
+//! whether a data plane on io_uring can keep tokio's task model (timers,
+//! the fall-over's logic and the access log staying async code) and still
+//! get what uring-loop gets, or whether it needs a loop of its own.
+//!
+//! One current-thread runtime and one ring per thread, each with its own
+//! SO_REUSEPORT listener:
+//!
+//! - an operation is a future: it queues its entry and sleeps until the
+//!   completion carrying its slot wakes it;
+//! - what the tasks queued in one pass of the runtime goes to the kernel in
+//!   one `io_uring_enter`, made just before the runtime would sleep
+//!   (`on_thread_park`); completions already posted are handed out there
+//!   too, so the runtime goes on without sleeping;
+//! - later completions wake the runtime through the ring's descriptor,
+//!   registered with tokio's epoll like any socket;
+//! - one multishot accept; the node's socket made, set (TCP_NODELAY) and
+//!   connected through the ring; one receive at a time per direction into a
+//!   16 KiB buffer from the thread's pool, sent on as it is; the sockets
+//!   closed through the ring; a half-close is shutdown(2) inline (see
+//!   uring-loop for why).
+//!
+//! An operation's future is never dropped while in flight (no task here is
+//! cancelled: a failing direction shuts both sockets down, which ends the
+//! other direction's receive), so the buffers it points at outlive it.
+//!
+//! Never balancing, never logging, never limiting: a measuring tool only.
+//!
+//! Usage: ring-tokio-loop LISTEN NODE [THREADS]
+
+use io_uring::opcode;
+use io_uring::squeue::Entry;
+use io_uring::types::Fd;
+use io_uring::{IoUring, cqueue};
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::net::SocketAddrV4;
+use std::os::fd::{AsRawFd, RawFd};
+use std::task::{Poll, Waker};
+use tokio::io::unix::AsyncFd;
+
+const BUF_SIZE: usize = 16 * 1024;
+/// The user data of operations nobody waits for (TCP_NODELAY, close).
+const IGNORED: u64 = u64::MAX;
+static ONE: libc::c_int = 1;
+
+enum Slot {
+    Free,
+    /// Submitted; the waker of the task that waits for it.
+    Waiting(Option<Waker>),
+    Done(i32),
+    /// A multishot operation: its completions so far, and who waits.
+    Multi(VecDeque<i32>, Option<Waker>),
+}
+
+struct Driver {
+    ring: IoUring,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    buffers: Vec<Box<[u8]>>,
+}
+
+thread_local! {
+    static DRIVER: RefCell<Option<Driver>> = const { RefCell::new(None) };
+}
+
+fn with<T>(f: impl FnOnce(&mut Driver) -> T) -> T {
+    DRIVER.with(|d| f(d.borrow_mut().as_mut().expect("the thread's ring")))
+}
+
+impl Driver {
+    fn push(&mut self, entry: &Entry) {
+        // SAFETY: every entry points at memory that outlives its operation
+        // (see the module's docs).
+        while unsafe { self.ring.submission().push(entry) }.is_err() {
+            self.ring.submit().expect("io_uring_enter");
+        }
+    }
+
+    fn slot(&mut self, slot: Slot) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = slot;
+                i
+            }
+            None => {
+                self.slots.push(slot);
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    /// Hands out every completion posted so far; the wakes land in the
+    /// runtime's own queue (this is its thread).
+    fn reap(&mut self) {
+        let mut wakers = Vec::new();
+        for cqe in self.ring.completion() {
+            if cqe.user_data() == IGNORED {
+                continue;
+            }
+            let slot = &mut self.slots[cqe.user_data() as usize];
+            match slot {
+                Slot::Waiting(waker) => {
+                    wakers.extend(waker.take());
+                    *slot = Slot::Done(cqe.result());
+                }
+                Slot::Multi(results, waker) => {
+                    results.push_back(cqe.result());
+                    if !cqueue::more(cqe.flags()) {
+                        results.push_back(-libc::ECANCELED);
+                    }
+                    wakers.extend(waker.take());
+                }
+                Slot::Free | Slot::Done(_) => unreachable!("a completion for no operation"),
+            }
+        }
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// Before the runtime sleeps: submits what its tasks queued, and hands
+    /// out what completed meanwhile.
+    fn before_park(&mut self) {
+        if !self.ring.submission().is_empty() {
+            let _ = self.ring.submit();
+        }
+        self.reap();
+    }
+}
+
+/// Submits `entry` and waits for its completion's result.
+async fn op(entry: Entry) -> i32 {
+    let slot = with(|d| {
+        let slot = d.slot(Slot::Waiting(None));
+        d.push(&entry.user_data(slot as u64));
+        slot
+    });
+    poll_fn(|cx| {
+        with(|d| match &mut d.slots[slot] {
+            Slot::Done(result) => {
+                let result = *result;
+                d.slots[slot] = Slot::Free;
+                d.free.push(slot);
+                Poll::Ready(result)
+            }
+            Slot::Waiting(waker) => {
+                *waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            _ => unreachable!("a single operation's slot"),
+        })
+    })
+    .await
+}
+
+fn fire_and_forget(entry: Entry) {
+    with(|d| d.push(&entry.user_data(IGNORED)));
+}
+
+fn set_nodelay(fd: RawFd) {
+    let optlen = size_of::<libc::c_int>() as u32;
+    let level = libc::IPPROTO_TCP as u32;
+    let option = libc::TCP_NODELAY as u32;
+    fire_and_forget(opcode::SetSockOpt::new(Fd(fd), level, option, (&raw const ONE).cast(), optlen).build());
+}
+
+fn shutdown(fd: RawFd, how: libc::c_int) {
+    // SAFETY: the connection's own socket, open until its task closes it.
+    unsafe { libc::shutdown(fd, how) };
+}
+
+/// One direction: receives from `from` and sends it all on to `to`, then
+/// passes the half-close on; on an error, ends both directions.
+async fn pipe(from: RawFd, to: RawFd) {
+    let mut buffer = with(|d| d.buffers.pop()).unwrap_or_else(|| vec![0; BUF_SIZE].into_boxed_slice());
+    loop {
+        let received = op(opcode::Recv::new(Fd(from), buffer.as_mut_ptr(), BUF_SIZE as u32).build()).await;
+        if received == 0 {
+            shutdown(to, libc::SHUT_WR);
+            break;
+        }
+        let mut sent = 0;
+        while received > 0 && sent < received {
+            let rest = &buffer[sent as usize..received as usize];
+            let send = opcode::Send::new(Fd(to), rest.as_ptr(), rest.len() as u32).flags(libc::MSG_NOSIGNAL);
+            match op(send.build()).await {
+                n if n > 0 => sent += n,
+                _ => break,
+            }
+        }
+        if received < 0 || sent < received {
+            shutdown(from, libc::SHUT_RDWR);
+            shutdown(to, libc::SHUT_RDWR);
+            break;
+        }
+    }
+    with(|d| d.buffers.push(buffer));
+}
+
+async fn forward(client: RawFd, node: &'static libc::sockaddr_in) {
+    set_nodelay(client);
+    let socket = opcode::Socket::new(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+    let node_fd = op(socket.build()).await;
+    if node_fd >= 0 {
+        set_nodelay(node_fd);
+        let addr_len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        if op(opcode::Connect::new(Fd(node_fd), (&raw const *node).cast(), addr_len).build()).await == 0 {
+            let (a, b) = tokio::join!(pipe(client, node_fd), pipe(node_fd, client));
+            let ((), ()) = (a, b);
+        }
+        fire_and_forget(opcode::Close::new(Fd(node_fd)).build());
+    }
+    fire_and_forget(opcode::Close::new(Fd(client)).build());
+}
+
+async fn accept_loop(listener: RawFd, node: &'static libc::sockaddr_in) -> std::io::Result<()> {
+    let slot = with(|d| {
+        let slot = d.slot(Slot::Multi(VecDeque::new(), None));
+        d.push(&opcode::AcceptMulti::new(Fd(listener)).build().user_data(slot as u64));
+        slot
+    });
+    loop {
+        let accepted = poll_fn(|cx| {
+            with(|d| match &mut d.slots[slot] {
+                Slot::Multi(results, waker) => match results.pop_front() {
+                    Some(result) => Poll::Ready(result),
+                    None => {
+                        *waker = Some(cx.waker().clone());
+                        Poll::Pending
+                    }
+                },
+                _ => unreachable!("the accept's slot"),
+            })
+        })
+        .await;
+        match accepted {
+            fd if fd >= 0 => drop(tokio::spawn(forward(fd, node))),
+            e if e == -libc::ECANCELED => {
+                // The multishot accept ended: armed again.
+                with(|d| d.push(&opcode::AcceptMulti::new(Fd(listener)).build().user_data(slot as u64)));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Wakes the runtime for completions posted while it slept.
+async fn completions(ring_fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: the ring lives in the thread's DRIVER for the thread's life,
+    // so its descriptor outlives this registration.
+    let ring = unsafe { AsyncFd::register_with_interest(ring_fd, tokio::io::Interest::READABLE)? };
+    loop {
+        let mut ready = ring.readable().await?;
+        ready.clear_ready();
+        with(Driver::reap);
+    }
+}
+
+fn worker(listener: RawFd, node: SocketAddrV4) -> std::io::Result<()> {
+    let ring = IoUring::builder().setup_cqsize(16384).build(4096)?;
+    let ring_fd = ring.as_raw_fd();
+    DRIVER.with(|d| {
+        *d.borrow_mut() = Some(Driver {
+            ring,
+            slots: Vec::new(),
+            free: Vec::new(),
+            buffers: Vec::new(),
+        })
+    });
+    let node: &'static libc::sockaddr_in = Box::leak(Box::new(floors::socket_address(node)));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .on_thread_park(|| with(Driver::before_park))
+        .build()?;
+    runtime.block_on(async move {
+        let accepting = tokio::spawn(accept_loop(listener, node));
+        let waking = tokio::spawn(completions(ring_fd));
+        tokio::select! {
+            r = accepting => r.expect("the accept loop"),
+            r = waking => r.expect("the completions"),
+        }
+    })
+}
+
+fn main() {
+    let args = floors::args("usage: ring-tokio-loop LISTEN NODE [THREADS]");
+    floors::run(&args, worker);
+}
