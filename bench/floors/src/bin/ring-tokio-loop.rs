@@ -22,6 +22,12 @@
 //!   closed through the ring; a half-close is shutdown(2) inline (see
 //!   uring-loop for why).
 //!
+//! The ring runs its completions' task work as the kernel posts them, not
+//! deferred (`DEFER_TASKRUN`): deferred work runs only inside an
+//! `io_uring_enter` that asks for completions, and a runtime asleep in
+//! epoll_wait learns of it never through the ring's descriptor and late
+//! through a registered eventfd (both tried; docs/performance.md).
+//!
 //! An operation's future is never dropped while in flight (no task here is
 //! cancelled: a failing direction shuts both sockets down, which ends the
 //! other direction's receive), so the buffers it points at outlive it.
