@@ -22,6 +22,11 @@
 //!   closed through the ring; a half-close is shutdown(2) inline (see
 //!   uring-loop for why).
 //!
+//! `RING_TOKIO_DATA=epoll` leaves only accept, socket, connect and
+//! TCP_NODELAY on the ring: the connected sockets become tokio streams and
+//! tokio's copy moves the bytes and closes them, as in tokio-loop. It
+//! splits the ring's gain between setting a connection up and the rest.
+//!
 //! The ring runs its completions' task work as the kernel posts them, not
 //! deferred (`DEFER_TASKRUN`): deferred work runs only inside an
 //! `io_uring_enter` that asks for completions, and a runtime asleep in
@@ -205,14 +210,47 @@ async fn pipe(from: RawFd, to: RawFd) {
     with(|d| d.buffers.push(buffer));
 }
 
+/// RING_TOKIO_DATA=epoll: only accept, socket, connect and TCP_NODELAY go
+/// through the ring; the bytes and the close are tokio's, as in tokio-loop.
+fn data_on_epoll() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RING_TOKIO_DATA").is_ok_and(|v| v == "epoll"))
+}
+
+/// The flags of the sockets the ring makes: tokio's want O_NONBLOCK.
+fn socket_flags() -> libc::c_int {
+    libc::SOCK_CLOEXEC | if data_on_epoll() { libc::SOCK_NONBLOCK } else { 0 }
+}
+
+async fn forward_on_epoll(client: RawFd, node: RawFd) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: both sockets are this task's own; the streams close them.
+    let (client, node) = unsafe {
+        (
+            std::net::TcpStream::from_raw_fd(client),
+            std::net::TcpStream::from_raw_fd(node),
+        )
+    };
+    if let (Ok(mut client), Ok(mut node)) = (
+        tokio::net::TcpStream::from_std(client),
+        tokio::net::TcpStream::from_std(node),
+    ) {
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut node).await;
+    }
+}
+
 async fn forward(client: RawFd, node: &'static libc::sockaddr_in) {
     set_nodelay(client);
-    let socket = opcode::Socket::new(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+    let socket = opcode::Socket::new(libc::AF_INET, libc::SOCK_STREAM | socket_flags(), 0);
     let node_fd = op(socket.build()).await;
     if node_fd >= 0 {
         set_nodelay(node_fd);
         let addr_len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        if op(opcode::Connect::new(Fd(node_fd), (&raw const *node).cast(), addr_len).build()).await == 0 {
+        let connected = op(opcode::Connect::new(Fd(node_fd), (&raw const *node).cast(), addr_len).build()).await == 0;
+        if connected && data_on_epoll() {
+            return forward_on_epoll(client, node_fd).await;
+        }
+        if connected {
             let (a, b) = tokio::join!(pipe(client, node_fd), pipe(node_fd, client));
             let ((), ()) = (a, b);
         }
@@ -224,7 +262,12 @@ async fn forward(client: RawFd, node: &'static libc::sockaddr_in) {
 async fn accept_loop(listener: RawFd, node: &'static libc::sockaddr_in) -> std::io::Result<()> {
     let slot = with(|d| {
         let slot = d.slot(Slot::Multi(VecDeque::new(), None));
-        d.push(&opcode::AcceptMulti::new(Fd(listener)).build().user_data(slot as u64));
+        d.push(
+            &opcode::AcceptMulti::new(Fd(listener))
+                .flags(socket_flags())
+                .build()
+                .user_data(slot as u64),
+        );
         slot
     });
     loop {
@@ -245,7 +288,14 @@ async fn accept_loop(listener: RawFd, node: &'static libc::sockaddr_in) -> std::
             fd if fd >= 0 => drop(tokio::spawn(forward(fd, node))),
             e if e == -libc::ECANCELED => {
                 // The multishot accept ended: armed again.
-                with(|d| d.push(&opcode::AcceptMulti::new(Fd(listener)).build().user_data(slot as u64)));
+                with(|d| {
+                    d.push(
+                        &opcode::AcceptMulti::new(Fd(listener))
+                            .flags(socket_flags())
+                            .build()
+                            .user_data(slot as u64),
+                    )
+                });
             }
             _ => {}
         }
