@@ -26,6 +26,11 @@
 //! TCP_NODELAY on the ring: the connected sockets become tokio streams and
 //! tokio's copy moves the bytes and closes them, as in tokio-loop. It
 //! splits the ring's gain between setting a connection up and the rest.
+//! `RING_TOKIO_SETUP=epoll` is the other half: tokio accepts, connects and
+//! closes (the streams registered with its epoll, as the balancer's are),
+//! and only the bytes go through the ring; `RING_TOKIO_SETUP=epoll-out`
+//! takes the streams out of tokio's epoll before the ring pumps. They tell
+//! whether a pump on the ring pays behind today's setting-up.
 //!
 //! The ring runs its completions' task work as the kernel posts them, not
 //! deferred (`DEFER_TASKRUN`): deferred work runs only inside an
@@ -217,6 +222,59 @@ fn data_on_epoll() -> bool {
     *ON.get_or_init(|| std::env::var("RING_TOKIO_DATA").is_ok_and(|v| v == "epoll"))
 }
 
+/// Who sets connections up under RING_TOKIO_SETUP: `epoll` (tokio, its
+/// streams staying registered with its epoll while the ring pumps) or
+/// `epoll-out` (tokio, the streams taken out of its epoll first); unset,
+/// the ring.
+#[derive(Clone, Copy, PartialEq)]
+enum Setup {
+    Ring,
+    Epoll,
+    EpollOut,
+}
+
+fn setup() -> Setup {
+    static SETUP: std::sync::OnceLock<Setup> = std::sync::OnceLock::new();
+    *SETUP.get_or_init(|| match std::env::var("RING_TOKIO_SETUP").as_deref() {
+        Ok("epoll") => Setup::Epoll,
+        Ok("epoll-out") => Setup::EpollOut,
+        _ => Setup::Ring,
+    })
+}
+
+async fn accept_on_epoll(listener: RawFd, node: std::net::SocketAddr) -> std::io::Result<()> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the listener is this thread's own, handed over once.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(listener) };
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    loop {
+        let (client, _) = listener.accept().await?;
+        tokio::spawn(pump_on_ring(client, node));
+    }
+}
+
+/// Connects through tokio and pumps through the ring; the sockets close
+/// as the streams drop.
+async fn pump_on_ring(client: tokio::net::TcpStream, node: std::net::SocketAddr) {
+    let Ok(node) = tokio::net::TcpStream::connect(node).await else {
+        return;
+    };
+    if client.set_nodelay(true).is_err() || node.set_nodelay(true).is_err() {
+        return;
+    }
+    let (c, n) = (client.as_raw_fd(), node.as_raw_fd());
+    if setup() == Setup::EpollOut {
+        // Open, out of tokio's epoll, until they drop after the pump.
+        let (Ok(_client), Ok(_node)) = (client.into_std(), node.into_std()) else {
+            return;
+        };
+        let ((), ()) = tokio::join!(pipe(c, n), pipe(n, c));
+    } else {
+        let ((), ()) = tokio::join!(pipe(c, n), pipe(n, c));
+    }
+}
+
 /// The flags of the sockets the ring makes: tokio's want O_NONBLOCK.
 fn socket_flags() -> libc::c_int {
     libc::SOCK_CLOEXEC | if data_on_epoll() { libc::SOCK_NONBLOCK } else { 0 }
@@ -325,13 +383,18 @@ fn worker(listener: RawFd, node: SocketAddrV4) -> std::io::Result<()> {
             buffers: Vec::new(),
         })
     });
+    let node_addr = node;
     let node: &'static libc::sockaddr_in = Box::leak(Box::new(floors::socket_address(node)));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .on_thread_park(|| with(Driver::before_park))
         .build()?;
     runtime.block_on(async move {
-        let accepting = tokio::spawn(accept_loop(listener, node));
+        let accepting = if setup() != Setup::Ring {
+            tokio::spawn(accept_on_epoll(listener, std::net::SocketAddr::V4(node_addr)))
+        } else {
+            tokio::spawn(accept_loop(listener, node))
+        };
         let waking = tokio::spawn(completions(ring_fd));
         tokio::select! {
             r = accepting => r.expect("the accept loop"),
