@@ -1,6 +1,7 @@
-//! What the two bare forwarding loops share: their command line, one
-//! SO_REUSEPORT listener per thread, and the threads themselves. A measuring
-//! tool only (see bench/README.md): no balancing, no logging, no limits.
+//! What the bare forwarding loops share: their command line, one
+//! SO_REUSEPORT listener per thread, the threads themselves, and for the
+//! loops on tokio the listener and the node's connection. A measuring tool
+//! only (see bench/README.md): no balancing, no logging, no limits.
 
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
@@ -66,6 +67,23 @@ pub fn socket_address(addr: SocketAddrV4) -> libc::sockaddr_in {
         },
         sin_zero: [0; 8],
     }
+}
+
+/// This thread's listener (from [`reuseport_listener`]) as a tokio
+/// listener; called inside the thread's runtime.
+pub fn tokio_listener(fd: RawFd) -> std::io::Result<tokio::net::TcpListener> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the listener is this thread's own, handed over once.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    listener.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(listener)
+}
+
+/// The node's connection for `client`, both sockets with TCP_NODELAY, as
+/// every loop has them; None if either fails.
+pub async fn connect_nodelay(client: &tokio::net::TcpStream, node: SocketAddrV4) -> Option<tokio::net::TcpStream> {
+    let node = tokio::net::TcpStream::connect(node).await.ok()?;
+    (client.set_nodelay(true).is_ok() && node.set_nodelay(true).is_ok()).then_some(node)
 }
 
 /// Runs `worker` on `threads` threads, each with its own listener, and

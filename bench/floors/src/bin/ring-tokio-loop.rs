@@ -215,39 +215,39 @@ async fn pipe(from: RawFd, to: RawFd) {
     with(|d| d.buffers.push(buffer));
 }
 
-/// RING_TOKIO_DATA=epoll: only accept, socket, connect and TCP_NODELAY go
-/// through the ring; the bytes and the close are tokio's, as in tokio-loop.
-fn data_on_epoll() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("RING_TOKIO_DATA").is_ok_and(|v| v == "epoll"))
-}
-
-/// Who sets connections up under RING_TOKIO_SETUP: `epoll` (tokio, its
-/// streams staying registered with its epoll while the ring pumps) or
-/// `epoll-out` (tokio, the streams taken out of its epoll first); unset,
-/// the ring.
+/// What goes through the ring, from the environment (the module's docs).
 #[derive(Clone, Copy, PartialEq)]
-enum Setup {
-    Ring,
-    Epoll,
-    EpollOut,
+enum Split {
+    /// Everything (neither switch set).
+    Whole,
+    /// RING_TOKIO_DATA=epoll: accept, socket, connect and TCP_NODELAY;
+    /// the bytes and the close are tokio's, as in tokio-loop.
+    SetupOnly,
+    /// RING_TOKIO_SETUP=epoll: the bytes, behind tokio's accept, connect
+    /// and close, the streams staying registered with tokio's epoll.
+    BytesOnly,
+    /// RING_TOKIO_SETUP=epoll-out: the same, the streams taken out of
+    /// tokio's epoll before the ring pumps.
+    BytesOutOfEpoll,
 }
 
-fn setup() -> Setup {
-    static SETUP: std::sync::OnceLock<Setup> = std::sync::OnceLock::new();
-    *SETUP.get_or_init(|| match std::env::var("RING_TOKIO_SETUP").as_deref() {
-        Ok("epoll") => Setup::Epoll,
-        Ok("epoll-out") => Setup::EpollOut,
-        _ => Setup::Ring,
+fn split() -> Split {
+    static SPLIT: std::sync::OnceLock<Split> = std::sync::OnceLock::new();
+    *SPLIT.get_or_init(|| {
+        match (
+            std::env::var("RING_TOKIO_SETUP").as_deref(),
+            std::env::var("RING_TOKIO_DATA").as_deref(),
+        ) {
+            (Ok("epoll"), _) => Split::BytesOnly,
+            (Ok("epoll-out"), _) => Split::BytesOutOfEpoll,
+            (_, Ok("epoll")) => Split::SetupOnly,
+            _ => Split::Whole,
+        }
     })
 }
 
-async fn accept_on_epoll(listener: RawFd, node: std::net::SocketAddr) -> std::io::Result<()> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: the listener is this thread's own, handed over once.
-    let listener = unsafe { std::net::TcpListener::from_raw_fd(listener) };
-    listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
+async fn accept_on_epoll(listener: RawFd, node: SocketAddrV4) -> std::io::Result<()> {
+    let listener = floors::tokio_listener(listener)?;
     loop {
         let (client, _) = listener.accept().await?;
         tokio::spawn(pump_on_ring(client, node));
@@ -256,15 +256,12 @@ async fn accept_on_epoll(listener: RawFd, node: std::net::SocketAddr) -> std::io
 
 /// Connects through tokio and pumps through the ring; the sockets close
 /// as the streams drop.
-async fn pump_on_ring(client: tokio::net::TcpStream, node: std::net::SocketAddr) {
-    let Ok(node) = tokio::net::TcpStream::connect(node).await else {
+async fn pump_on_ring(client: tokio::net::TcpStream, node: SocketAddrV4) {
+    let Some(node) = floors::connect_nodelay(&client, node).await else {
         return;
     };
-    if client.set_nodelay(true).is_err() || node.set_nodelay(true).is_err() {
-        return;
-    }
     let (c, n) = (client.as_raw_fd(), node.as_raw_fd());
-    if setup() == Setup::EpollOut {
+    if split() == Split::BytesOutOfEpoll {
         // Open, out of tokio's epoll, until they drop after the pump.
         let (Ok(_client), Ok(_node)) = (client.into_std(), node.into_std()) else {
             return;
@@ -277,7 +274,12 @@ async fn pump_on_ring(client: tokio::net::TcpStream, node: std::net::SocketAddr)
 
 /// The flags of the sockets the ring makes: tokio's want O_NONBLOCK.
 fn socket_flags() -> libc::c_int {
-    libc::SOCK_CLOEXEC | if data_on_epoll() { libc::SOCK_NONBLOCK } else { 0 }
+    libc::SOCK_CLOEXEC
+        | if split() == Split::SetupOnly {
+            libc::SOCK_NONBLOCK
+        } else {
+            0
+        }
 }
 
 async fn forward_on_epoll(client: RawFd, node: RawFd) {
@@ -305,7 +307,7 @@ async fn forward(client: RawFd, node: &'static libc::sockaddr_in) {
         set_nodelay(node_fd);
         let addr_len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
         let connected = op(opcode::Connect::new(Fd(node_fd), (&raw const *node).cast(), addr_len).build()).await == 0;
-        if connected && data_on_epoll() {
+        if connected && split() == Split::SetupOnly {
             return forward_on_epoll(client, node_fd).await;
         }
         if connected {
@@ -383,17 +385,15 @@ fn worker(listener: RawFd, node: SocketAddrV4) -> std::io::Result<()> {
             buffers: Vec::new(),
         })
     });
-    let node_addr = node;
-    let node: &'static libc::sockaddr_in = Box::leak(Box::new(floors::socket_address(node)));
+    let sockaddr: &'static libc::sockaddr_in = Box::leak(Box::new(floors::socket_address(node)));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .on_thread_park(|| with(Driver::before_park))
         .build()?;
     runtime.block_on(async move {
-        let accepting = if setup() != Setup::Ring {
-            tokio::spawn(accept_on_epoll(listener, std::net::SocketAddr::V4(node_addr)))
-        } else {
-            tokio::spawn(accept_loop(listener, node))
+        let accepting = match split() {
+            Split::BytesOnly | Split::BytesOutOfEpoll => tokio::spawn(accept_on_epoll(listener, node)),
+            Split::Whole | Split::SetupOnly => tokio::spawn(accept_loop(listener, sockaddr)),
         };
         let waking = tokio::spawn(completions(ring_fd));
         tokio::select! {

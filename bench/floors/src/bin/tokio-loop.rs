@@ -10,32 +10,25 @@
 //!
 //! Usage: tokio-loop LISTEN NODE [THREADS]
 
-use std::net::{SocketAddr, SocketAddrV4};
-use std::os::fd::{FromRawFd, RawFd};
-use tokio::net::{TcpListener, TcpStream};
+use std::net::SocketAddrV4;
+use std::os::fd::RawFd;
+use tokio::net::TcpStream;
 
 fn worker(listener: RawFd, node: SocketAddrV4) -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
     runtime.block_on(async move {
-        // SAFETY: the listener is this thread's own, handed over once.
-        let listener = unsafe { std::net::TcpListener::from_raw_fd(listener) };
-        listener.set_nonblocking(true)?;
-        let listener = TcpListener::from_std(listener)?;
+        let listener = floors::tokio_listener(listener)?;
         loop {
             let (client, _) = listener.accept().await?;
-            tokio::spawn(forward(client, SocketAddr::V4(node)));
+            tokio::spawn(forward(client, node));
         }
     })
 }
 
-async fn forward(mut client: TcpStream, node: SocketAddr) {
-    let Ok(mut node) = TcpStream::connect(node).await else {
-        return;
-    };
-    if client.set_nodelay(true).is_err() || node.set_nodelay(true).is_err() {
-        return;
+async fn forward(mut client: TcpStream, node: SocketAddrV4) {
+    if let Some(mut node) = floors::connect_nodelay(&client, node).await {
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut node).await;
     }
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut node).await;
 }
 
 fn main() {
